@@ -1,0 +1,172 @@
+"""The `clinfuse` command. Thin: parses arguments and calls the library.
+
+Every command is ``main([...])``-callable so tests run it in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+from .config import ConfigError, load_config
+
+_EPILOG = "Run `clinfuse <command> --help` for the options of one command. Docs: docs/index.md"
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML config (see configs/); defaults apply when omitted")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set cohort.split.seed=3 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clinfuse",
+        description="Multimodal clinical decision support: DICOM + radiology reports -> cohort -> fused model.",
+        epilog=_EPILOG,
+    )
+    parser.add_argument("--version", action="version", version=f"clinfuse {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+
+    cohort = sub.add_parser("cohort", help="build or inspect a cohort from DICOM + reports + labels",
+                            description="Build or inspect a cohort.", epilog=_EPILOG)
+    csub = cohort.add_subparsers(dest="cohort_command", metavar="<subcommand>", required=True)
+    b = csub.add_parser(
+        "build", help="scan DICOM, join reports and labels, split by patient, write cohort.csv/json",
+        description="Scan a DICOM tree (headers first, pixels verified after), join reports and labels by the "
+        "key, split by patient (stratified, seeded) and write cohort.csv, quarantine.csv, cohort.json, "
+        "config.yaml and private/ to --out. Bad files are set aside with the reason, never fatal.",
+    )
+    b.add_argument("--dicom", metavar="DIR", help="folder of DICOM files (any layout); omit for a report-only cohort")
+    b.add_argument("--reports", metavar="FILE_OR_DIR",
+                   help="reports: CSV, JSON lines, or a folder of <key>.txt; omit for an image-only cohort")
+    b.add_argument("--labels", metavar="FILE", required=True, help="labels CSV: the key column and label column(s)")
+    b.add_argument("--key", choices=["StudyInstanceUID", "AccessionNumber"],
+                   help="join key (default from config: StudyInstanceUID)")
+    b.add_argument("--reports-key", metavar="COL", help="key column name in the reports file (default: the key)")
+    b.add_argument("--report-column", metavar="COL", help="report text column (default: report)")
+    b.add_argument("--labels-key", metavar="COL", help="key column name in the labels file (default: the key)")
+    b.add_argument("--label-columns", metavar="COL[,COL...]", help="label column(s) (default: label)")
+    b.add_argument("--task", choices=["binary", "multiclass", "multilabel"], help="kind of target (default: binary)")
+    b.add_argument("--out", metavar="DIR", required=True, help="output folder")
+    _add_config_args(b)
+
+    i = csub.add_parser("inspect", help="print the summary table of a cohort",
+                        description="Print counts, prevalence per split, missingness and quarantine reasons.")
+    i.add_argument("dir", metavar="DIR", help="cohort folder (holds cohort.json)")
+    i.add_argument("--json", action="store_true", help="print cohort.json instead of the table")
+
+    s = sub.add_parser(
+        "synth", help="write a synthetic hospital export with known ground truth (DICOM, reports, labels, truth)",
+        description="Write a synthetic hospital export: real DICOM files with fake identifiers, reports.csv, "
+        "labels.csv and truth.csv (latent cues and Bayes-optimal probabilities for image, report and both).",
+    )
+    s.add_argument("--out", metavar="DIR", required=True, help="output folder")
+    s.add_argument("--studies", type=int, default=200, metavar="N", help="number of studies (default 200)")
+    s.add_argument("--prevalence", type=float, default=0.3, metavar="P",
+                   help="positive rate per finding (default 0.3)")
+    s.add_argument("--missing-image", type=float, default=0.1, metavar="R", help="share with no image (default 0.1)")
+    s.add_argument("--missing-report", type=float, default=0.1, metavar="R",
+                   help="share with no report (default 0.1; never both missing)")
+    s.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    s.add_argument("--size", type=int, default=128, metavar="PX", help="image size in pixels (default 128)")
+    s.add_argument("--task", choices=["binary", "multiclass", "multilabel"], default="binary",
+                   help="kind of target (default binary)")
+    s.add_argument("--findings", type=int, default=3, choices=[1, 2, 3], help="findings for multiclass/multilabel")
+    s.add_argument("--key", choices=["StudyInstanceUID", "AccessionNumber"], default="StudyInstanceUID",
+                   help="key of reports.csv and labels.csv")
+    s.add_argument("--corrupt", type=int, default=0, metavar="N",
+                   help="add N broken files (zero-byte, not DICOM, truncated, cut header)")
+    s.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def _cohort_build(args) -> int:
+    from .data.cohort import build_cohort
+
+    overrides = list(args.overrides)
+    for flag, key in (("key", "cohort.key"), ("reports_key", "cohort.reports.key_column"),
+                      ("report_column", "cohort.reports.text_column"), ("labels_key", "cohort.labels.key_column"),
+                      ("task", "cohort.labels.task")):
+        v = getattr(args, flag)
+        if v is not None:
+            overrides.append(f"{key}={v}")
+    if args.label_columns:
+        cols = [c.strip() for c in args.label_columns.split(",") if c.strip()]
+        overrides.append(f"cohort.labels.columns={json.dumps(cols)}")
+    cfg = load_config(args.config, overrides)
+    summary = build_cohort(args.dicom, args.reports, args.labels, args.out, cfg, progress=not args.no_progress)
+    print(format_summary(summary.info))
+    print(f"\ncohort written to {summary.out_dir} ({summary.n_studies} studies; "
+          f"{summary.n_quarantined} set aside: see quarantine.csv)")
+    return 0
+
+
+def format_summary(info: dict) -> str:
+    """The `cohort inspect` table."""
+    c = info["counts"]
+    lines = [f"cohort  key={info['key']}  task={info['task']}  classes={', '.join(info['classes'])}",
+             f"studies {c['studies']}  patients {c['patients']}  images {c['images']}  "
+             f"quarantined {c['quarantined']}  fingerprint {info['fingerprint']['sha256'][:16]}",
+             ""]
+    classes = list(next(iter(info["splits"].values()))["prevalence"])
+    head = f"{'split':<6} {'studies':>7} {'patients':>8} {'both':>6} {'img only':>8} {'rep only':>8}  " + \
+        "  ".join(f"{c[:12]:>12}" for c in classes)
+    lines += [head, "-" * len(head)]
+    for name, s in info["splits"].items():
+        m = s["missingness"]
+        prev = "  ".join(f"{(v if v is not None else float('nan')):>12.3f}" for v in s["prevalence"].values())
+        lines.append(f"{name:<6} {s['studies']:>7} {s['patients']:>8} {m['both']:>6} {m['image_only']:>8} "
+                     f"{m['report_only']:>8}  {prev}")
+    lines.append("(prevalence columns: share of studies with that class)")
+    if info.get("quarantine_reasons"):
+        lines += ["", "set aside:"] + [f"  {n:>5}  {r}" for r, n in info["quarantine_reasons"].items()]
+    return "\n".join(lines)
+
+
+def _cohort_inspect(args) -> int:
+    from .data.cohort import read_cohort
+
+    _, info = read_cohort(args.dir)
+    print(json.dumps(info, indent=2) if args.json else format_summary(info))
+    return 0
+
+
+def _synth(args) -> int:
+    from .data.synth import SynthSpec, synthesize
+
+    spec = SynthSpec(studies=args.studies, prevalence=args.prevalence, missing_image=args.missing_image,
+                     missing_report=args.missing_report, seed=args.seed, size=args.size, task=args.task,
+                     n_findings=args.findings, key=args.key, corrupt=args.corrupt)
+    s = synthesize(args.out, spec, progress=not args.no_progress)
+    print(f"synthetic export written to {args.out}: {s['studies']} studies, {s['with_image']} with images, "
+          f"{s['with_report']} with reports, {len(s['corrupt_files'])} broken files; labels {s['label_columns']}")
+    print(f"next: clinfuse cohort build --dicom {Path(args.out) / 'dicom'} --reports {Path(args.out) / 'reports.csv'} "
+          f"--labels {Path(args.out) / 'labels.csv'} --key {args.key} --task {args.task}"
+          + (f" --label-columns {','.join(s['label_columns'])}" if args.task == "multilabel" else "")
+          + (" --set 'cohort.labels.classes=" + json.dumps(s["label_columns"]) + "'" if args.task == "multiclass" else "")
+          + " --out COHORT_DIR")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: ``clinfuse <command> ...``. Returns the exit status (errors print one line, status 2)."""
+    from .data.dicom import DicomReadError
+    from .data.quarantine import CohortInputError
+
+    args = build_parser().parse_args(argv)
+    handlers = {("cohort", "build"): _cohort_build, ("cohort", "inspect"): _cohort_inspect, ("synth", None): _synth}
+    handler = handlers[(args.command, getattr(args, "cohort_command", None))]
+    try:
+        return handler(args)
+    except (ConfigError, CohortInputError, DicomReadError, ValueError) as e:
+        print(f"clinfuse {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

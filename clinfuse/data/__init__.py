@@ -1,0 +1,1 @@
+"""Data stage: DICOM reading, report text, labels, cohort building, synthetic exports. Imports no model code."""

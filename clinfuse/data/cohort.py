@@ -1,0 +1,366 @@
+"""Building a cohort: DICOM + reports + labels -> cohort.csv, quarantine.csv, cohort.json.
+
+The output folder holds:
+
+- ``cohort.csv``: one row per study (see :data:`COHORT_COLUMNS` and ``docs/cohort.md``).
+- ``quarantine.csv``: every file or record set aside, with the reason.
+- ``cohort.json``: counts, prevalence per split, missingness, decoders, fingerprint. No paths,
+  no identifiers: it is safe to log.
+- ``config.yaml``: the resolved cohort configuration.
+- ``private/``: the salt, the map from study_id to the original key and the identifying values
+  (names, IDs, birth dates, UIDs, accession numbers) that the PHI guard screens for. Never share it.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..config import CohortConfig, Config, dump_config
+from .dicom import DicomReadError, decoder_report, read_dicom
+from .labels import load_labels
+from .quarantine import CohortInputError, QuarantineEntry, reason_category, write_quarantine
+from .reports import load_reports
+from .studies import DicomHeader, group_studies, scan_dicom, select_images
+
+__all__ = ["build_cohort", "assign_splits", "read_cohort", "CohortSummary", "COHORT_COLUMNS", "SPLITS"]
+
+SPLITS = ("train", "val", "test")
+COHORT_COLUMNS = ["study_id", "patient_id", "split", "image_present", "report_present", "modality", "kind",
+                  "n_images", "image_paths", "report"]
+
+
+@dataclass
+class CohortSummary:
+    out_dir: Path
+    n_studies: int
+    n_quarantined: int
+    info: dict
+
+
+def _salt(private: Path) -> bytes:
+    env = os.environ.get("CLINFUSE_SALT")
+    if env:
+        return env.encode()
+    f = private / "salt"
+    if f.is_file():
+        return f.read_text().strip().encode()
+    value = secrets.token_hex(32)
+    f.write_text(value)
+    os.chmod(f, 0o600)
+    return value.encode()
+
+
+def _pseudonym(salt: bytes, prefix: str, value: str) -> str:
+    return f"{prefix}{hmac.new(salt, f'{prefix}{value}'.encode(), hashlib.sha256).hexdigest()[:12]}"
+
+
+def assign_splits(
+    patient_of: dict[str, str], strata_of: dict[str, str], fractions: dict[str, float], seed: int
+) -> dict[str, str]:
+    """Patient-level, stratified, seeded split assignment.
+
+    Each patient gets the stratum of its rarest study stratum; within a stratum the patients are
+    shuffled (seeded) and cut by the fractions with largest-remainder rounding. All studies of a
+    patient share its split, so no patient is in two splits.
+
+    Args:
+        patient_of: study -> patient.
+        strata_of: study -> stratum label (e.g. the class).
+        fractions: split name -> fraction (sums to 1).
+        seed: shuffling seed.
+    """
+    freq = Counter(strata_of.values())
+    by_patient: dict[str, list[str]] = defaultdict(list)
+    for study, patient in patient_of.items():
+        by_patient[patient].append(study)
+    patient_stratum = {
+        p: min((strata_of[s] for s in studies), key=lambda x: (freq[x], x)) for p, studies in by_patient.items()
+    }
+    rng = np.random.default_rng(seed)
+    names = list(fractions)
+    out: dict[str, str] = {}
+    for stratum in sorted(set(patient_stratum.values())):
+        patients = sorted(p for p, s in patient_stratum.items() if s == stratum)
+        rng.shuffle(patients)
+        n = len(patients)
+        exact = [fractions[k] * n for k in names]
+        counts = [int(np.floor(x)) for x in exact]
+        for i in sorted(range(len(names)), key=lambda i: -(exact[i] - counts[i]))[: n - sum(counts)]:
+            counts[i] += 1
+        start = 0
+        for name, c in zip(names, counts):
+            for p in patients[start : start + c]:
+                for s in by_patient[p]:
+                    out[s] = name
+            start += c
+    return out
+
+
+def _label_header(cfg: CohortConfig) -> list[str]:
+    return list(cfg.labels.columns)
+
+
+def _stratum(vec: list[int], task: str) -> str:
+    if task == "multilabel":
+        return "".join(str(v) for v in vec)
+    return str(vec[0])
+
+
+def build_cohort(
+    dicom_dir: str | Path | None,
+    reports: str | Path | None,
+    labels: str | Path,
+    out_dir: str | Path,
+    config: Config | CohortConfig | None = None,
+    progress: bool = True,
+) -> CohortSummary:
+    """Build a cohort from a hospital export.
+
+    Args:
+        dicom_dir: folder of DICOM files (any layout), or None for a report-only cohort.
+        reports: reports CSV / JSON lines / folder of ``<key>.txt``, or None for an image-only cohort.
+        labels: labels CSV with the key column and the label column(s).
+        out_dir: where cohort.csv, quarantine.csv, cohort.json, config.yaml and private/ go.
+        config: the configuration (its ``cohort`` section is used).
+        progress: show progress bars.
+
+    Raises:
+        CohortInputError: an input is wholly unusable (missing, no DICOM, a key column missing).
+
+    Example:
+        >>> build_cohort("export/dicom", "export/reports.csv", "export/labels.csv", "cohort/")
+    """
+    from tqdm.auto import tqdm
+
+    cfg = config.cohort if isinstance(config, Config) else (config or CohortConfig())
+    if dicom_dir is None and reports is None:
+        raise CohortInputError("need at least one of --dicom and --reports")
+    out = Path(out_dir)
+    private = out / "private"
+    private.mkdir(parents=True, exist_ok=True)
+    os.chmod(private, 0o700)
+    key = cfg.key
+    quarantine: list[QuarantineEntry] = []
+    warnings: list[str] = []
+    digest = hashlib.sha256()
+
+    # Cheap, whole-input checks first: labels and reports fail fast on a missing column.
+    label_table = load_labels(labels, cfg.labels.key_column or key, cfg.labels)
+    quarantine += label_table.quarantine
+    warnings += label_table.warnings
+    digest.update(b"labels\0" + Path(labels).read_bytes())
+    report_table = None
+    if reports is not None:
+        report_table = load_reports(reports, cfg.reports.key_column or key, cfg.reports)
+        quarantine += report_table.quarantine
+        warnings += report_table.warnings
+        rp = Path(reports)
+        for f in sorted(rp.rglob("*.txt")) if rp.is_dir() else [rp]:
+            digest.update(b"report\0" + f.read_bytes())
+
+    studies: dict[str, list[DicomHeader]] = {}
+    n_files = 0
+    if dicom_dir is not None:
+        scan = scan_dicom(dicom_dir, cfg, progress)
+        quarantine += scan.quarantine
+        n_files = scan.n_files
+        for rel in sorted(scan.digests):
+            digest.update(f"dicom\0{rel}\0{scan.digests[rel]}".encode())
+        studies, q = group_studies(scan.headers, key)
+        quarantine += q
+
+    reports_by_key = report_table.reports if report_table else {}
+    all_keys = sorted(set(studies) | set(reports_by_key) | set(label_table.labels))
+    window = (cfg.dicom.window_center, cfg.dicom.window_width) if cfg.dicom.voi == "window" else None
+
+    rows: list[dict] = []
+    private_keys: list[tuple[str, str]] = []
+    identifiers: dict[str, set[str]] = defaultdict(set)
+    salt = _salt(private)
+    patient_of: dict[str, str] = {}
+    strata: dict[str, str] = {}
+    n_unknown_patient = 0
+    for k in tqdm(all_keys, desc="join studies", unit="study", disable=None if progress else True):
+        label = label_table.labels.get(k)
+        files = studies.get(k, [])
+        rep = reports_by_key.get(k)
+        if label is None:
+            if files or rep:
+                src = files[0].path if files else rep.source
+                quarantine.append(QuarantineEntry("study", src, f"no valid label for this {key} in the labels file"))
+            continue
+        selected, kind, q = select_images(files, cfg.dicom) if files else ([], "2d", [])
+        quarantine += q
+        if cfg.dicom.verify_pixels and selected:
+            good = []
+            for h in selected:
+                try:
+                    read_dicom(h.path, voi=cfg.dicom.voi, window=window, channels=cfg.dicom.channels)
+                    good.append(h)
+                except DicomReadError as e:
+                    quarantine.append(QuarantineEntry("dicom", h.path, e.reason))
+            if kind == "3d" and len(good) != len(selected):
+                for h in good:
+                    quarantine.append(QuarantineEntry("dicom", h.path, "another slice of its series is unreadable"))
+                good = []
+            selected = good
+        if files and not selected and not q:
+            quarantine.append(QuarantineEntry("study", files[0].path, "no image of the study was selected "
+                                              f"(views {sorted({h.view or '?' for h in files})}, policy "
+                                              f"'{cfg.dicom.view_policy}')"))
+        if not selected and rep is None:
+            if files:
+                quarantine.append(QuarantineEntry("study", files[0].path, "no usable image and no report"))
+            else:
+                quarantine.append(QuarantineEntry("label", label_table.sources[k],
+                                                  f"no image and no report for this {key}"))
+            continue
+        pid = next((h.patient_id for h in files if h.patient_id), "") or (rep.patient if rep else None) \
+            or label_table.patients.get(k) or ""
+        if not pid:
+            n_unknown_patient += 1
+            pid = f"__study__{k}"  # unknown patient: the study stands alone
+        study_id = _pseudonym(salt, "s-", k)
+        patient_id = _pseudonym(salt, "p-", pid)
+        patient_of[study_id] = pid
+        strata[study_id] = _stratum(label, cfg.labels.task)
+        row = {
+            "study_id": study_id, "patient_id": patient_id, "split": "",
+            "image_present": int(bool(selected)), "report_present": int(rep is not None),
+            "modality": selected[0].modality if selected else "", "kind": kind if selected else "",
+            "n_images": len(selected), "image_paths": json.dumps([str(Path(h.path).resolve()) for h in selected]),
+            "report": rep.text if rep else "",
+        }
+        for col, v in zip(_label_header(cfg), label if cfg.labels.task == "multilabel" else [label[0]]):
+            row[col] = v
+        rows.append(row)
+        private_keys.append((study_id, k))
+        for h in files:
+            for field_name, value in (("patient_id", h.patient_id), ("patient_name", h.patient_name),
+                                      ("birth_date", h.birth_date), ("study_uid", h.study_uid),
+                                      ("series_uid", h.series_uid), ("sop_uid", h.sop_uid),
+                                      ("accession", h.accession)):
+                if value:
+                    identifiers[field_name].add(value)
+        identifiers["key"].add(k)
+        if not pid.startswith("__study__"):
+            identifiers["patient_id"].add(pid)
+
+    if not rows:
+        raise CohortInputError(
+            f"no study could be joined: {len(studies)} image studies, {len(reports_by_key)} reports and "
+            f"{len(label_table.labels)} labels share no {key}; check --key and the key columns"
+        )
+    fractions = {"train": cfg.split.train, "val": cfg.split.val, "test": cfg.split.test}
+    split_of = assign_splits(patient_of, strata, fractions, cfg.split.seed)
+    for row in rows:
+        row["split"] = split_of[row["study_id"]]
+
+    # ---- write
+    columns = COHORT_COLUMNS + _label_header(cfg)
+    with open(out / "cohort.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows(rows)
+    write_quarantine(quarantine, out / "quarantine.csv")
+    with open(private / "key_map.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["study_id", key])
+        w.writerows(private_keys)
+    (private / "identifiers.json").write_text(json.dumps({k: sorted(v) for k, v in identifiers.items()}, indent=1))
+    full_cfg = config if isinstance(config, Config) else Config(cohort=cfg)
+    (out / "config.yaml").write_text(dump_config(full_cfg))
+
+    info = _summary(rows, quarantine, cfg, digest.hexdigest(), n_files,
+                    report_table.n_records if report_table else 0, label_table.n_records,
+                    n_unknown_patient, warnings)
+    (out / "cohort.json").write_text(json.dumps(info, indent=2))
+    return CohortSummary(out, len(rows), len(quarantine), info)
+
+
+def _summary(rows, quarantine, cfg: CohortConfig, fingerprint: str, n_files: int, n_reports: int,
+             n_labels: int, n_unknown_patient: int, warnings: list[str]) -> dict:
+    classes = cfg.labels.class_names
+    cols = _label_header(cfg)
+    by_split: dict[str, dict] = {}
+    for split in SPLITS:
+        part = [r for r in rows if r["split"] == split]
+        n = len(part)
+        if cfg.labels.task == "multilabel":
+            prev = {c: (sum(int(r[c]) for r in part) / n if n else None) for c in cols}
+        else:
+            counts = Counter(int(r[cols[0]]) for r in part)
+            prev = {classes[i]: (counts.get(i, 0) / n if n else None) for i in range(len(classes))}
+        by_split[split] = {
+            "studies": n,
+            "patients": len({r["patient_id"] for r in part}),
+            "prevalence": prev,
+            "missingness": _missing(part),
+        }
+    reasons = Counter(f"{e.kind}: {reason_category(e.reason)}" for e in quarantine)
+    return {
+        "format": "clinfuse-cohort/1",
+        "clinfuse_version": __version__,
+        "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "key": cfg.key,
+        "task": cfg.labels.task,
+        "label_columns": cols,
+        "classes": classes,
+        "counts": {
+            "studies": len(rows),
+            "patients": len({r["patient_id"] for r in rows}),
+            "images": sum(int(r["n_images"]) for r in rows),
+            "dicom_files_scanned": n_files,
+            "report_records": n_reports,
+            "label_records": n_labels,
+            "quarantined": len(quarantine),
+            "studies_without_patient_id": n_unknown_patient,
+        },
+        "splits": by_split,
+        "missingness": _missing(rows),
+        "quarantine_reasons": dict(sorted(reasons.items())),
+        "decoders": decoder_report(),
+        "fingerprint": {"sha256": fingerprint, "mode": cfg.fingerprint},
+        "n_warnings": len(warnings),
+    }
+
+
+def _missing(rows) -> dict[str, int]:
+    c = Counter((int(r["image_present"]), int(r["report_present"])) for r in rows)
+    return {"both": c.get((1, 1), 0), "image_only": c.get((1, 0), 0), "report_only": c.get((0, 1), 0)}
+
+
+def read_cohort(cohort_dir: str | Path) -> tuple[list[dict], dict]:
+    """Read ``cohort.csv`` (image paths parsed, flags as bool) and ``cohort.json``.
+
+    Raises:
+        CohortInputError: the folder is not a cohort.
+    """
+    d = Path(cohort_dir)
+    if not (d / "cohort.csv").is_file() or not (d / "cohort.json").is_file():
+        raise CohortInputError(f"{d}: not a cohort folder (needs cohort.csv and cohort.json; "
+                               "make one with `clinfuse cohort build`)")
+    info = json.loads((d / "cohort.json").read_text())
+    rows = []
+    with open(d / "cohort.csv", newline="", encoding="utf-8") as f:
+        for r in csv.DictReader(f):
+            r["image_paths"] = json.loads(r["image_paths"])
+            r["image_present"] = r["image_present"] == "1"
+            r["report_present"] = r["report_present"] == "1"
+            r["n_images"] = int(r["n_images"])
+            for c in info["label_columns"]:
+                r[c] = int(r[c])
+            rows.append(r)
+    return rows, info

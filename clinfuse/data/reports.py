@@ -1,0 +1,192 @@
+"""Radiology report text: reading (CSV, JSON lines, a folder of .txt), decoding, sections, de-id tokens."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import ReportConfig
+from .quarantine import CohortInputError, QuarantineEntry
+
+__all__ = ["Report", "ReportTable", "decode_bytes", "split_sections", "model_text", "clean_text", "load_reports"]
+
+
+@dataclass
+class Report:
+    """One report: its sections after cleaning and where it came from."""
+
+    sections: dict[str, str]
+    text: str  # what the model reads: the chosen sections with their headings
+    source: str
+    patient: str | None = None
+
+
+@dataclass
+class ReportTable:
+    reports: dict[str, Report]
+    quarantine: list[QuarantineEntry]
+    warnings: list[str]
+    n_records: int
+
+
+def decode_bytes(data: bytes, encoding: str = "utf-8", fallback: str = "cp1252") -> tuple[str, str | None]:
+    """Decode text; on failure try `fallback`, then latin-1 (never fails). Returns (text, warning)."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        return data.decode(encoding), None
+    except UnicodeDecodeError as e:
+        first_bad = e.start
+    for enc in (fallback, "latin-1"):
+        try:
+            return data.decode(enc), f"not valid {encoding} (first bad byte at offset {first_bad}); decoded as {enc}"
+        except UnicodeDecodeError:
+            continue
+    raise AssertionError("latin-1 decodes every byte string")  # pragma: no cover
+
+
+def _heading_re(sections: list[str]) -> re.Pattern:
+    names = "|".join(re.escape(s) for s in sorted(sections, key=len, reverse=True))
+    return re.compile(rf"(?:^|(?<=[\s.;]))({names})\s*:", re.IGNORECASE)
+
+
+def clean_text(text: str, cfg: ReportConfig) -> str:
+    """Replace de-identification tokens by one token and normalise whitespace."""
+    for pat in cfg.deid_patterns:
+        text = re.sub(pat, cfg.deid_token, text)
+    return " ".join(text.split())
+
+
+def split_sections(text: str, sections: list[str]) -> dict[str, str]:
+    """Split a report into its sections (headings like ``FINDINGS:``, case-insensitive).
+
+    Text before the first heading counts as FINDINGS. A heading that appears twice is joined.
+
+    Example:
+        >>> split_sections("INDICATION: cough. FINDINGS: clear lungs.", ["INDICATION", "FINDINGS"])
+        {'INDICATION': 'cough.', 'FINDINGS': 'clear lungs.'}
+    """
+    out: dict[str, str] = {}
+    matches = list(_heading_re(sections).finditer(text))
+    canon = {s.upper(): s for s in sections}
+    pre = text[: matches[0].start()] if matches else text
+    if pre.strip():
+        out["FINDINGS"] = pre.strip()
+    for i, m in enumerate(matches):
+        end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
+        body = text[m.end() : end].strip()
+        name = canon[m.group(1).upper()]
+        if body:
+            out[name] = f"{out[name]} {body}".strip() if name in out else body
+    return out
+
+
+def model_text(sections: dict[str, str], read_sections: list[str]) -> str:
+    """The text the model reads: the chosen sections, in order, with their headings; '' if none."""
+    upper = {k.upper(): v for k, v in sections.items()}
+    parts = [f"{name.upper()}: {upper[name.upper()]}" for name in read_sections if upper.get(name.upper())]
+    return " ".join(parts)
+
+
+def _make_report(raw: str, cfg: ReportConfig, source: str, patient: str | None) -> Report:
+    cleaned = clean_text(raw, cfg)
+    sections = split_sections(cleaned, cfg.sections)
+    return Report(sections, model_text(sections, cfg.read_sections), source, patient)
+
+
+def _records_from_file(path: Path, key_column: str, cfg: ReportConfig, warnings: list[str]):
+    """Yield (row_label, key, text, patient) from a CSV or JSON-lines file."""
+    data = path.read_bytes()
+    text, warn = decode_bytes(data, cfg.encoding, cfg.fallback_encoding)
+    if warn:
+        warnings.append(f"{path}: {warn}")
+    if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
+        for i, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"{path}:line {i}", None, f"invalid JSON ({e.msg})", None
+                continue
+            if key_column not in rec:
+                raise CohortInputError(
+                    f"{path}: line {i} has no key '{key_column}' (keys: {', '.join(rec)}); "
+                    f"set cohort.reports.key_column or --reports-key"
+                )
+            yield f"{path}:line {i}", str(rec.get(key_column) or ""), rec.get(cfg.text_column), \
+                rec.get(cfg.patient_column) if cfg.patient_column else None
+        return
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    cols = reader.fieldnames or []
+    for needed, flag in ((key_column, "--reports-key / cohort.reports.key_column"),
+                         (cfg.text_column, "--report-column / cohort.reports.text_column")):
+        if needed not in cols:
+            raise CohortInputError(f"{path}: column '{needed}' not found (columns: {', '.join(cols)}); set {flag}")
+    for i, row in enumerate(reader, start=2):
+        yield f"{path}:row {i}", (row.get(key_column) or "").strip(), row.get(cfg.text_column), \
+            (row.get(cfg.patient_column) or None) if cfg.patient_column else None
+
+
+def load_reports(path: str | Path, key_column: str, cfg: ReportConfig) -> ReportTable:
+    """Read reports keyed by `key_column` from a CSV, a JSON-lines file or a folder of ``<key>.txt``.
+
+    Empty reports and conflicting duplicates are quarantined; identical duplicates are merged.
+
+    Raises:
+        CohortInputError: the source is missing or has no key/text column.
+    """
+    path = Path(path)
+    warnings: list[str] = []
+    quarantine: list[QuarantineEntry] = []
+    if not path.exists():
+        raise CohortInputError(f"{path}: reports not found; pass a CSV, a JSON-lines file or a folder of .txt files")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise CohortInputError(f"{path}: no .txt report files found (expected <key>.txt)")
+
+        def records():
+            for f in files:
+                text, warn = decode_bytes(f.read_bytes(), cfg.encoding, cfg.fallback_encoding)
+                if warn:
+                    warnings.append(f"{f}: {warn}")
+                yield str(f), f.stem, text, None
+
+        rows = records()
+    else:
+        rows = _records_from_file(path, key_column, cfg, warnings)
+
+    seen: dict[str, Report] = {}
+    conflicted: set[str] = set()
+    n = 0
+    for source, key, text, patient in rows:
+        n += 1
+        if key is None:  # unparseable record; `text` holds the reason
+            quarantine.append(QuarantineEntry("report", source, text))
+            continue
+        if not key:
+            quarantine.append(QuarantineEntry("report", source, f"empty key '{key_column}'"))
+            continue
+        if text is None or not str(text).strip():
+            quarantine.append(QuarantineEntry("report", source, "empty report"))
+            continue
+        rep = _make_report(str(text), cfg, source, patient)
+        if not rep.text:
+            quarantine.append(QuarantineEntry("report", source, f"no text in the sections read {cfg.read_sections}"))
+            continue
+        if key in seen:
+            if seen[key].text != rep.text and key not in conflicted:
+                conflicted.add(key)
+                quarantine.append(QuarantineEntry(
+                    "report", source, f"conflicting duplicate report for this key (first at {seen[key].source}); "
+                    "both set aside"))
+            continue
+        seen[key] = rep
+    for key in conflicted:
+        del seen[key]
+    return ReportTable(seen, quarantine, warnings, n)

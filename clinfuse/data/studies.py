@@ -1,0 +1,252 @@
+"""Scanning a DICOM tree (headers only) and grouping files into studies and series.
+
+A 2D study (CR/DX and other projection modalities) yields its images, the frontal ones by default.
+A CT/MR/PT series yields a 3D volume sorted along the slice normal with its spacing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..config import CohortConfig, DicomConfig
+from .dicom import DicomReadError, dcmread_robust, read_dicom
+from .quarantine import CohortInputError, QuarantineEntry
+
+__all__ = ["DicomHeader", "ScanResult", "scan_dicom", "group_studies", "select_images", "load_volume",
+           "VOLUME_MODALITIES"]
+
+VOLUME_MODALITIES = {"CT", "MR", "PT", "NM"}
+
+
+@dataclass
+class DicomHeader:
+    """The header facts the cohort needs from one file (read with stop_before_pixels)."""
+
+    path: str
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    accession: str
+    patient_id: str
+    patient_name: str
+    birth_date: str
+    modality: str
+    view: str
+    frames: int
+    instance_number: int | None
+    position: tuple[float, float, float] | None
+    orientation: tuple[float, ...] | None
+    spacing: tuple[float, float] | None
+    slice_thickness: float | None
+
+
+@dataclass
+class ScanResult:
+    headers: list[DicomHeader]
+    quarantine: list[QuarantineEntry]
+    digests: dict[str, str]  # relative path -> sha256 (content or header mode)
+    n_files: int
+    n_skipped: int  # files whose extension is not scanned
+    notes: list[str] = field(default_factory=list)
+
+
+def _floats(v, n: int) -> tuple[float, ...] | None:
+    try:
+        out = tuple(float(x) for x in v)
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == n else None
+
+
+def _header_from(ds, path: str) -> DicomHeader:
+    def s(kw: str) -> str:
+        v = ds.get(kw)
+        return str(v).strip() if v is not None else ""
+
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        raise DicomReadError(path, f"invalid NumberOfFrames {ds.get('NumberOfFrames')!r}") from None
+    try:
+        inst = int(ds.get("InstanceNumber")) if ds.get("InstanceNumber") not in (None, "") else None
+    except (TypeError, ValueError):
+        inst = None
+    ps = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    st = ds.get("SliceThickness")
+    try:
+        st_f = float(st) if st not in (None, "") else None
+    except (TypeError, ValueError):
+        st_f = None
+    view = s("ViewPosition")
+    if not view and "ViewCodeSequence" in ds and len(ds.ViewCodeSequence):
+        meaning = str(ds.ViewCodeSequence[0].get("CodeMeaning", "")).lower()
+        view = "PA" if "postero-anterior" in meaning else "AP" if "antero-posterior" in meaning else \
+            "LL" if "lateral" in meaning else ""
+    return DicomHeader(
+        path=path, study_uid=s("StudyInstanceUID"), series_uid=s("SeriesInstanceUID"), sop_uid=s("SOPInstanceUID"),
+        accession=s("AccessionNumber"), patient_id=s("PatientID"), patient_name=s("PatientName"),
+        birth_date=s("PatientBirthDate"), modality=s("Modality").upper(), view=view.upper(), frames=frames,
+        instance_number=inst, position=_floats(ds.get("ImagePositionPatient"), 3),
+        orientation=_floats(ds.get("ImageOrientationPatient"), 6), spacing=_floats(ps, 2) if ps else None,
+        slice_thickness=st_f,
+    )
+
+
+def _iter_files(root: Path, extensions: list[str]):
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            p = Path(dirpath) / name
+            yield p, (p.suffix.lower() in extensions)
+
+
+def scan_dicom(root: str | Path, cfg: CohortConfig, progress: bool = True) -> ScanResult:
+    """Read the header of every candidate file under `root`; set aside what cannot be used.
+
+    Raises:
+        CohortInputError: `root` is missing or holds no readable DICOM file.
+    """
+    from tqdm.auto import tqdm
+
+    root = Path(root)
+    if not root.is_dir():
+        raise CohortInputError(f"{root}: DICOM folder not found")
+    files, skipped = [], 0
+    for p, wanted in _iter_files(root, cfg.dicom_extensions):
+        if wanted:
+            files.append(p)
+        else:
+            skipped += 1
+    headers: list[DicomHeader] = []
+    quarantine: list[QuarantineEntry] = []
+    digests: dict[str, str] = {}
+    for p in tqdm(files, desc="scan DICOM", unit="file", disable=None if progress else True):
+        rel = p.relative_to(root).as_posix()
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            quarantine.append(QuarantineEntry("dicom", str(p), f"cannot read file: {e.strerror or e}"))
+            continue
+        try:
+            ds, _ = dcmread_robust(p, stop_before_pixels=True, data=data)
+            h = _header_from(ds, str(p))
+        except DicomReadError as e:
+            digests[rel] = hashlib.sha256(data).hexdigest()
+            quarantine.append(QuarantineEntry("dicom", str(p), e.reason))
+            continue
+        if cfg.fingerprint == "content":
+            digests[rel] = hashlib.sha256(data).hexdigest()
+        else:
+            digests[rel] = hashlib.sha256(repr(sorted(ds.to_json_dict().items())).encode() + str(len(data)).encode()).hexdigest()
+        headers.append(h)
+    if not headers:
+        where = f"{len(files)} candidate file(s), none readable" if files else "no candidate files"
+        raise CohortInputError(
+            f"{root}: no DICOM found ({where}; scanned endings {cfg.dicom_extensions}); "
+            "check --dicom or cohort.dicom_extensions"
+        )
+    return ScanResult(headers, quarantine, digests, len(files), skipped)
+
+
+def group_studies(headers: list[DicomHeader], key: str) -> tuple[dict[str, list[DicomHeader]], list[QuarantineEntry]]:
+    """Group headers by the cohort key (StudyInstanceUID or AccessionNumber)."""
+    studies: dict[str, list[DicomHeader]] = defaultdict(list)
+    quarantine = []
+    attr = "study_uid" if key == "StudyInstanceUID" else "accession"
+    for h in headers:
+        k = getattr(h, attr)
+        if not k:
+            quarantine.append(QuarantineEntry("dicom", h.path, f"no {key} in the header; cannot join to a report"))
+            continue
+        studies[k].append(h)
+    return dict(studies), quarantine
+
+
+def select_images(files: list[DicomHeader], cfg: DicomConfig) -> tuple[list[DicomHeader], str, list[QuarantineEntry]]:
+    """Choose what one study contributes: 2D images (views) or the slices of one 3D series.
+
+    Returns:
+        (selected headers in order, "2d" or "3d", entries for files set aside)
+    """
+    allowed = {m.upper() for m in cfg.modalities}
+    quarantine = []
+    keep = []
+    for h in files:
+        if h.modality not in allowed:
+            quarantine.append(QuarantineEntry(
+                "dicom", h.path, f"modality '{h.modality or 'none'}' not in cohort.dicom.modalities {sorted(allowed)}"))
+        else:
+            keep.append(h)
+    if not keep:
+        return [], "2d", quarantine
+    if keep[0].modality in VOLUME_MODALITIES:
+        series: dict[str, list[DicomHeader]] = defaultdict(list)
+        for h in keep:
+            series[h.series_uid].append(h)
+        # The series with the most slices (ties: the first by UID) makes the volume.
+        best = sorted(series.items(), key=lambda kv: (-sum(x.frames for x in kv[1]), kv[0]))[0][1]
+        return sort_slices(best), "3d", quarantine
+    keep.sort(key=lambda h: (h.series_uid, h.instance_number or 0, h.path))
+    if cfg.view_policy == "frontal":
+        frontal = {v.upper() for v in cfg.frontal_views}
+        if any(h.view for h in keep):
+            chosen = [h for h in keep if h.view in frontal]
+            return chosen, "2d", quarantine
+    return keep, "2d", quarantine
+
+
+def _normal(h: DicomHeader) -> np.ndarray | None:
+    if h.orientation is None:
+        return None
+    r, c = np.array(h.orientation[:3]), np.array(h.orientation[3:])
+    n = np.cross(r, c)
+    return n / (np.linalg.norm(n) or 1.0)
+
+
+def sort_slices(slices: list[DicomHeader]) -> list[DicomHeader]:
+    """Order slices along the normal of ImageOrientationPatient; InstanceNumber when geometry is absent."""
+    n = _normal(slices[0])
+    if n is not None and all(h.position is not None for h in slices):
+        return sorted(slices, key=lambda h: float(np.dot(n, h.position)))
+    return sorted(slices, key=lambda h: (h.instance_number or 0, h.path))
+
+
+def load_volume(slices: list[DicomHeader], cfg: DicomConfig | None = None) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Stack sorted slices into ``(Z, rows, cols)`` float32 and return spacing ``(z, row, col)`` in mm.
+
+    A single multi-frame file is returned as is. Slice spacing comes from the positions along the
+    normal (median gap), else SliceThickness, else 1.0.
+
+    Raises:
+        DicomReadError: a slice cannot be decoded or its size differs from the first.
+    """
+    cfg = cfg or DicomConfig()
+    window = (cfg.window_center, cfg.window_width) if cfg.voi == "window" else None
+    arrays = []
+    for h in slices:
+        img = read_dicom(h.path, voi=cfg.voi, window=window, channels=1)
+        if arrays and img.pixels.shape[1:] != arrays[0].shape[1:]:
+            raise DicomReadError(h.path, f"slice size {img.pixels.shape[1:]} differs from {arrays[0].shape[1:]}")
+        arrays.append(img.pixels)
+    vol = np.concatenate(arrays, axis=0)
+    row_col = slices[0].spacing or (1.0, 1.0)
+    z = None
+    n = _normal(slices[0])
+    if n is not None and len(slices) > 1 and all(h.position is not None for h in slices):
+        d = np.diff([float(np.dot(n, h.position)) for h in slices])
+        if len(d) and np.all(d > 0):
+            z = float(np.median(d))
+        else:
+            warnings.warn(f"{slices[0].path}: duplicate or unordered slice positions; using SliceThickness")
+    if z is None:
+        z = slices[0].slice_thickness or 1.0
+    return vol.astype(np.float32), (z, row_col[0], row_col[1])

@@ -1,0 +1,350 @@
+"""Synthetic hospital exports with known ground truth.
+
+The generator's model (per finding k; see docs/synthetic.md):
+
+- label ``y_k`` (binary / multi-label: Bernoulli(prevalence); multi-class: one of
+  ``normal`` + findings, each finding with the given prevalence);
+- an **image-only** cue ``o_k`` in {none, faint, dense}: an opacity in the finding's lung zone,
+  drawn from ``P(o | y_k)``; the report never mentions it;
+- a **report-only** cue ``t_k`` in {none, hedged, stated}: a phrase in the INDICATION section
+  ("history of ...", "clinical concern for ..."), drawn from ``P(t | y_k)``; the image never shows it.
+
+Cues are independent given the label, so the Bayes posterior is exact:
+``P(y | o, t) ∝ P(y) P(o | y) P(t | y)``. ``truth.csv`` holds it for the image alone, the report
+alone, both, and the modalities the study actually has. Faint opacities are about 4 noise standard
+deviations above the background over ~300 pixels at 128 px: a good image model can read them.
+
+The export has real DICOM files (file meta, CR tags, fake patient names, IDs, birth dates and
+accession numbers, some MONOCHROME1, some lateral views), ``reports.csv``, ``labels.csv`` and, on
+request, broken files of the kinds a real export holds.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+__all__ = ["SynthSpec", "synthesize", "FINDINGS", "P_IMAGE", "P_TEXT", "posterior"]
+
+# P(cue level | label) for image cues (none, faint, dense) and text cues (none, hedged, stated).
+P_IMAGE = {1: np.array([0.25, 0.35, 0.40]), 0: np.array([0.85, 0.12, 0.03])}
+P_TEXT = {1: np.array([0.35, 0.35, 0.30]), 0: np.array([0.75, 0.20, 0.05])}
+
+
+@dataclass(frozen=True)
+class Finding:
+    name: str
+    zone: tuple[float, float]  # (row, col) as a fraction of the image
+    hedged: tuple[str, ...]
+    stated: tuple[str, ...]
+
+
+FINDINGS = (
+    Finding("pneumonia", (0.62, 0.30),
+            ("History of pneumonia.", "Rule out pneumonia.", "Recent cough, possible pneumonia."),
+            ("Fever and productive cough, clinical concern for pneumonia.", "Known pneumonia on antibiotics, follow-up.")),
+    Finding("effusion", (0.74, 0.70),
+            ("History of congestive heart failure.", "Rule out pleural effusion."),
+            ("Dullness to percussion at the left base, concern for effusion.", "Known pleural effusion, follow-up.")),
+    Finding("nodule", (0.33, 0.33),
+            ("Former smoker.", "Rule out mass."),
+            ("Nodule seen on outside CT, follow-up.", "Weight loss and hemoptysis, concern for malignancy.")),
+)
+_BENIGN = ("Preoperative evaluation.", "Chest pain.", "Routine follow-up.", "Shortness of breath.",
+           "Cough for XXXX days.", "Evaluate line placement.", "Trauma.")
+_FINDINGS_TEXT = ("Heart size is normal.", "The mediastinal contour is within normal limits.", "No pneumothorax.",
+                  "Osseous structures are intact.", "Degenerative changes of the thoracic spine.",
+                  "Trachea is midline.", "Surgical clips in the upper abdomen.", "Stable appearance of XXXX.")
+_IMPRESSION = ("Please see findings.", "Correlate clinically.", "Comparison with prior studies is recommended.",
+               "Dictated by Dr. XXXX.")
+_SYL = ("ka", "zu", "mir", "vel", "tor", "quin", "bra", "lox", "dre", "pim", "sab", "yor", "fen", "gul")
+
+
+@dataclass
+class SynthSpec:
+    """What to generate. See `clinfuse synth --help`."""
+
+    studies: int = 200
+    prevalence: float = 0.3
+    missing_image: float = 0.1
+    missing_report: float = 0.1
+    seed: int = 0
+    size: int = 128
+    task: Literal["binary", "multiclass", "multilabel"] = "binary"
+    n_findings: int = 3  # multiclass / multilabel
+    key: Literal["StudyInstanceUID", "AccessionNumber"] = "StudyInstanceUID"
+    lateral: float = 0.2  # share of studies that also have a lateral view
+    monochrome1: float = 0.15
+    corrupt: int = 0  # broken files added to the export (zero-byte, truncated, not DICOM, ...)
+
+
+def _findings(spec: SynthSpec) -> tuple[Finding, ...]:
+    return FINDINGS[:1] if spec.task == "binary" else FINDINGS[: spec.n_findings]
+
+
+def class_names(spec: SynthSpec) -> list[str]:
+    f = _findings(spec)
+    if spec.task == "binary":
+        return ["label"]
+    if spec.task == "multiclass":
+        return ["normal"] + [x.name for x in f]
+    return [x.name for x in f]
+
+
+def posterior(spec: SynthSpec, o: np.ndarray | None, t: np.ndarray | None) -> np.ndarray:
+    """Exact P(label | cues). `o`, `t`: int arrays ``[K]`` of cue levels, or None when unseen.
+
+    Returns ``[K]`` per-finding probabilities (binary, multilabel) or ``[K+1]`` class probabilities.
+    """
+    k = len(_findings(spec))
+    if spec.task == "multiclass":
+        prior = np.array([1 - spec.prevalence * k] + [spec.prevalence] * k)
+        logp = np.log(prior)
+        for y in range(k + 1):
+            for j in range(k):
+                pos = int(y == j + 1)
+                if o is not None:
+                    logp[y] += np.log(P_IMAGE[pos][o[j]])
+                if t is not None:
+                    logp[y] += np.log(P_TEXT[pos][t[j]])
+        p = np.exp(logp - logp.max())
+        return p / p.sum()
+    out = np.empty(k)
+    for j in range(k):
+        l1, l0 = np.log(spec.prevalence), np.log(1 - spec.prevalence)
+        if o is not None:
+            l1 += np.log(P_IMAGE[1][o[j]])
+            l0 += np.log(P_IMAGE[0][o[j]])
+        if t is not None:
+            l1 += np.log(P_TEXT[1][t[j]])
+            l0 += np.log(P_TEXT[0][t[j]])
+        out[j] = 1.0 / (1.0 + np.exp(l0 - l1))
+    return out
+
+
+def _render(rng: np.random.Generator, size: int, findings, o: np.ndarray, lateral: bool = False) -> np.ndarray:
+    """A chest-like radiograph in [0, 1] (bright = dense), with opacities at the cue levels."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    dy, dx, s = rng.normal(0, 0.02), rng.normal(0, 0.02), rng.uniform(0.95, 1.05)
+    img = np.full((size, size), 0.08, np.float32)
+    body = ((yy - 0.55 - dy) / (0.48 * s)) ** 2 + ((xx - 0.5 - dx) / (0.45 * s)) ** 2 < 1
+    img[body] = 0.55
+    if lateral:
+        lung = ((yy - 0.5 - dy) / (0.3 * s)) ** 2 + ((xx - 0.5 - dx) / (0.25 * s)) ** 2 < 1
+        img[lung] = 0.25
+    else:
+        for cx in (0.31, 0.69):
+            lung = ((yy - 0.52 - dy) / (0.30 * s)) ** 2 + ((xx - cx - dx) / (0.15 * s)) ** 2 < 1
+            img[lung] = 0.22
+        heart = ((yy - 0.66 - dy) / (0.14 * s)) ** 2 + ((xx - 0.55 - dx) / (0.12 * s)) ** 2 < 1
+        img[heart] = 0.62
+        spine = (np.abs(xx - 0.5 - dx) < 0.035) & body
+        img[spine] = 0.7
+        for f, level in zip(findings, o):
+            if level == 0:
+                continue
+            amp = (0.12 if level == 1 else 0.30) * rng.uniform(0.85, 1.15)
+            cy, cx = f.zone[0] + dy + rng.normal(0, 0.03), f.zone[1] + dx + rng.normal(0, 0.03)
+            r = rng.uniform(0.06, 0.09)
+            img += amp * np.exp(-(((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r)))
+    img = img * rng.uniform(0.9, 1.1) + rng.normal(0, 0.03, img.shape).astype(np.float32)
+    return np.clip(img, 0, 1)
+
+
+def _name(rng) -> str:
+    def word(n):
+        return "".join(rng.choice(_SYL, n)).upper()
+
+    return f"{word(3)}^{word(2)}"
+
+
+def _write_dicom(path: Path, pixels: np.ndarray, meta: dict, mono1: bool) -> None:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    raw = np.round(pixels * 4095).astype(np.uint16)
+    if mono1:
+        raw = (4095 - raw).astype(np.uint16)
+    fm = FileMetaDataset()
+    fm.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # CR Image Storage
+    fm.MediaStorageSOPInstanceUID = meta["sop"]
+    fm.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = fm
+    ds.SOPClassUID = fm.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta["sop"]
+    ds.StudyInstanceUID = meta["study_uid"]
+    ds.SeriesInstanceUID = meta["series_uid"]
+    ds.AccessionNumber = meta["accession"]
+    ds.PatientName = meta["patient_name"]
+    ds.PatientID = meta["patient_id"]
+    ds.PatientBirthDate = meta["birth_date"]
+    ds.PatientSex = meta["sex"]
+    ds.StudyDate = meta["study_date"]
+    ds.StudyTime = "101500"
+    ds.ReferringPhysicianName = meta["referrer"]
+    ds.InstitutionName = "CLINFUSE SYNTHETIC GENERAL HOSPITAL"
+    ds.Modality = "CR"
+    ds.BodyPartExamined = "CHEST"
+    ds.StudyDescription = "XR CHEST 2 VIEWS"
+    ds.ViewPosition = meta["view"]
+    ds.SeriesNumber = meta["series_number"]
+    ds.InstanceNumber = 1
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME1" if mono1 else "MONOCHROME2"
+    ds.Rows, ds.Columns = raw.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelSpacing = [round(350.0 / raw.shape[0], 4)] * 2
+    ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = 1, 0, "US"
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    ds.PixelData = raw.tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def synthesize(out_dir: str | Path, spec: SynthSpec | None = None, progress: bool = True) -> dict:
+    """Write a synthetic hospital export under `out_dir` and return a summary.
+
+    Layout: ``dicom/<PatientID>/<AccessionNumber>/<SOPInstanceUID>.dcm``, ``reports.csv``
+    (key column + ``report``), ``labels.csv`` (key column + label columns), ``truth.csv`` (latent
+    cues and Bayes-optimal probabilities) and ``synth.json`` (the spec).
+
+    Raises:
+        ValueError: a spec value out of range.
+    """
+    from pydicom.uid import generate_uid
+    from tqdm.auto import tqdm
+
+    spec = spec or SynthSpec()
+    findings = _findings(spec)
+    k = len(findings)
+    if not 0 < spec.prevalence < 1 or (spec.task == "multiclass" and spec.prevalence * k >= 1):
+        raise ValueError(f"prevalence {spec.prevalence} is out of range for task '{spec.task}' with {k} findings")
+    for name in ("missing_image", "missing_report", "lateral", "monochrome1"):
+        v = getattr(spec, name)
+        if not 0 <= v <= 1:
+            raise ValueError(f"{name} must be in [0, 1], got {v}")
+    if spec.studies < 1 or spec.size < 32:
+        raise ValueError("need studies >= 1 and size >= 32")
+    out = Path(out_dir)
+    (out / "dicom").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(spec.seed)
+    names = class_names(spec)
+
+    # Patients with 1-3 studies each.
+    patients = []
+    while sum(p["n"] for p in patients) < spec.studies:
+        patients.append({"n": int(rng.choice([1, 1, 2, 3])), "name": _name(rng),
+                         "id": f"MRN{rng.integers(10**7, 10**8)}", "sex": str(rng.choice(["F", "M"])),
+                         "birth": f"{rng.integers(1930, 2005)}{rng.integers(1, 13):02d}{rng.integers(1, 29):02d}"})
+    owner = [i for i, p in enumerate(patients) for _ in range(p["n"])][: spec.studies]
+
+    reports, labels, truth = [], [], []
+    uid = 0
+
+    def new_uid(tag: str) -> str:
+        nonlocal uid
+        uid += 1
+        return generate_uid(entropy_srcs=[f"clinfuse-synth:{spec.seed}:{tag}:{uid}"])
+
+    for i in tqdm(range(spec.studies), desc="synth", unit="study", disable=None if progress else True):
+        p = patients[owner[i]]
+        if spec.task == "multiclass":
+            prior = [1 - spec.prevalence * k] + [spec.prevalence] * k
+            cls = int(rng.choice(k + 1, p=prior))
+            y = np.array([int(cls == j + 1) for j in range(k)])
+            label_vals = [cls]
+        else:
+            y = (rng.random(k) < spec.prevalence).astype(int)
+            label_vals = list(y)
+        o = np.array([rng.choice(3, p=P_IMAGE[int(v)]) for v in y])
+        t = np.array([rng.choice(3, p=P_TEXT[int(v)]) for v in y])
+        has_image = rng.random() >= spec.missing_image
+        has_report = rng.random() >= spec.missing_report or not has_image
+        study_uid, accession = new_uid("study"), f"ACC{rng.integers(10**8, 10**9)}"
+        key = study_uid if spec.key == "StudyInstanceUID" else accession
+        if has_image:
+            meta = {"study_uid": study_uid, "accession": accession, "patient_name": p["name"],
+                    "patient_id": p["id"], "birth_date": p["birth"], "sex": p["sex"],
+                    "study_date": f"20{rng.integers(15, 25)}{rng.integers(1, 13):02d}{rng.integers(1, 29):02d}",
+                    "referrer": _name(rng)}
+            mono1 = bool(rng.random() < spec.monochrome1)
+            views = [("PA" if rng.random() < 0.6 else "AP", False)]
+            if rng.random() < spec.lateral:
+                views.append(("LL", True))
+            for n_series, (view, is_lat) in enumerate(views, start=1):
+                sop = new_uid("sop")
+                img = _render(rng, spec.size, findings, o if not is_lat else np.zeros(k, int), lateral=is_lat)
+                _write_dicom(out / "dicom" / p["id"] / accession / f"{sop}.dcm", img,
+                             {**meta, "sop": sop, "series_uid": new_uid("series"), "view": view,
+                              "series_number": n_series}, mono1)
+        if has_report:
+            reports.append({spec.key: key, "report": _report(rng, findings, t)})
+        labels.append({spec.key: key, "PatientID": p["id"], **dict(zip(names, label_vals))})
+        row = {spec.key: key, "has_image": int(has_image), "has_report": int(has_report)}
+        for j, f in enumerate(findings):
+            row[f"y_{f.name}"], row[f"image_cue_{f.name}"], row[f"report_cue_{f.name}"] = int(y[j]), int(o[j]), int(t[j])
+        post = {"image": posterior(spec, o, None), "report": posterior(spec, None, t), "both": posterior(spec, o, t),
+                "available": posterior(spec, o if has_image else None, t if has_report else None)}
+        out_names = names if spec.task != "binary" else ["label"]
+        for which, probs in post.items():
+            for n, pr in zip(out_names, probs):
+                row[f"p_{which}_{n}"] = round(float(pr), 6)
+        truth.append(row)
+
+    _write_csv(out / "reports.csv", reports, [spec.key, "report"])
+    _write_csv(out / "labels.csv", labels, [spec.key, "PatientID"] + names)
+    _write_csv(out / "truth.csv", truth, list(truth[0]))
+    broken = _add_corrupt(out / "dicom", spec.corrupt, rng) if spec.corrupt else []
+    summary = {"spec": spec.__dict__, "label_columns": names, "studies": spec.studies,
+               "with_image": sum(r["has_image"] for r in truth), "with_report": sum(r["has_report"] for r in truth),
+               "corrupt_files": broken}
+    (out / "synth.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _report(rng, findings, t: np.ndarray) -> str:
+    cues = [rng.choice(f.hedged if lvl == 1 else f.stated) for f, lvl in zip(findings, t) if lvl > 0]
+    indication = " ".join(cues) if cues else str(rng.choice(_BENIGN))
+    body = " ".join(rng.choice(_FINDINGS_TEXT, size=int(rng.integers(2, 5)), replace=False))
+    parts = [f"INDICATION: {indication}"]
+    if rng.random() < 0.7:
+        parts.append(f"COMPARISON: {rng.choice(['None.', 'XXXX.', 'Prior radiograph XXXX.'])}")
+    parts.append(f"FINDINGS: {body}")
+    parts.append(f"IMPRESSION: {rng.choice(_IMPRESSION)}")
+    return "\n".join(parts)
+
+
+def _write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _add_corrupt(dicom_dir: Path, n: int, rng) -> list[dict]:
+    """Add `n` broken files: zero-byte, not DICOM, truncated pixel data, header cut short (cycled)."""
+    import pydicom
+
+    good = [p for p in sorted(dicom_dir.rglob("*.dcm"))
+            if pydicom.dcmread(p, stop_before_pixels=True).get("ViewPosition") in ("PA", "AP")]
+    made = []
+    bad_dir = dicom_dir / "INCOMING"
+    bad_dir.mkdir(exist_ok=True)
+    for i in range(n):
+        kind = ("zero_byte", "not_dicom", "truncated_pixels", "cut_header")[i % 4]
+        path = bad_dir / f"broken_{i:03d}_{kind}.dcm"
+        if kind == "zero_byte":
+            path.write_bytes(b"")
+        elif kind == "not_dicom":
+            path.write_text("this is a scanner log, not an image\n")
+        elif good:
+            src = good[int(rng.integers(len(good)))].read_bytes()
+            path.write_bytes(src[: len(src) - 4000] if kind == "truncated_pixels" else src[:200])
+        made.append({"file": path.name, "kind": kind})
+    return made
