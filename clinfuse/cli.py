@@ -148,7 +148,7 @@ def _synth(args) -> int:
     print(f"next: clinfuse cohort build --dicom {Path(args.out) / 'dicom'} --reports {Path(args.out) / 'reports.csv'} "
           f"--labels {Path(args.out) / 'labels.csv'} --key {args.key} --task {args.task}"
           + (f" --label-columns {','.join(s['label_columns'])}" if args.task == "multilabel" else "")
-          + (" --set 'cohort.labels.classes=" + json.dumps(s["label_columns"]) + "'" if args.task == "multiclass" else "")
+          + (" --set 'cohort.labels.classes=" + json.dumps(s["classes"]) + "'" if args.task == "multiclass" else "")
           + " --out COHORT_DIR")
     return 0
 

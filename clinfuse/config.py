@@ -175,8 +175,8 @@ class CohortConfig(_Strict):
     split: SplitConfig = SplitConfig()
     fingerprint: Literal["content", "header"] = Field(
         "content",
-        description="'content' hashes every input byte; 'header' hashes DICOM headers and file sizes "
-        "(faster on very large archives, blind to pixel-only edits).",
+        description="'content' hashes every input byte; 'header' hashes the first 64 KiB of each DICOM "
+        "file (its header) and its size: faster on very large archives, blind to pixel-only edits.",
     )
     dicom_extensions: list[str] = Field(
         [".dcm", ".dicom", ""],
@@ -285,3 +285,40 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def dump_config(cfg: Config) -> str:
     """The resolved config as YAML (written next to every output)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def config_reference() -> str:
+    """Markdown reference of every configuration key (docs/configuration.md is this text)."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `clinfuse/config.py` by `make docs-config`;",
+        "a test fails when this page and the code disagree. Unknown keys are rejected with the key",
+        "path and the allowed keys; bad values with the allowed values. Override any key on the",
+        "command line with `--set key.path=value` (the value is read as YAML).",
+        "",
+    ]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        rows = []
+        nested = []
+        for name, f in model.model_fields.items():
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                nested.append((name, ann))
+                continue
+            default = f.default
+            type_name = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            rows.append(f"| `{prefix}{name}` | `{type_name}` | `{default!r}` | {f.description or ''} |")
+        if rows:
+            lines.extend([f"## `{prefix.rstrip('.') or 'top level'}`", "", (model.__doc__ or "").strip(), "",
+                          "| key | type | default | meaning |", "|---|---|---|---|", *rows, ""])
+        for name, sub in nested:
+            walk(sub, f"{prefix}{name}.")
+
+    walk(Config, "")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(config_reference())

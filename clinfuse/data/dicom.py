@@ -93,9 +93,10 @@ def dcmread_robust(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=stop_before_pixels)
-            # Force element parsing now so that a garbled header fails here, not later.
-            for _ in ds.iterall():
-                pass
+            if not stop_before_pixels:
+                # Force element parsing now so that a garbled header fails here, not during decoding.
+                for _ in ds.iterall():
+                    pass
     except InvalidDicomError as e:
         raise DicomReadError(path, f"not a DICOM file ({e})") from None
     except Exception as e:  # pydicom raises many kinds on garbage; all mean "unreadable header"

@@ -23,6 +23,7 @@ __all__ = ["DicomHeader", "ScanResult", "scan_dicom", "group_studies", "select_i
            "VOLUME_MODALITIES"]
 
 VOLUME_MODALITIES = {"CT", "MR", "PT", "NM"}
+_HEADER_BYTES = 64 * 1024  # fingerprint='header' reads this much of each file (more only if the header is longer)
 
 
 @dataclass
@@ -132,21 +133,28 @@ def scan_dicom(root: str | Path, cfg: CohortConfig, progress: bool = True) -> Sc
     for p in tqdm(files, desc="scan DICOM", unit="file", disable=None if progress else True):
         rel = p.relative_to(root).as_posix()
         try:
-            data = p.read_bytes()
+            size = p.stat().st_size
+            with open(p, "rb") as fh:
+                data = fh.read() if cfg.fingerprint == "content" else fh.read(_HEADER_BYTES)
         except OSError as e:
             quarantine.append(QuarantineEntry("dicom", str(p), f"cannot read file: {e.strerror or e}"))
             continue
         try:
-            ds, _ = dcmread_robust(p, stop_before_pixels=True, data=data)
-            h = _header_from(ds, str(p))
+            try:
+                ds, _ = dcmread_robust(p, stop_before_pixels=True, data=data)
+                h = _header_from(ds, str(p))
+            except DicomReadError:
+                if len(data) == size:
+                    raise
+                data = p.read_bytes()  # the header is longer than the first block: read it all
+                ds, _ = dcmread_robust(p, stop_before_pixels=True, data=data)
+                h = _header_from(ds, str(p))
         except DicomReadError as e:
             digests[rel] = hashlib.sha256(data).hexdigest()
             quarantine.append(QuarantineEntry("dicom", str(p), e.reason))
             continue
-        if cfg.fingerprint == "content":
-            digests[rel] = hashlib.sha256(data).hexdigest()
-        else:
-            digests[rel] = hashlib.sha256(repr(sorted(ds.to_json_dict().items())).encode() + str(len(data)).encode()).hexdigest()
+        # content: every byte; header: the first block and the size (blind to later pixel-only edits)
+        digests[rel] = hashlib.sha256(data + (b"" if cfg.fingerprint == "content" else str(size).encode())).hexdigest()
         headers.append(h)
     if not headers:
         where = f"{len(files)} candidate file(s), none readable" if files else "no candidate files"

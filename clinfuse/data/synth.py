@@ -235,6 +235,7 @@ def synthesize(out_dir: str | Path, spec: SynthSpec | None = None, progress: boo
     (out / "dicom").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(spec.seed)
     names = class_names(spec)
+    label_cols = names if spec.task == "multilabel" else ["label"]
 
     # Patients with 1-3 studies each.
     patients = []
@@ -258,7 +259,7 @@ def synthesize(out_dir: str | Path, spec: SynthSpec | None = None, progress: boo
             prior = [1 - spec.prevalence * k] + [spec.prevalence] * k
             cls = int(rng.choice(k + 1, p=prior))
             y = np.array([int(cls == j + 1) for j in range(k)])
-            label_vals = [cls]
+            label_vals = [names[cls]]
         else:
             y = (rng.random(k) < spec.prevalence).astype(int)
             label_vals = list(y)
@@ -285,7 +286,7 @@ def synthesize(out_dir: str | Path, spec: SynthSpec | None = None, progress: boo
                               "series_number": n_series}, mono1)
         if has_report:
             reports.append({spec.key: key, "report": _report(rng, findings, t)})
-        labels.append({spec.key: key, "PatientID": p["id"], **dict(zip(names, label_vals))})
+        labels.append({spec.key: key, "PatientID": p["id"], **dict(zip(label_cols, label_vals))})
         row = {spec.key: key, "has_image": int(has_image), "has_report": int(has_report)}
         for j, f in enumerate(findings):
             row[f"y_{f.name}"], row[f"image_cue_{f.name}"], row[f"report_cue_{f.name}"] = int(y[j]), int(o[j]), int(t[j])
@@ -298,10 +299,10 @@ def synthesize(out_dir: str | Path, spec: SynthSpec | None = None, progress: boo
         truth.append(row)
 
     _write_csv(out / "reports.csv", reports, [spec.key, "report"])
-    _write_csv(out / "labels.csv", labels, [spec.key, "PatientID"] + names)
+    _write_csv(out / "labels.csv", labels, [spec.key, "PatientID"] + label_cols)
     _write_csv(out / "truth.csv", truth, list(truth[0]))
     broken = _add_corrupt(out / "dicom", spec.corrupt, rng) if spec.corrupt else []
-    summary = {"spec": spec.__dict__, "label_columns": names, "studies": spec.studies,
+    summary = {"spec": spec.__dict__, "label_columns": label_cols, "classes": names, "studies": spec.studies,
                "with_image": sum(r["has_image"] for r in truth), "with_report": sum(r["has_report"] for r in truth),
                "corrupt_files": broken}
     (out / "synth.json").write_text(json.dumps(summary, indent=2))

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up (if needed) and run the test suite. Extra arguments go to pytest.
+# Exits non-zero when a test fails or when no test ran (pytest's status 5).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh || exit 1
+export MLFLOW_DISABLE_TELEMETRY=true HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+status=$?
+if [ $status -eq 5 ]; then
+  echo "test.sh: no test ran; failing on purpose" >&2
+  exit 1
+fi
+exit $status

@@ -1,0 +1,41 @@
+"""Shared fixtures: the real data folder (skipped with a reason when absent) and small synthetic exports."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CLINFUSE_SHARED", REPO.parent / "shared")) / "data"
+
+
+def shared_dicom_dir() -> Path:
+    d = SHARED / "dicom"
+    if not (d / "index.csv").is_file():
+        pytest.skip(f"real DICOM files not found at {d} (the ../shared checkout is absent); "
+                    "set CLINFUSE_SHARED to its location to run these tests")
+    return d
+
+
+def shared_index() -> list[dict]:
+    """Rows of ../shared/data/dicom/index.csv, or [] when absent (tests then skip)."""
+    f = SHARED / "dicom" / "index.csv"
+    if not f.is_file():
+        return []
+    with open(f, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="session")
+def small_export(tmp_path_factory):
+    """A 60-study synthetic export (binary) shared by read-only tests."""
+    from clinfuse.data.synth import SynthSpec, synthesize
+
+    out = tmp_path_factory.mktemp("export")
+    synthesize(out, SynthSpec(studies=60, seed=3, size=48, lateral=0.3), progress=False)
+    return out

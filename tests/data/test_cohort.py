@@ -1,0 +1,181 @@
+"""Cohort building: joins, quarantine (nothing else lost), patient-level splits, fingerprint, no identifiers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from clinfuse.config import Config, config_from_dict
+from clinfuse.data.cohort import assign_splits, build_cohort, read_cohort
+from clinfuse.data.quarantine import CohortInputError
+from clinfuse.data.synth import SynthSpec, synthesize
+
+
+def _build(export, out, cfg=None, **kw):
+    return build_cohort(export / "dicom", export / "reports.csv", export / "labels.csv", out, cfg or Config(),
+                        progress=False, **kw)
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_splits_are_patient_level_stratified_and_seeded():
+    rng = np.random.default_rng(0)
+    patient_of, strata = {}, {}
+    for i in range(2000):
+        s = f"s{i}"
+        patient_of[s] = f"p{rng.integers(0, 700)}"
+        strata[s] = str(int(rng.random() < 0.1))
+    frac = {"train": 0.7, "val": 0.15, "test": 0.15}
+    a = assign_splits(patient_of, strata, frac, seed=1)
+    split_of_patient = {}
+    for s, p in patient_of.items():
+        assert split_of_patient.setdefault(p, a[s]) == a[s], "a patient is in two splits"
+    for name, f in frac.items():
+        part = [s for s in a if a[s] == name]
+        assert abs(len(part) / len(a) - f) < 0.05
+        assert abs(np.mean([strata[s] == "1" for s in part]) - np.mean([v == "1" for v in strata.values()])) < 0.04
+    assert a == assign_splits(patient_of, strata, frac, seed=1)
+    assert a != assign_splits(patient_of, strata, frac, seed=2)
+
+
+def test_build_from_synthetic_export(small_export, tmp_path):
+    s = _build(small_export, tmp_path / "c")
+    rows, info = read_cohort(tmp_path / "c")
+    truth = _rows(small_export / "truth.csv")
+    assert len(rows) == s.n_studies == 60 == info["counts"]["studies"]
+    assert sum(r["image_present"] for r in rows) == sum(int(t["has_image"]) for t in truth)
+    assert sum(r["report_present"] for r in rows) == sum(int(t["has_report"]) for t in truth)
+    assert info["missingness"]["report_only"] == sum(1 for r in rows if not r["image_present"])
+    # frontal views only: lateral images are never selected
+    import pydicom
+
+    for r in rows:
+        for p in r["image_paths"]:
+            assert pydicom.dcmread(p, stop_before_pixels=True).ViewPosition in ("PA", "AP")
+    # studies of one patient (report-only ones joined by the labels' PatientID) share a split
+    by_patient = {}
+    for r in rows:
+        assert by_patient.setdefault(r["patient_id"], r["split"]) == r["split"]
+    assert info["counts"]["studies_without_patient_id"] == 0
+    # labels carried through
+    key_map = {k: v for k, v in (line.split(",") for line in (tmp_path / "c/private/key_map.csv").read_text().split()[1:])}
+    y = {t["StudyInstanceUID"]: int(t["y_pneumonia"]) for t in truth}
+    assert all(r["label"] == y[key_map[r["study_id"]]] for r in rows)
+
+
+def test_no_identifier_in_cohort_json_or_csv_fields(small_export, tmp_path):
+    _build(small_export, tmp_path / "c")
+    ids = json.loads((tmp_path / "c/private/identifiers.json").read_text())
+    secrets = {v for values in ids.values() for v in values if len(v) >= 6}
+    assert any("^" in v for v in secrets) and ids["birth_date"] and ids["accession"]
+    blob = (tmp_path / "c/cohort.json").read_text()
+    csv_fields = "\n".join(
+        ",".join(v for k, v in r.items() if k != "image_paths") for r in _rows(tmp_path / "c/cohort.csv"))
+    for s in secrets:
+        assert s not in blob and s not in csv_fields
+
+
+def test_quarantine_names_everything_and_loses_nothing_else(small_export, tmp_path):
+    exp = tmp_path / "export"
+    shutil.copytree(small_export, exp)
+    bad = exp / "dicom" / "junk"
+    bad.mkdir()
+    (bad / "zero.dcm").write_bytes(b"")
+    (bad / "notes.dcm").write_text("not an image")
+    good = sorted((exp / "dicom").rglob("*.dcm"))
+    import pydicom
+
+    frontal = next(p for p in good if pydicom.dcmread(p, stop_before_pixels=True).get("ViewPosition") in ("PA", "AP"))
+    frontal.write_bytes(frontal.read_bytes()[:-500])  # truncated pixel data in a real study
+    labels = _rows(exp / "labels.csv")
+    dropped = labels.pop(5)  # a study with no label
+    labels.append({"StudyInstanceUID": "9.9.9", "PatientID": "X", "label": "1"})  # label with nothing to join
+    labels.append({**labels[0], "label": str(1 - int(labels[0]["label"]))})  # conflicting duplicate
+    with open(exp / "labels.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(labels[0]))
+        w.writeheader()
+        w.writerows(labels)
+    reports = _rows(exp / "reports.csv")
+    reports.append({"StudyInstanceUID": reports[1]["StudyInstanceUID"], "report": "FINDINGS: different text."})
+    with open(exp / "reports.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["StudyInstanceUID", "report"])
+        w.writeheader()
+        w.writerows(reports)
+
+    s = _build(exp, tmp_path / "c")
+    q = _rows(tmp_path / "c/quarantine.csv")
+    reasons = {(r["kind"], r["reason"].split(" (")[0].split(":")[0]) for r in q}
+    assert ("dicom", "empty file") in reasons
+    assert ("dicom", "not a DICOM file") in reasons
+    assert ("dicom", "truncated pixel data") in reasons
+    assert ("label", "conflicting duplicate label for this key") in reasons
+    assert ("label", "no image and no report for this StudyInstanceUID") in reasons
+    assert ("report", "conflicting duplicate report for this key") in reasons
+    assert any(r["source"] == str(frontal) for r in q)
+    # every labelled study other than the two set aside is still in the cohort
+    assert s.n_studies == 60 - 2, [r for r in q]
+    rows, info = read_cohort(tmp_path / "c")
+    assert info["counts"]["quarantined"] == len(q)
+    assert dropped["StudyInstanceUID"] not in (tmp_path / "c/private/key_map.csv").read_text()
+
+
+def test_fingerprint_changes_with_any_input_and_only_then(small_export, tmp_path):
+    exp = tmp_path / "export"
+    shutil.copytree(small_export, exp)
+    fp = lambda d: json.loads((d / "cohort.json").read_text())["fingerprint"]["sha256"]  # noqa: E731
+    _build(exp, tmp_path / "a")
+    _build(exp, tmp_path / "b")
+    assert fp(tmp_path / "a") == fp(tmp_path / "b")
+    f = sorted((exp / "dicom").rglob("*.dcm"))[0]
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 1  # one pixel bit
+    f.write_bytes(bytes(data))
+    _build(exp, tmp_path / "c")
+    assert fp(tmp_path / "c") != fp(tmp_path / "a")
+    (exp / "labels.csv").write_text((exp / "labels.csv").read_text().replace(",0\n", ",1\n", 1))
+    _build(exp, tmp_path / "d")
+    assert fp(tmp_path / "d") not in (fp(tmp_path / "a"), fp(tmp_path / "c"))
+
+
+def test_pseudonyms_stable_with_salt_and_splits_independent_of_it(small_export, tmp_path, monkeypatch):
+    monkeypatch.setenv("CLINFUSE_SALT", "one")
+    _build(small_export, tmp_path / "a")
+    _build(small_export, tmp_path / "b")
+    monkeypatch.setenv("CLINFUSE_SALT", "two")
+    _build(small_export, tmp_path / "c")
+    a, b, c = (read_cohort(tmp_path / x)[0] for x in "abc")
+    assert [r["study_id"] for r in a] == [r["study_id"] for r in b]
+    assert {r["study_id"] for r in a}.isdisjoint({r["study_id"] for r in c})
+    assert sorted(r["split"] for r in a) == sorted(r["split"] for r in c)
+
+
+def test_accession_key_multilabel_and_image_only(tmp_path):
+    exp = tmp_path / "e"
+    synthesize(exp, SynthSpec(studies=30, seed=1, size=40, task="multilabel", key="AccessionNumber"), progress=False)
+    cfg = config_from_dict({"cohort": {"key": "AccessionNumber",
+                                       "labels": {"task": "multilabel", "columns": ["pneumonia", "effusion", "nodule"]}}})
+    s = build_cohort(exp / "dicom", None, exp / "labels.csv", tmp_path / "c", cfg, progress=False)
+    rows, info = read_cohort(tmp_path / "c")
+    assert info["task"] == "multilabel" and set(info["splits"]["train"]["prevalence"]) == {"pneumonia", "effusion", "nodule"}
+    assert all(r["report_present"] is False for r in rows)
+    n_img = sum(1 for line in _rows(exp / "truth.csv") if line["has_image"] == "1")
+    assert s.n_studies == n_img  # labelled studies with no image and no report are set aside
+
+
+def test_wholly_unusable_inputs_stop_at_once(small_export, tmp_path):
+    with pytest.raises(CohortInputError, match="no DICOM found"):
+        build_cohort(tmp_path, None, small_export / "labels.csv", tmp_path / "c", progress=False)
+    with pytest.raises(CohortInputError, match="DICOM folder not found"):
+        build_cohort(tmp_path / "nope", None, small_export / "labels.csv", tmp_path / "c", progress=False)
+    cfg = config_from_dict({"cohort": {"key": "AccessionNumber"}})
+    with pytest.raises(CohortInputError, match="key column 'AccessionNumber' not found"):
+        _build(small_export, tmp_path / "c", cfg)
+    with pytest.raises(CohortInputError, match="not a cohort folder"):
+        read_cohort(tmp_path)

@@ -1,0 +1,77 @@
+"""The CLI called in-process as main([...])."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import pytest
+
+from clinfuse.cli import build_parser, main
+
+
+def test_help_lists_every_command_with_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in build_parser()._subparsers._group_actions[0].choices:
+        line = next(line for line in out.splitlines() if line.strip().startswith(cmd + " "))
+        assert len(line.split(None, 1)[1]) > 10
+    with pytest.raises(SystemExit):
+        main(["cohort", "--help"])
+    out = capsys.readouterr().out
+    assert "build" in out and "inspect" in out
+
+
+@pytest.mark.parametrize("argv", [["synth", "--help"], ["cohort", "build", "--help"], ["cohort", "inspect", "--help"]])
+def test_subcommand_help(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0 and "usage: clinfuse" in capsys.readouterr().out
+
+
+def test_synth_then_build_then_inspect(tmp_path, capsys):
+    exp, coh = tmp_path / "export", tmp_path / "cohort"
+    assert main(["synth", "--out", str(exp), "--studies", "40", "--size", "40", "--corrupt", "2", "--no-progress"]) == 0
+    assert "next: clinfuse cohort build" in capsys.readouterr().out
+    rc = main(["cohort", "build", "--dicom", str(exp / "dicom"), "--reports", str(exp / "reports.csv"),
+               "--labels", str(exp / "labels.csv"), "--out", str(coh), "--no-progress",
+               "--set", "cohort.split.seed=4"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "studies 40" in out and "set aside" in out and "empty file" in out
+    assert "seed: 4" in (coh / "config.yaml").read_text()
+    with open(coh / "cohort.csv") as f:
+        assert len(list(csv.DictReader(f))) == 40
+    assert main(["cohort", "inspect", str(coh)]) == 0
+    table = capsys.readouterr().out
+    assert "train" in table and "test" in table and "img only" in table
+
+
+def test_multiclass_next_command_runs(tmp_path, capsys):
+    exp = tmp_path / "e"
+    main(["synth", "--out", str(exp), "--studies", "30", "--size", "32", "--task", "multiclass", "--no-progress"])
+    nxt = capsys.readouterr().out.split("next: clinfuse ")[1].strip().replace("COHORT_DIR", str(tmp_path / "c"))
+    import shlex
+
+    assert main(shlex.split(nxt) + ["--no-progress"]) == 0
+    assert "classes=normal, pneumonia, effusion, nodule" in capsys.readouterr().out
+
+
+def test_errors_are_one_line_with_status_2(tmp_path, capsys):
+    (tmp_path / "labels.csv").write_text("id,label\n1,1\n")
+    rc = main(["cohort", "build", "--dicom", str(tmp_path), "--labels", str(tmp_path / "labels.csv"),
+               "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "key column 'StudyInstanceUID' not found" in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cohort:\n  colour: red\n")
+    rc = main(["cohort", "build", "--labels", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "c"),
+               "--config", str(bad)])
+    assert rc == 2 and "unknown key 'cohort.colour'" in capsys.readouterr().err
+
+
+def test_console_script_entry_point():
+    r = subprocess.run([sys.executable, "-m", "clinfuse.cli", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("clinfuse ")
