@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--labels-key", metavar="COL", help="key column name in the labels file (default: the key)")
     b.add_argument("--label-columns", metavar="COL[,COL...]", help="label column(s) (default: label)")
     b.add_argument("--task", choices=["binary", "multiclass", "multilabel"], help="kind of target (default: binary)")
+    b.add_argument("--classes", metavar="NAME[,NAME...]",
+                   help="class names: the allowed values for multiclass; negative,positive names for binary")
     b.add_argument("--out", metavar="DIR", required=True, help="output folder")
     _add_config_args(b)
 
@@ -95,9 +97,10 @@ def _cohort_build(args) -> int:
         v = getattr(args, flag)
         if v is not None:
             overrides.append(f"{key}={v}")
-    if args.label_columns:
-        cols = [c.strip() for c in args.label_columns.split(",") if c.strip()]
-        overrides.append(f"cohort.labels.columns={json.dumps(cols)}")
+    for flag, key in (("label_columns", "cohort.labels.columns"), ("classes", "cohort.labels.classes")):
+        v = getattr(args, flag)
+        if v:
+            overrides.append(f"{key}={json.dumps([c.strip() for c in v.split(',') if c.strip()])}")
     cfg = load_config(args.config, overrides)
     summary = build_cohort(args.dicom, args.reports, args.labels, args.out, cfg, progress=not args.no_progress)
     print(format_summary(summary.info))
@@ -148,7 +151,7 @@ def _synth(args) -> int:
     print(f"next: clinfuse cohort build --dicom {Path(args.out) / 'dicom'} --reports {Path(args.out) / 'reports.csv'} "
           f"--labels {Path(args.out) / 'labels.csv'} --key {args.key} --task {args.task}"
           + (f" --label-columns {','.join(s['label_columns'])}" if args.task == "multilabel" else "")
-          + (" --set 'cohort.labels.classes=" + json.dumps(s["classes"]) + "'" if args.task == "multiclass" else "")
+          + (f" --classes {','.join(s['classes'])}" if args.task == "multiclass" else "")
           + " --out COHORT_DIR")
     return 0
 

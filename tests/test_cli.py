@@ -57,6 +57,7 @@ def test_multiclass_next_command_runs(tmp_path, capsys):
 
     assert main(shlex.split(nxt) + ["--no-progress"]) == 0
     assert "classes=normal, pneumonia, effusion, nodule" in capsys.readouterr().out
+    assert "--classes normal,pneumonia,effusion,nodule" in nxt
 
 
 def test_errors_are_one_line_with_status_2(tmp_path, capsys):

@@ -67,6 +67,12 @@ def _floats(v, n: int) -> tuple[float, ...] | None:
 
 
 def _header_from(ds, path: str) -> DicomHeader:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's VR validation warnings; real problems are quarantined
+        return _header_fields(ds, path)
+
+
+def _header_fields(ds, path: str) -> DicomHeader:
     def s(kw: str) -> str:
         v = ds.get(kw)
         return str(v).strip() if v is not None else ""

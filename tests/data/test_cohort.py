@@ -179,3 +179,46 @@ def test_wholly_unusable_inputs_stop_at_once(small_export, tmp_path):
         _build(small_export, tmp_path / "c", cfg)
     with pytest.raises(CohortInputError, match="not a cohort folder"):
         read_cohort(tmp_path)
+
+
+@pytest.mark.shared
+def test_ct_series_becomes_one_3d_study(tmp_path):
+    from ..conftest import shared_dicom_dir
+
+    src = shared_dicom_dir() / "pydicom" / "series_pcir_CT2"
+    import pydicom
+
+    uid = pydicom.dcmread(next(src.iterdir()), stop_before_pixels=True).StudyInstanceUID
+    (tmp_path / "labels.csv").write_text(f"StudyInstanceUID,label\n{uid},1\n")
+    cfg = config_from_dict({"cohort": {"dicom": {"modalities": ["CT"]}, "split": {"train": 1.0, "val": 0.0, "test": 0.0}}})
+    build_cohort(src, None, tmp_path / "labels.csv", tmp_path / "c", cfg, progress=False)
+    rows, info = read_cohort(tmp_path / "c")
+    assert len(rows) == 1 and rows[0]["kind"] == "3d" and rows[0]["n_images"] == 4 and rows[0]["modality"] == "CT"
+    z = [float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]) for p in rows[0]["image_paths"]]
+    assert z == sorted(z)
+
+
+@pytest.mark.shared
+def test_shared_dicom_folder_builds_with_every_bad_file_named(tmp_path):
+    """The 40 real files as an 'export': nothing crashes; each unusable file is in quarantine.csv."""
+    from ..conftest import shared_dicom_dir
+
+    src = shared_dicom_dir()
+    import pydicom
+
+    uids = set()
+    for p in src.rglob("*"):
+        if p.is_file() and p.name != "index.csv":
+            try:
+                uids.add(pydicom.dcmread(p, stop_before_pixels=True, force=True).StudyInstanceUID)
+            except Exception:  # noqa: BLE001 - broken on purpose
+                pass
+    (tmp_path / "labels.csv").write_text("StudyInstanceUID,label\n" + "".join(f"{u},1\n" for u in sorted(uids)))
+    cfg = config_from_dict({"cohort": {"dicom": {"modalities": ["CR", "DX", "CT", "MR"]}}})
+    s = build_cohort(src, None, tmp_path / "labels.csv", tmp_path / "c", cfg, progress=False)
+    q = _rows(tmp_path / "c/quarantine.csv")
+    sources = {r["source"] for r in q}
+    assert str(src / "pydicom/MR_truncated.dcm") in sources
+    assert str(src / "pydicom/no_meta.dcm") in sources
+    assert s.n_studies >= 10
+    assert all(r["reason"] for r in q)
