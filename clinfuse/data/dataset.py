@@ -1,0 +1,206 @@
+"""The training dataset over cohort rows: the design's batch contract, MONAI transforms, caching.
+
+Each item is a dict:
+
+- ``image``: float32 ``[C, *image_size]`` in [0, 1]; zeros when the study has no image;
+- ``image_present``: bool;
+- ``input_ids``, ``attention_mask``: long ``[K, L]`` (K chunks); padding when there is no report;
+- ``text_present``: bool;
+- ``label``: float ``[n_outputs]`` (binary, multi-label) or long scalar (multi-class);
+- ``study_id``: str.
+
+Decoding and resizing happen once: the deterministic transforms are cached (in memory with MONAI's
+``CacheDataset``, or on disk with ``PersistentDataset``), so later epochs never decode DICOM again.
+Tokenisation is done once, in the constructor. Augmentation runs after the cache, with a random state
+derived from (seed, epoch, index): a run resumed mid-epoch sees the same augmentations.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import Config
+from .dicom import read_dicom
+from .studies import load_volume
+
+__all__ = ["StudyDataset", "label_tensor", "n_outputs_for", "output_names_for"]
+
+
+def n_outputs_for(info: dict) -> int:
+    """Number of model outputs for a cohort: 1 (binary), K labels (multi-label) or C classes."""
+    return 1 if info["task"] == "binary" else len(info["classes"] if info["task"] == "multiclass"
+                                                  else info["label_columns"])
+
+
+def output_names_for(info: dict) -> list[str]:
+    if info["task"] == "binary":
+        return [info["classes"][1]]
+    return list(info["classes"] if info["task"] == "multiclass" else info["label_columns"])
+
+
+def label_tensor(rows: list[dict], info: dict) -> torch.Tensor:
+    """Labels of `rows`: ``[N, K]`` float (binary, multi-label) or ``[N]`` long (multi-class)."""
+    cols = info["label_columns"]
+    if info["task"] == "multiclass":
+        return torch.tensor([int(r[cols[0]]) for r in rows], dtype=torch.long)
+    return torch.tensor([[float(r[c]) for c in cols] for r in rows], dtype=torch.float32)
+
+
+class _LoadStudyImage:
+    """MONAI-style dict transform: read the study's image (2D: first chosen view; 3D: the volume)."""
+
+    def __init__(self, cfg: Config):
+        self.dicom = cfg.cohort.dicom
+        self.channels = cfg.model.image.in_channels
+        self.spatial_dims = cfg.model.image.spatial_dims
+
+    def __call__(self, item: dict) -> dict:
+        item = dict(item)
+        if not item["image_present"]:
+            item["image"] = None
+            return item
+        window = (self.dicom.window_center, self.dicom.window_width) if self.dicom.voi == "window" else None
+        paths = item["image_paths"]
+        if self.spatial_dims == 3:
+            from .studies import DicomHeader  # noqa: F401  (volumes need their headers)
+
+            vol, _ = _volume_from_paths(paths, self.dicom)
+            arr = vol[None]  # [1, Z, H, W]
+        else:
+            px = read_dicom(paths[0], voi=self.dicom.voi, window=window, channels=self.channels).pixels[0]
+            arr = px[None] if px.ndim == 2 else np.moveaxis(px, -1, 0)  # [C, H, W]
+        item["image"] = np.ascontiguousarray(arr, dtype=np.float32)
+        return item
+
+
+def _volume_from_paths(paths: list[str], dicom_cfg):
+    import pydicom
+
+    from .studies import _header_from
+
+    headers = [_header_from(pydicom.dcmread(p, stop_before_pixels=True, force=True), p) for p in paths]
+    return load_volume(headers, dicom_cfg)  # paths are already in slice order (cohort build sorted them)
+
+
+class StudyDataset(torch.utils.data.Dataset):
+    """Cohort rows of one split as tensors (see the module doc for the item layout).
+
+    Args:
+        rows: cohort rows (from ``read_cohort``).
+        info: ``cohort.json`` content.
+        cfg: the configuration (data, model.image, model.text, cohort.dicom).
+        tokenizer: the text encoder's tokenizer (None for image-only models).
+        train: apply augmentation.
+        cache_dir: folder for the disk cache (``data.cache='disk'``).
+        seed: base seed of the augmentation.
+        progress: show a progress bar while filling the cache.
+    """
+
+    def __init__(self, rows: list[dict], info: dict, cfg: Config, tokenizer=None, train: bool = False,
+                 cache_dir: str | Path | None = None, seed: int = 0, progress: bool = False):
+        from monai.data import CacheDataset, Dataset, PersistentDataset
+        from monai.transforms import Compose
+
+        from ..models.text import tokenize_reports
+
+        self.rows, self.info, self.cfg = rows, info, cfg
+        self.train, self.seed, self.epoch = train, seed, 0
+        self.labels = label_tensor(rows, info)
+        tcfg = cfg.model.text
+        texts = [r["report"] if r["report_present"] else "" for r in rows]
+        if tokenizer is not None:
+            self.input_ids, self.attention_mask = tokenize_reports(tokenizer, texts, tcfg)
+        else:
+            k = 1 if tcfg.long_text == "truncate" else tcfg.max_chunks
+            self.input_ids = torch.zeros(len(rows), k, tcfg.max_length, dtype=torch.long)
+            self.attention_mask = torch.zeros_like(self.input_ids)
+        self.text_present = torch.tensor([bool(r["report_present"]) and bool(t.strip()) for r, t in zip(rows, texts)])
+        self.image_present = torch.tensor([bool(r["image_present"]) for r in rows])
+        self.image_shape = (cfg.model.image.in_channels, *cfg.data.image_size)
+
+        det = Compose([_LoadStudyImage(cfg), _ScaleResize(cfg)])
+        items = [{"image_paths": r["image_paths"], "image_present": bool(r["image_present"])} for r in rows]
+        mode = cfg.data.cache
+        if mode == "memory":
+            self.base = CacheDataset(items, transform=det, cache_rate=1.0, num_workers=0, progress=progress,
+                                     copy_cache=False)
+        elif mode == "disk":
+            if cache_dir is None:
+                raise ValueError("data.cache='disk' needs a cache folder")
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            self.base = PersistentDataset(items, transform=det, cache_dir=str(cache_dir))
+        else:
+            self.base = Dataset(items, transform=det)
+        self.augment = _Augment(cfg) if train and cfg.data.augment else None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        cached = self.base[i]
+        img = cached["image"]
+        if img is None:
+            image = torch.zeros(self.image_shape, dtype=torch.float32)
+        else:
+            image = torch.as_tensor(img, dtype=torch.float32)
+            if self.augment is not None:
+                image = self.augment(image, seed=(self.seed * 1_000_003 + self.epoch * 100_003 + i) % (2**32))
+        label = self.labels[i]
+        return {
+            "image": image,
+            "image_present": self.image_present[i],
+            "input_ids": self.input_ids[i],
+            "attention_mask": self.attention_mask[i],
+            "text_present": self.text_present[i],
+            "label": label,
+            "study_id": self.rows[i]["study_id"],
+        }
+
+
+class _ScaleResize:
+    """Intensity scaling to [0, 1] and resizing (the cached, deterministic part)."""
+
+    def __init__(self, cfg: Config):
+        from monai.transforms import Resize, ScaleIntensity, ScaleIntensityRangePercentiles
+
+        self.scale = (ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True)
+                      if cfg.data.intensity == "percentile" else ScaleIntensity(minv=0.0, maxv=1.0))
+        self.resize = Resize(spatial_size=tuple(cfg.data.image_size), mode="area")
+
+    def __call__(self, item: dict) -> dict:
+        if item.get("image") is None:
+            return item
+        x = torch.as_tensor(item["image"])
+        x = self.resize(self.scale(x))
+        item["image"] = x.as_tensor().numpy() if hasattr(x, "as_tensor") else np.asarray(x)
+        return item
+
+
+class _Augment:
+    """Random affine, contrast and noise with an explicit seed per call."""
+
+    def __init__(self, cfg: Config):
+        from monai.transforms import Compose, RandAdjustContrast, RandAffine, RandGaussianNoise
+
+        d = cfg.data
+        nd = cfg.model.image.spatial_dims
+        rot = math.radians(d.rotate_degrees)
+        self.t = Compose([
+            RandAffine(prob=0.8, rotate_range=(rot,) if nd == 2 else (rot, rot, rot),
+                       scale_range=(d.scale,) * nd, padding_mode="zeros", mode="bilinear"),
+            RandAdjustContrast(prob=0.3, gamma=(0.8, 1.25)),
+            RandGaussianNoise(prob=0.3, std=d.noise_std),
+        ])
+
+    def __call__(self, image: torch.Tensor, seed: int) -> torch.Tensor:
+        self.t.set_random_state(seed=seed)
+        out = self.t(image)
+        out = out.as_tensor() if hasattr(out, "as_tensor") else out
+        return out.clamp(0, 1).float()

@@ -1,0 +1,160 @@
+"""The full model: image encoder + text encoder + fusion + head; building, saving and loading.
+
+``build_model(cfg, n_outputs, text_hf_config)`` builds the architecture (never touches the network).
+``save_model`` writes ``model.safetensors`` + ``model.json`` (the resolved config, label names,
+thresholds, input size) + ``text/`` (the text encoder's Hugging Face config and tokenizer), so that
+``load_model(dir)`` rebuilds the model without the YAML and without network access.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..config import Config
+from .fusion import FUSIONS, _presence_weights, pattern_index
+from .image import ImageEncoder
+from .text import TextEncoder
+
+__all__ = ["FusionModel", "build_model", "save_model", "load_model", "MODEL_FORMAT"]
+
+MODEL_FORMAT = "clinfuse-model/1"
+
+
+class FusionModel(nn.Module):
+    """Image + report -> logits and per-modality weights.
+
+    Forward inputs follow the batch contract (``../shared/DESIGN.md``): ``image [B, C, *spatial]``,
+    ``image_present [B]``, ``input_ids``/``attention_mask [B, K, L]``, ``text_present [B]``.
+    Returns ``{"logits": [B, n_outputs], "modality_weights": [B, 2]}``.
+    """
+
+    def __init__(self, cfg: Config, n_outputs: int, text_hf_config):
+        super().__init__()
+        f = cfg.model.fusion
+        self.kind = f.kind
+        self.modality_dropout = f.modality_dropout
+        self.n_outputs = n_outputs
+        self.dim = d = f.dim
+        self.image_encoder = ImageEncoder(cfg.model.image, d, tuple(cfg.data.image_size)) \
+            if f.kind != "text_only" else None
+        self.text_encoder = TextEncoder(cfg.model.text, d, text_hf_config) if f.kind != "image_only" else None
+        if f.kind in FUSIONS:
+            self.fusion = FUSIONS[f.kind](f)
+            self.head = nn.Sequential(nn.Dropout(f.dropout), nn.Linear(d, n_outputs))
+        else:  # mean_logits, image_only, text_only: one head per modality + a prior for rows with none
+            self.heads = nn.ModuleList([nn.Sequential(nn.Dropout(f.dropout), nn.Linear(d, n_outputs))
+                                        for _ in range(2)])
+            self.prior = nn.Parameter(torch.zeros(n_outputs))
+
+    def _hide_modalities(self, present: torch.Tensor) -> torch.Tensor:
+        """Modality dropout: hide one of two present modalities at the configured rate (training only)."""
+        if not self.training or self.modality_dropout <= 0:
+            return present
+        both = present.all(1)
+        drop = both & (torch.rand(present.shape[0], device=present.device) < self.modality_dropout)
+        which = torch.randint(0, 2, (present.shape[0],), device=present.device)
+        hide = torch.stack([drop & (which == 0), drop & (which == 1)], dim=1)
+        return present & ~hide
+
+    def encode(self, image, image_present, input_ids, attention_mask, text_present, inputs_embeds=None):
+        """Per-modality features ``[B, 2, d]`` and presence ``[B, 2]`` (encoders run on present rows only)."""
+        present = torch.stack([image_present.bool(), text_present.bool()], dim=1)
+        if self.kind == "image_only":
+            present = present & torch.tensor([True, False], device=present.device)
+        elif self.kind == "text_only":
+            present = present & torch.tensor([False, True], device=present.device)
+        present = self._hide_modalities(present)
+        b = present.shape[0]
+        feats = []
+        for m, enc in enumerate((self.image_encoder, self.text_encoder)):
+            out = None
+            rows = present[:, m]
+            if enc is not None and rows.any():
+                if m == 0:
+                    sel = image[rows]
+                    val = enc(sel)
+                else:
+                    emb = inputs_embeds[rows] if inputs_embeds is not None else None
+                    val = enc(input_ids[rows], attention_mask[rows], inputs_embeds=emb)
+                out = torch.zeros(b, val.shape[-1], dtype=val.dtype, device=val.device)
+                out = out.index_put((rows.nonzero(as_tuple=True)[0],), val)
+            feats.append(out)
+        ref = next((x for x in feats if x is not None), None)
+        if ref is None:
+            ref = torch.zeros(b, self.dim, device=present.device)
+        feats = [x if x is not None else torch.zeros_like(ref) for x in feats]
+        return torch.stack(feats, dim=1), present  # [B, 2, d] one token per modality
+
+    def forward(self, image, image_present, input_ids, attention_mask, text_present, inputs_embeds=None):
+        feats, present = self.encode(image, image_present, input_ids, attention_mask, text_present, inputs_embeds)
+        if self.kind in FUSIONS:
+            fused, weights = self.fusion(feats, present)
+            logits = self.head(fused)
+        else:
+            per = torch.stack([self.heads[m](feats[:, m]) for m in range(2)], dim=1)  # [B, 2, C]
+            weights = _presence_weights(present)
+            logits = (per * weights[..., None]).sum(1)
+            none = ~present.any(1)
+            logits = torch.where(none[:, None], self.prior.expand_as(logits), logits)
+        return {"logits": logits, "modality_weights": weights}
+
+
+def build_model(cfg: Config, n_outputs: int, text_hf_config) -> FusionModel:
+    """Build the architecture from the config (no weights are read, nothing is downloaded)."""
+    return FusionModel(cfg, n_outputs, text_hf_config)
+
+
+def save_model(model: FusionModel, out_dir: str | Path, meta: dict, tokenizer, text_hf_config) -> Path:
+    """Write ``model.safetensors``, ``model.json`` and ``text/`` to `out_dir`. Returns the folder."""
+    from safetensors.torch import save_model as st_save
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    st_save(_unwrap(model), str(out / "model.safetensors"))
+    full = {"format": MODEL_FORMAT, "clinfuse_version": __version__, **meta}
+    (out / "model.json").write_text(json.dumps(full, indent=2))
+    text_dir = out / "text"
+    text_dir.mkdir(exist_ok=True)
+    if text_hf_config is not None:
+        text_hf_config.save_pretrained(text_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(text_dir)
+    return out
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def load_model(model_dir: str | Path, map_location: str = "cpu") -> tuple[FusionModel, dict, object]:
+    """Rebuild a saved model from its folder (no YAML, no network, no code execution).
+
+    Returns:
+        (model in eval mode, meta from model.json, tokenizer or None)
+
+    Raises:
+        ValueError: the folder is not a clinfuse model.
+    """
+    from safetensors.torch import load_model as st_load
+    from transformers import AutoConfig, AutoTokenizer
+
+    d = Path(model_dir)
+    if not (d / "model.json").is_file() or not (d / "model.safetensors").is_file():
+        raise ValueError(f"{d}: not a clinfuse model folder (needs model.json and model.safetensors)")
+    meta = json.loads((d / "model.json").read_text())
+    if meta.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{d}/model.json: format {meta.get('format')!r}, expected {MODEL_FORMAT!r}")
+    cfg = Config.model_validate(meta["config"])
+    text_cfg, tokenizer = None, None
+    if (d / "text" / "config.json").is_file():
+        text_cfg = AutoConfig.from_pretrained(d / "text", local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(d / "text", local_files_only=True)
+    model = build_model(cfg, len(meta["output_names"]), text_cfg)
+    st_load(model, str(d / "model.safetensors"), device=map_location)
+    model.eval()
+    return model, meta, tokenizer

@@ -1,0 +1,1 @@
+"""Training stage: losses for class imbalance, sampling, the trainer loop, checkpoints, distributed."""
