@@ -1,0 +1,167 @@
+"""Shapes, masks and gradients for every fusion kind and every missingness pattern."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from clinfuse.config import config_from_dict
+from clinfuse.models.fusion import AttentionFusion
+from clinfuse.models.image import ImageEncoder, list_image_encoders
+from clinfuse.models.model import build_model, load_model, save_model
+from clinfuse.models.text import build_tiny_tokenizer, tiny_bert_config, tokenize_reports
+from clinfuse.config import FusionConfig, ImageEncoderConfig, IMAGE_ENCODER_NAMES, FUSION_KINDS
+
+CORPUS = ["INDICATION: cough. FINDINGS: clear lungs.", "INDICATION: fever, concern for pneumonia.",
+          "FINDINGS: small effusion. IMPRESSION: effusion."]
+PATTERNS = [(1, 1), (1, 0), (0, 1), (0, 0)]
+
+
+def _cfg(kind="attention", **fusion):
+    return config_from_dict({"data": {"image_size": [32, 32]},
+                             "model": {"image": {"name": "densenet_tiny"}, "text": {"name_or_path": "tiny", "max_length": 16},
+                                       "fusion": {"dim": 16, "heads": 2, "kind": kind, **fusion}}})
+
+
+def _batch(n=4, patterns=PATTERNS):
+    tok = build_tiny_tokenizer(CORPUS)
+    ids, mask = tokenize_reports(tok, [CORPUS[i % 3] for i in range(n)], _cfg().model.text)
+    ip = torch.tensor([patterns[i % len(patterns)][0] for i in range(n)]).bool()
+    tp = torch.tensor([patterns[i % len(patterns)][1] for i in range(n)]).bool()
+    return tok, (torch.randn(n, 1, 32, 32), ip, ids, mask, tp)
+
+
+def _model(kind="attention", n_out=3, **fusion):
+    tok = build_tiny_tokenizer(CORPUS)
+    torch.manual_seed(0)
+    return build_model(_cfg(kind, **fusion), n_out, tiny_bert_config(len(tok)))
+
+
+def test_registry_matches_config_literal():
+    assert sorted(list_image_encoders()) == sorted(IMAGE_ENCODER_NAMES)
+
+
+@pytest.mark.parametrize("kind", FUSION_KINDS)
+@pytest.mark.parametrize("train", [False, True])
+def test_shapes_and_weights_for_every_kind_and_pattern(kind, train):
+    m = _model(kind)
+    m.train(train)
+    _, b = _batch(8)
+    out = m(*b)
+    assert out["logits"].shape == (8, 3) and out["modality_weights"].shape == (8, 2)
+    assert torch.isfinite(out["logits"]).all() and torch.isfinite(out["modality_weights"]).all()
+    w, ip, tp = out["modality_weights"], b[1], b[4]
+    if kind == "image_only":
+        tp = torch.zeros_like(tp)
+    if kind == "text_only":
+        ip = torch.zeros_like(ip)
+    assert (w[~ip, 0] == 0).all() and (w[~tp, 1] == 0).all(), "an absent modality gets exactly zero weight"
+    present_any = ip | tp
+    torch.testing.assert_close(w[present_any].sum(1), torch.ones(int(present_any.sum())))
+
+
+def test_absent_modality_content_cannot_change_the_output():
+    m = _model().eval()
+    _, (img, ip, ids, mask, tp) = _batch(4, [(0, 1)])
+    a = m(img, ip, ids, mask, tp)["logits"]
+    b = m(torch.randn_like(img) * 100, ip, ids, mask, tp)["logits"]
+    torch.testing.assert_close(a, b)
+
+
+def test_attention_fusion_all_absent_row_is_finite_and_zero_in_train_mode():
+    f = AttentionFusion(FusionConfig(dim=8, heads=2, missing="none")).train()
+    fused, w = f(torch.randn(3, 2, 8), torch.tensor([[0, 0], [1, 0], [1, 1]]).bool())
+    assert torch.isfinite(fused).all()
+    assert (fused[0] == 0).all() and (w[0] == 0).all()
+    assert w[1].tolist() == [1.0, 0.0]
+
+
+def test_learned_missing_embedding_distinguishes_patterns():
+    f = AttentionFusion(FusionConfig(dim=8, heads=2, missing="learned")).eval()
+    with torch.no_grad():
+        f.missing.weight.copy_(torch.arange(32, dtype=torch.float32).reshape(4, 8))
+    fused, _ = f(torch.zeros(2, 2, 8), torch.tensor([[0, 0], [0, 0]]).bool())
+    torch.testing.assert_close(fused[0], f.missing.weight[0])
+
+
+def test_gradient_reaches_both_encoders():
+    m = _model().train()
+    _, b = _batch(4, [(1, 1)])
+    m(*b)["logits"].sum().backward()
+    img_grad = sum(p.grad.abs().sum() for p in m.image_encoder.parameters() if p.grad is not None)
+    txt_grad = sum(p.grad.abs().sum() for p in m.text_encoder.bert.parameters() if p.grad is not None)
+    assert img_grad > 0 and txt_grad > 0
+
+
+def test_modality_dropout_hides_one_of_two_in_training_only():
+    m = _model(modality_dropout=0.99)
+    present = torch.ones(200, 2, dtype=torch.bool)
+    m.train()
+    hidden = m._hide_modalities(present)
+    assert (hidden.sum(1) == 1).float().mean() > 0.9 and hidden.any(1).all()
+    m.eval()
+    assert m._hide_modalities(present).all()
+
+
+def test_freeze_layers():
+    cfg = config_from_dict({"data": {"image_size": [32, 32]},
+                            "model": {"image": {"name": "densenet_tiny"},
+                                      "text": {"name_or_path": "tiny", "freeze_layers": 1}}})
+    tok = build_tiny_tokenizer(CORPUS)
+    m = build_model(cfg, 1, tiny_bert_config(len(tok)))
+    layers = m.text_encoder.bert.encoder.layer
+    assert not any(p.requires_grad for p in layers[0].parameters())
+    assert all(p.requires_grad for p in layers[1].parameters())
+    assert not m.text_encoder.bert.get_input_embeddings().weight.requires_grad
+
+
+def test_long_reports_are_chunked_and_pooled():
+    tok = build_tiny_tokenizer(CORPUS)
+    cfg = config_from_dict({"model": {"text": {"name_or_path": "tiny", "max_length": 8, "long_text": "chunks",
+                                               "max_chunks": 3}}}).model.text
+    ids, mask = tokenize_reports(tok, [" ".join(CORPUS), "", "cough."], cfg)
+    assert ids.shape == (3, 3, 8)
+    assert mask[0, :, 0].tolist() == [1, 1, 1] and mask[1].sum() == 0 and mask[2, :, 0].tolist() == [1, 0, 0]
+    assert (ids[0, :, 0] == tok.cls_token_id).all()
+
+
+@pytest.mark.parametrize("name", ["densenet_tiny", "resnet10", "efficientnet-b0", "vit", "densenet121", "resnet18"])
+def test_image_encoders_2d(name):
+    enc = ImageEncoder(ImageEncoderConfig(name=name), 16, (64, 64)).eval()
+    assert enc(torch.randn(2, 1, 64, 64)).shape == (2, 16)
+
+
+@pytest.mark.parametrize("name", ["densenet_tiny", "resnet10"])
+def test_image_encoders_3d(name):
+    enc = ImageEncoder(ImageEncoderConfig(name=name, spatial_dims=3), 16, (16, 32, 32)).eval()
+    assert enc(torch.randn(2, 1, 16, 32, 32)).shape == (2, 16)
+
+
+def test_local_image_weights_round_trip(tmp_path):
+    from safetensors.torch import save_file
+
+    a = ImageEncoder(ImageEncoderConfig(name="densenet_tiny"), 16, (32, 32))
+    save_file({k: v.contiguous() for k, v in a.net.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    b = ImageEncoder(ImageEncoderConfig(name="densenet_tiny"), 16, (32, 32))
+    assert b.load_local_weights(tmp_path / "w.safetensors") == []
+    x = torch.randn(1, 1, 32, 32)
+    torch.testing.assert_close(a.eval()(x), b.eval()(x))
+    with pytest.raises(FileNotFoundError):
+        b.load_local_weights(tmp_path / "missing.pt")
+
+
+def test_save_and_load_gives_identical_predictions(tmp_path):
+    tok = build_tiny_tokenizer(CORPUS)
+    hf = tiny_bert_config(len(tok))
+    cfg = _cfg()
+    m = build_model(cfg, 3, hf).eval()
+    meta = {"config": cfg.model_dump(mode="json"), "output_names": ["a", "b", "c"], "task": "multilabel"}
+    save_model(m, tmp_path / "m", meta, tok, hf)
+    m2, meta2, tok2 = load_model(tmp_path / "m")
+    _, b = _batch(4)
+    torch.testing.assert_close(m(*b)["logits"], m2(*b)["logits"])
+    assert tok2.tokenize("clear lungs") == tok.tokenize("clear lungs")
+    with pytest.raises(ValueError, match="not a clinfuse model"):
+        load_model(tmp_path)

@@ -1,0 +1,121 @@
+"""The trainer on synthetic cohorts: learning, overfitting, resume, distributed, checks before work."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from clinfuse.config import config_from_dict, load_config
+from clinfuse.data.cohort import build_cohort
+from clinfuse.data.synth import SynthSpec, synthesize
+from clinfuse.models.model import load_model
+from clinfuse.training.trainer import TrainingError, train
+
+from ..conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    synthesize(d / "export", SynthSpec(studies=120, seed=11, size=48, lateral=0), progress=False)
+    build_cohort(d / "export/dicom", d / "export/reports.csv", d / "export/labels.csv", d / "cohort", progress=False)
+    return d / "cohort"
+
+
+def _cfg(**train):
+    base = load_config(REPO / "configs" / "tiny.yaml")
+    data = base.model_dump(mode="json")
+    data["data"]["image_size"] = [32, 32]
+    data["train"].update({"epochs": 2, "batch_size": 8, **train})
+    return config_from_dict(data)
+
+
+def _weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "last" / "model.safetensors"))
+
+
+def test_overfits_32_studies(tmp_path):
+    d = tmp_path
+    synthesize(d / "e", SynthSpec(studies=32, seed=4, size=32, lateral=0, missing_image=0, missing_report=0,
+                                  prevalence=0.5), progress=False)
+    cfg = config_from_dict({"cohort": {"split": {"train": 1.0, "val": 0.0, "test": 0.0}}})
+    build_cohort(d / "e/dicom", d / "e/reports.csv", d / "e/labels.csv", d / "c", cfg, progress=False)
+    c = _cfg(epochs=60, batch_size=32, lr_head=1e-2, lr_image=1e-2, lr_text=1e-2, warmup=0.0, grad_clip=0)
+    data = c.model_dump(mode="json")
+    data["data"]["augment"] = False
+    data["model"]["fusion"]["modality_dropout"] = 0.0
+    data["model"]["fusion"]["dropout"] = 0.0
+    data["loss"]["class_weights"] = "none"
+    r = train(d / "c", config_from_dict(data), d / "run", progress=False)
+    losses = [h["train_loss"] for h in r.history]
+    assert losses[-1] < 0.1 * losses[0], losses[::10]
+
+
+def test_trains_saves_and_reloads(cohort, tmp_path):
+    r = train(cohort, _cfg(), tmp_path / "run", progress=False)
+    assert r.epochs_done == 2 and (tmp_path / "run/best/model.safetensors").is_file()
+    lines = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [1, 2] and all("val_auroc" in x and "lr_text" in x for x in lines)
+    model, meta, tok = load_model(tmp_path / "run/best")
+    assert meta["output_names"] == ["positive"] and meta["task"] == "binary" and tok is not None
+    # the state file loads without running code
+    st = torch.load(tmp_path / "run/state.pt", weights_only=True)
+    assert st["epoch"] == 2 and st["batch"] == 0
+
+
+def test_resume_after_interruption_mid_epoch_matches_uninterrupted(cohort, tmp_path):
+    cfg = _cfg(epochs=2)
+    full = train(cohort, cfg, tmp_path / "a", progress=False)
+    steps_per_epoch = full.global_step // 2
+    cut = steps_per_epoch + 2  # in the middle of the second epoch
+    part = train(cohort, cfg, tmp_path / "b", max_steps=cut, progress=False)
+    assert part.interrupted and part.global_step == cut
+    done = train(cohort, cfg, tmp_path / "b", resume=True, progress=False)
+    assert done.global_step == full.global_step
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_nothing_to_resume_and_3d_mismatch_fail_before_work(cohort, tmp_path):
+    with pytest.raises(TrainingError, match="nothing to resume"):
+        train(cohort, _cfg(), tmp_path / "x", resume=True, progress=False)
+    data = _cfg().model_dump(mode="json")
+    data["data"]["image_size"] = [8, 32, 32]
+    data["model"]["image"]["spatial_dims"] = 3
+    with pytest.raises(TrainingError, match="2D images but model.image.spatial_dims is 3"):
+        train(cohort, config_from_dict(data), tmp_path / "y", progress=False)
+
+
+@pytest.mark.parametrize("kind", ["concat", "mean_logits", "image_only", "text_only"])
+def test_baselines_train(cohort, tmp_path, kind):
+    data = _cfg(epochs=1).model_dump(mode="json")
+    data["model"]["fusion"]["kind"] = kind
+    r = train(cohort, config_from_dict(data), tmp_path / kind, progress=False)
+    assert r.epochs_done == 1 and (tmp_path / kind / "last/model.json").is_file()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_gloo_identical_weights(cohort, tmp_path):
+    cfg_file = tmp_path / "cfg.yaml"
+    from clinfuse.config import dump_config
+
+    cfg_file.write_text(dump_config(_cfg(epochs=1)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
+           "--rdzv_endpoint", "localhost:0", "-m", "clinfuse.cli", "train", "--cohort", str(cohort),
+           "--config", str(cfg_file), "--out", str(tmp_path / "ddp"), "--no-progress"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    check = json.loads((tmp_path / "ddp/ddp_check.json").read_text())
+    assert len(check["checksums"]) == 2 and check["max_abs_diff"] == 0.0
+    assert json.loads((tmp_path / "ddp/params.json").read_text())["world_size"] == 2
+    assert (tmp_path / "ddp/last/model.safetensors").is_file()
