@@ -76,3 +76,23 @@ def test_errors_are_one_line_with_status_2(tmp_path, capsys):
 def test_console_script_entry_point():
     r = subprocess.run([sys.executable, "-m", "clinfuse.cli", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("clinfuse ")
+
+
+def test_train_command_and_resume_flag(tmp_path, capsys):
+    from pathlib import Path
+
+    exp, coh, run = tmp_path / "e", tmp_path / "c", tmp_path / "run"
+    main(["synth", "--out", str(exp), "--studies", "40", "--size", "32", "--no-progress"])
+    main(["cohort", "build", "--dicom", str(exp / "dicom"), "--reports", str(exp / "reports.csv"),
+          "--labels", str(exp / "labels.csv"), "--out", str(coh), "--no-progress"])
+    capsys.readouterr()
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    common = ["train", "--cohort", str(coh), "--config", tiny, "--out", str(run), "--no-progress",
+              "--set", "data.image_size=[32, 32]", "--set", "train.epochs=2", "--set", "train.batch_size=8"]
+    assert main(common + ["--max-steps", "3"]) == 0
+    assert "interrupted (resume with --resume)" in capsys.readouterr().out
+    assert main(common + ["--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "epoch   2" in out and "finished" in out and "val_auroc" in out
+    rc = main(["train", "--cohort", str(tmp_path / "nope"), "--out", str(run), "--no-progress"])
+    assert rc == 2 and "not a cohort folder" in capsys.readouterr().err

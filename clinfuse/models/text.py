@@ -45,6 +45,24 @@ def resolve_text_source(name_or_path: str) -> str:
     return name_or_path
 
 
+class _explain_unavailable:
+    """Turn the hub's OSError into a one-line ValueError that says what to do."""
+
+    def __init__(self, src: str):
+        self.src = src
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, etype, exc, tb):
+        if etype is not None and issubclass(etype, OSError):
+            raise ValueError(
+                f"text encoder '{self.src}' is not available here (no local folder of that name and no hub "
+                "access or cached copy): download it once where the hub is reachable, or set "
+                "model.text.name_or_path to a local folder, 'minilm' (the offline package) or 'tiny'") from None
+        return False
+
+
 def _offline(cfg: TextEncoderConfig) -> bool:
     return cfg.local_files_only or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false")
 
@@ -81,7 +99,8 @@ def load_tokenizer(cfg: TextEncoderConfig, corpus: list[str] | None = None):
         return build_tiny_tokenizer(corpus)
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(src, local_files_only=_offline(cfg))
+    with _explain_unavailable(src):
+        return AutoTokenizer.from_pretrained(src, local_files_only=_offline(cfg))
 
 
 def text_config_for(cfg: TextEncoderConfig, tokenizer):
@@ -92,7 +111,8 @@ def text_config_for(cfg: TextEncoderConfig, tokenizer):
         return tiny_bert_config(len(tokenizer))
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(src, local_files_only=_offline(cfg))
+    with _explain_unavailable(src):
+        return AutoConfig.from_pretrained(src, local_files_only=_offline(cfg))
 
 
 class TextEncoder(nn.Module):
@@ -164,7 +184,8 @@ def load_pretrained_text_weights(encoder: TextEncoder, cfg: TextEncoderConfig) -
     from transformers import AutoModel
 
     kwargs = {"add_pooling_layer": False} if encoder.bert.config.model_type == "bert" else {}
-    pre = AutoModel.from_pretrained(src, local_files_only=_offline(cfg), **kwargs)
+    with _explain_unavailable(src):
+        pre = AutoModel.from_pretrained(src, local_files_only=_offline(cfg), **kwargs)
     missing, unexpected = encoder.bert.load_state_dict(pre.state_dict(), strict=False)
     if missing:
         raise ValueError(f"{src}: pretrained weights lack {len(missing)} parameters (e.g. {missing[:3]})")
