@@ -9,15 +9,16 @@ Each item is a dict:
 - ``label``: float ``[n_outputs]`` (binary, multi-label) or long scalar (multi-class);
 - ``study_id``: str.
 
-Decoding and resizing happen once: the deterministic transforms are cached (in memory with MONAI's
-``CacheDataset``, or on disk with ``PersistentDataset``), so later epochs never decode DICOM again.
-Tokenisation is done once, in the constructor. Augmentation runs after the cache, with a random state
-derived from (seed, epoch, index): a run resumed mid-epoch sees the same augmentations.
+- ``index``: the position in the dataset (seeds the batch augmentation).
+
+Decoding, intensity scaling and resizing (MONAI transforms) happen once: they are cached in memory
+(MONAI's ``CacheDataset``) or on disk (``PersistentDataset``), so later epochs never decode DICOM
+again. Tokenisation is done once, in the constructor. Training augmentation is not done here but on
+whole batches on the training device (:mod:`clinfuse.data.augment`).
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -50,8 +51,15 @@ def label_tensor(rows: list[dict], info: dict) -> torch.Tensor:
     return torch.tensor([[float(r[c]) for c in cols] for r in rows], dtype=torch.float32)
 
 
-class _LoadStudyImage:
-    """MONAI-style dict transform: read the study's image (2D: first chosen view; 3D: the volume)."""
+def _transform_base():
+    # MONAI's CacheDataset caches only up to the first object that is not a monai Transform.
+    from monai.transforms import Transform
+
+    return Transform
+
+
+class _LoadStudyImage(_transform_base()):
+    """Dict transform: read the study's image (2D: first chosen view; 3D: the volume)."""
 
     def __init__(self, cfg: Config):
         self.dicom = cfg.cohort.dicom
@@ -94,21 +102,18 @@ class StudyDataset(torch.utils.data.Dataset):
         info: ``cohort.json`` content.
         cfg: the configuration (data, model.image, model.text, cohort.dicom).
         tokenizer: the text encoder's tokenizer (None for image-only models).
-        train: apply augmentation.
         cache_dir: folder for the disk cache (``data.cache='disk'``).
-        seed: base seed of the augmentation.
         progress: show a progress bar while filling the cache.
     """
 
-    def __init__(self, rows: list[dict], info: dict, cfg: Config, tokenizer=None, train: bool = False,
-                 cache_dir: str | Path | None = None, seed: int = 0, progress: bool = False):
+    def __init__(self, rows: list[dict], info: dict, cfg: Config, tokenizer=None,
+                 cache_dir: str | Path | None = None, progress: bool = False):
         from monai.data import CacheDataset, Dataset, PersistentDataset
         from monai.transforms import Compose
 
         from ..models.text import tokenize_reports
 
         self.rows, self.info, self.cfg = rows, info, cfg
-        self.train, self.seed, self.epoch = train, seed, 0
         self.labels = label_tensor(rows, info)
         tcfg = cfg.model.text
         texts = [r["report"] if r["report_present"] else "" for r in rows]
@@ -135,10 +140,6 @@ class StudyDataset(torch.utils.data.Dataset):
             self.base = PersistentDataset(items, transform=det, cache_dir=str(cache_dir))
         else:
             self.base = Dataset(items, transform=det)
-        self.augment = _Augment(cfg) if train and cfg.data.augment else None
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -150,8 +151,6 @@ class StudyDataset(torch.utils.data.Dataset):
             image = torch.zeros(self.image_shape, dtype=torch.float32)
         else:
             image = torch.as_tensor(img, dtype=torch.float32)
-            if self.augment is not None:
-                image = self.augment(image, seed=(self.seed * 1_000_003 + self.epoch * 100_003 + i) % (2**32))
         label = self.labels[i]
         return {
             "image": image,
@@ -161,10 +160,11 @@ class StudyDataset(torch.utils.data.Dataset):
             "text_present": self.text_present[i],
             "label": label,
             "study_id": self.rows[i]["study_id"],
+            "index": i,
         }
 
 
-class _ScaleResize:
+class _ScaleResize(_transform_base()):
     """Intensity scaling to [0, 1] and resizing (the cached, deterministic part)."""
 
     def __init__(self, cfg: Config):
@@ -181,26 +181,3 @@ class _ScaleResize:
         x = self.resize(self.scale(x))
         item["image"] = x.as_tensor().numpy() if hasattr(x, "as_tensor") else np.asarray(x)
         return item
-
-
-class _Augment:
-    """Random affine, contrast and noise with an explicit seed per call."""
-
-    def __init__(self, cfg: Config):
-        from monai.transforms import Compose, RandAdjustContrast, RandAffine, RandGaussianNoise
-
-        d = cfg.data
-        nd = cfg.model.image.spatial_dims
-        rot = math.radians(d.rotate_degrees)
-        self.t = Compose([
-            RandAffine(prob=0.8, rotate_range=(rot,) if nd == 2 else (rot, rot, rot),
-                       scale_range=(d.scale,) * nd, padding_mode="zeros", mode="bilinear"),
-            RandAdjustContrast(prob=0.3, gamma=(0.8, 1.25)),
-            RandGaussianNoise(prob=0.3, std=d.noise_std),
-        ])
-
-    def __call__(self, image: torch.Tensor, seed: int) -> torch.Tensor:
-        self.t.set_random_state(seed=seed)
-        out = self.t(image)
-        out = out.as_tensor() if hasattr(out, "as_tensor") else out
-        return out.clamp(0, 1).float()

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..config import Config, dump_config
+from ..data.augment import BatchAugment, augment_seeds
 from ..data.cohort import read_cohort
 from ..data.dataset import StudyDataset, label_tensor, n_outputs_for, output_names_for
 from ..models.model import FusionModel, build_model, save_model
@@ -267,10 +268,11 @@ def train(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *, resume: b
     model.to(device)
 
     cache_root = out / "cache"
-    train_ds = StudyDataset(train_rows, info, cfg, tokenizer, train=True, cache_dir=cache_root / "train",
-                            seed=t.seed, progress=progress and is_main)
-    val_ds = StudyDataset(val_rows, info, cfg, tokenizer, train=False, cache_dir=cache_root / "val",
+    train_ds = StudyDataset(train_rows, info, cfg, tokenizer, cache_dir=cache_root / "train",
+                            progress=progress and is_main)
+    val_ds = StudyDataset(val_rows, info, cfg, tokenizer, cache_dir=cache_root / "val",
                           progress=progress and is_main) if val_rows else None
+    augment = BatchAugment(cfg) if cfg.data.augment else None
     train_labels = label_tensor(train_rows, info)
     loss_fn = build_loss(cfg.loss, task, train_labels, n_out).to(device)
     weights = balanced_weights(train_labels if task == "multiclass" else train_labels.long(), task) \
@@ -338,13 +340,15 @@ def train(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *, resume: b
         ddp_model.train()
         first = start_batch if epoch == start_epoch else 0
         sampler.set_epoch(epoch, start=first * t.batch_size)
-        train_ds.set_epoch(epoch)
         t0, seen, loss_sum, n_loss = time.perf_counter(), 0, 0.0, 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{t.epochs}", unit="batch", initial=first,
                    total=batches_per_epoch, disable=not (progress and is_main), leave=False)
         optimizer.zero_grad(set_to_none=True)
         for i, batch in enumerate(bar, start=first):
             batch = _to(batch, device)
+            if augment is not None:
+                batch["image"] = augment(batch["image"], batch["image_present"],
+                                         augment_seeds(t.seed, epoch, batch["index"]))
             boundary = (i + 1) % t.accumulate == 0 or i + 1 == batches_per_epoch
             sync = ddp_model.no_sync() if distributed and not boundary else _null()
             with sync:
@@ -378,12 +382,13 @@ def train(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *, resume: b
         if interrupted:
             break
         secs = time.perf_counter() - t0
-        metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(n_loss, 1), "epoch_seconds": secs,
+        metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(n_loss, 1), "train_seconds": secs,
                    "studies_per_second": seen * world / secs if secs > 0 else float("nan")}
         for g in optimizer.param_groups:
             metrics[f"lr_{g['name']}"] = g["lr"]
         score = -metrics["train_loss"]
         if val_loader is not None:
+            tv = time.perf_counter()
             v = run_inference(model, val_loader, device, amp_dtype)
             vl = torch.from_numpy(v["labels"])
             metrics["val_loss"] = float(loss_fn(torch.from_numpy(v["logits"]).to(device), vl.to(device)))
@@ -391,6 +396,7 @@ def train(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *, resume: b
                                           v["logits"], task)
             score = metrics["val_auroc"] if t.early_stop_metric == "auroc" and not math.isnan(metrics["val_auroc"]) \
                 else -metrics["val_loss"]
+            metrics["val_seconds"] = time.perf_counter() - tv
         history.append(metrics)
         tracker.log_metrics(metrics, step=global_step)
         val_summary = {k: metrics[k] for k in ("val_loss", "val_auroc") if k in metrics}
