@@ -5,14 +5,17 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export MLFLOW_DISABLE_TELEMETRY=true HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 OUT=${1:-demo-output}
-rm -rf "$OUT/export" "$OUT/cohort"
-echo "== 1/3 synthetic hospital export (DICOM with fake identifiers, reports, labels, truth)"
+rm -rf "$OUT/export" "$OUT/cohort" "$OUT/run"
+echo "== 1/4 synthetic hospital export (DICOM with fake identifiers, reports, labels, truth)"
 .venv/bin/clinfuse synth --out "$OUT/export" --studies 400 --missing-image 0.1 --missing-report 0.1 --corrupt 4
-echo "== 2/3 cohort build (broken files are set aside, not fatal)"
+echo "== 2/4 cohort build (broken files are set aside, not fatal)"
 .venv/bin/clinfuse cohort build --dicom "$OUT/export/dicom" --reports "$OUT/export/reports.csv" \
   --labels "$OUT/export/labels.csv" --config configs/demo.yaml --out "$OUT/cohort"
-echo "== 3/3 what was set aside and why"
+echo "== 3/4 what was set aside and why"
 cat "$OUT/cohort/quarantine.csv"
+echo "== 4/4 train the fusion model (tiny MONAI DenseNet + tiny BERT, CPU)"
+.venv/bin/clinfuse train --cohort "$OUT/cohort" --config configs/demo.yaml --out "$OUT/run"
 echo
 echo "cohort: $OUT/cohort (cohort.csv, cohort.json, quarantine.csv; private/ holds the key map: never share it)"
-echo "inspect again with: .venv/bin/clinfuse cohort inspect $OUT/cohort"
+echo "model: $OUT/run/best (model.safetensors + model.json); metrics: $OUT/run/metrics.jsonl"
+echo "inspect the cohort again with: .venv/bin/clinfuse cohort inspect $OUT/cohort"

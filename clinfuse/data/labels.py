@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import LabelConfig
-from .quarantine import CohortInputError, QuarantineEntry
+from .quarantine import CohortInputError, KeyedRecords, QuarantineEntry
 from .reports import decode_bytes
 
 __all__ = ["LabelTable", "load_labels", "parse_binary"]
@@ -98,11 +98,9 @@ def load_labels(path: str | Path, key_column: str, cfg: LabelConfig) -> LabelTab
             "set --label-columns or cohort.labels.columns"
         )
 
-    labels: dict[str, list[int]] = {}
-    first_row: dict[str, str] = {}
     patients: dict[str, str] = {}
-    conflicted: set[str] = set()
     quarantine: list[QuarantineEntry] = []
+    records = KeyedRecords("label", "label", quarantine)
     n = 0
     for i, row in enumerate(reader, start=2):
         n += 1
@@ -115,17 +113,7 @@ def load_labels(path: str | Path, key_column: str, cfg: LabelConfig) -> LabelTab
         if vec is None:
             quarantine.append(QuarantineEntry("label", source, reason))
             continue
-        if key in labels:
-            if labels[key] != vec and key not in conflicted:
-                conflicted.add(key)
-                quarantine.append(QuarantineEntry(
-                    "label", source, f"conflicting duplicate label for this key (first at {first_row[key]}); "
-                    "both set aside"))
-            continue
-        labels[key] = vec
-        first_row[key] = source
-        if cfg.patient_column and row.get(cfg.patient_column):
+        if records.add(key, vec, source) and cfg.patient_column and row.get(cfg.patient_column):
             patients[key] = row[cfg.patient_column].strip()
-    for key in conflicted:
-        labels.pop(key, None)
-    return LabelTable(labels, first_row, patients, quarantine, warnings, n)
+    labels = records.kept()
+    return LabelTable(labels, records.sources, patients, quarantine, warnings, n)

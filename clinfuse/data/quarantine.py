@@ -6,7 +6,7 @@ import csv
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["QuarantineEntry", "CohortInputError", "write_quarantine", "reason_category"]
+__all__ = ["QuarantineEntry", "CohortInputError", "KeyedRecords", "write_quarantine", "reason_category"]
 
 
 class CohortInputError(ValueError):
@@ -33,3 +33,29 @@ def write_quarantine(entries: list[QuarantineEntry], path: Path) -> None:
         w.writeheader()
         for e in entries:
             w.writerow(asdict(e))
+
+
+class KeyedRecords:
+    """Records by key: the first one is kept, identical duplicates merge, and a key whose records
+    conflict is set aside whole (one quarantine entry names the conflicting row and the first)."""
+
+    def __init__(self, kind: str, what: str, quarantine: list[QuarantineEntry]):
+        self.kind, self.what, self.quarantine = kind, what, quarantine
+        self.values: dict[str, object] = {}
+        self.sources: dict[str, str] = {}
+        self.conflicted: set[str] = set()
+
+    def add(self, key: str, value, source: str, same=lambda a, b: a == b) -> bool:
+        """Add a record; True when it is the first for its key."""
+        if key not in self.values:
+            self.values[key], self.sources[key] = value, source
+            return True
+        if not same(self.values[key], value) and key not in self.conflicted:
+            self.conflicted.add(key)
+            self.quarantine.append(QuarantineEntry(
+                self.kind, source, f"conflicting duplicate {self.what} for this key "
+                f"(first at {self.sources[key]}); every row of this key set aside"))
+        return False
+
+    def kept(self) -> dict[str, object]:
+        return {k: v for k, v in self.values.items() if k not in self.conflicted}

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import ReportConfig
-from .quarantine import CohortInputError, QuarantineEntry
+from .quarantine import CohortInputError, KeyedRecords, QuarantineEntry
 
 __all__ = ["Report", "ReportTable", "decode_bytes", "split_sections", "model_text", "clean_text", "load_reports"]
 
@@ -161,8 +161,7 @@ def load_reports(path: str | Path, key_column: str, cfg: ReportConfig) -> Report
     else:
         rows = _records_from_file(path, key_column, cfg, warnings)
 
-    seen: dict[str, Report] = {}
-    conflicted: set[str] = set()
+    records = KeyedRecords("report", "report", quarantine)
     n = 0
     for source, key, text, patient in rows:
         n += 1
@@ -179,14 +178,6 @@ def load_reports(path: str | Path, key_column: str, cfg: ReportConfig) -> Report
         if not rep.text:
             quarantine.append(QuarantineEntry("report", source, f"no text in the sections read {cfg.read_sections}"))
             continue
-        if key in seen:
-            if seen[key].text != rep.text and key not in conflicted:
-                conflicted.add(key)
-                quarantine.append(QuarantineEntry(
-                    "report", source, f"conflicting duplicate report for this key (first at {seen[key].source}); "
-                    "both set aside"))
-            continue
-        seen[key] = rep
-    for key in conflicted:
-        del seen[key]
+        records.add(key, rep, source, same=lambda a, b: a.text == b.text)
+    seen = records.kept()
     return ReportTable(seen, quarantine, warnings, n)

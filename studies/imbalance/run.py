@@ -1,0 +1,97 @@
+"""Class imbalance at 5% prevalence: does the default loss beat unweighted BCE?
+
+For each seed: one synthetic cohort (prevalence 0.05), then one training run per condition with the
+same data and seed; the best-on-validation model is scored on the test split. Minority recall is read
+at matched specificity (the test threshold where each model's specificity is 0.90), so a different
+calibration cannot pass for better ranking.
+
+Usage: python studies/imbalance/run.py [--studies 3000] [--seeds 0 1 2] [--out runs/imbalance]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))
+
+from clinfuse.config import Config, load_config  # noqa: E402
+from clinfuse.data.cohort import build_cohort, read_cohort  # noqa: E402
+from clinfuse.data.dataset import StudyDataset  # noqa: E402
+from clinfuse.data.synth import SynthSpec, synthesize  # noqa: E402
+from clinfuse.models.model import load_model  # noqa: E402
+from clinfuse.training.trainer import probabilities, run_inference, train  # noqa: E402
+
+CONDITIONS = {
+    "bce unweighted (baseline)": ["loss.name=bce", "loss.class_weights=none"],
+    "bce effective-number weights (default)": ["loss.name=bce", "loss.class_weights=effective"],
+    "bce inverse-frequency weights": ["loss.name=bce", "loss.class_weights=inverse"],
+    "focal (gamma 2, effective weights)": ["loss.name=focal", "loss.class_weights=effective"],
+    "logit adjusted (tau 1)": ["loss.name=logit_adjusted", "loss.class_weights=none"],
+    "balanced sampler + bce unweighted": ["loss.name=bce", "loss.class_weights=none", "loss.sampler=balanced"],
+}
+
+
+def recall_at_specificity(y: np.ndarray, p: np.ndarray, spec: float = 0.90) -> float:
+    neg = np.sort(p[y == 0])
+    thr = neg[int(np.ceil(spec * len(neg))) - 1]  # the smallest threshold with specificity >= spec
+    return float((p[y == 1] > thr).mean())
+
+
+def score(model_dir: Path, cohort: Path) -> dict:
+    model, meta, tok = load_model(model_dir)
+    cfg = Config.model_validate(meta["config"])
+    rows, info = read_cohort(cohort)
+    test = [r for r in rows if r["split"] == "test"]
+    ds = StudyDataset(test, info, cfg, tok)
+    loader = torch.utils.data.DataLoader(ds, batch_size=64)
+    out = run_inference(model, loader, torch.device("cpu"))
+    y = out["labels"][:, 0]
+    p = probabilities(torch.from_numpy(out["logits"]), "binary").numpy()[:, 0]
+    return {"auroc": roc_auc_score(y, p), "auprc": average_precision_score(y, p),
+            "recall@spec0.90": recall_at_specificity(y, p), "test_pos": int(y.sum()), "test_n": len(y)}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--studies", type=int, default=3000)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--out", default="runs/imbalance")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    results: dict[str, list[dict]] = {c: [] for c in CONDITIONS}
+    for seed in args.seeds:
+        exp, coh = out / f"seed{seed}/export", out / f"seed{seed}/cohort"
+        if not (coh / "cohort.json").is_file():
+            synthesize(exp, SynthSpec(studies=args.studies, prevalence=0.05, seed=seed, size=96), progress=False)
+            build_cohort(exp / "dicom", exp / "reports.csv", exp / "labels.csv", coh,
+                         load_config(HERE / "config.yaml", [f"cohort.split.seed={seed}"]), progress=False)
+        for name, overrides in CONDITIONS.items():
+            run = out / f"seed{seed}" / name.split(" (")[0].replace(" ", "_").replace("+", "and")
+            cfg = load_config(HERE / "config.yaml", overrides + [f"train.seed={seed}"])
+            train(coh, cfg, run, progress=False)
+            r = score(run / "best", coh)
+            results[name].append(r)
+            print(f"seed {seed}  {name:<42} AUROC {r['auroc']:.3f}  AUPRC {r['auprc']:.3f}  "
+                  f"recall@spec0.90 {r['recall@spec0.90']:.3f}  (test {r['test_pos']}/{r['test_n']} positive)",
+                  flush=True)
+    print(f"\nstudies={args.studies} prevalence=0.05 seeds={args.seeds}; mean ± sd over seeds")
+    print(f"{'condition':<42} {'AUROC':>13} {'AUPRC':>13} {'recall@spec0.90':>17}")
+    for name, rs in results.items():
+        cells = []
+        for k in ("auroc", "auprc", "recall@spec0.90"):
+            v = np.array([r[k] for r in rs])
+            cells.append(f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0:.3f}")
+        print(f"{name:<42} {cells[0]:>13} {cells[1]:>13} {cells[2]:>17}")
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
