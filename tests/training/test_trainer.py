@@ -119,3 +119,50 @@ def test_ddp_two_processes_gloo_identical_weights(cohort, tmp_path):
     assert len(check["checksums"]) == 2 and check["max_abs_diff"] == 0.0
     assert json.loads((tmp_path / "ddp/params.json").read_text())["world_size"] == 2
     assert (tmp_path / "ddp/last/model.safetensors").is_file()
+
+
+def test_early_stopping_and_accumulation(cohort, tmp_path, monkeypatch):
+    from clinfuse.training import trainer as tr
+
+    monkeypatch.setattr(tr, "_auroc", lambda *a, **k: 0.5)  # a validation score that never improves
+    r = train(cohort, _cfg(epochs=5, patience=1, accumulate=2), tmp_path / "es", progress=False)
+    assert r.stopped_early and r.epochs_done == 2
+    import math
+
+    n_train = json.loads((tmp_path / "es/params.json").read_text())["train_studies"]
+    assert r.global_step == 2 * math.ceil(math.ceil(n_train / 8) / 2)  # two batches per optimizer step
+
+
+def test_inference_with_a_modality_hidden(cohort, tmp_path):
+    from clinfuse.data.cohort import read_cohort
+    from clinfuse.data.dataset import StudyDataset
+    from clinfuse.training.trainer import run_inference
+
+    train(cohort, _cfg(epochs=1), tmp_path / "r", progress=False)
+    model, meta, tok = load_model(tmp_path / "r/best")
+    from clinfuse.config import Config
+
+    rows, info = read_cohort(cohort)
+    ds = StudyDataset(rows, info, Config.model_validate(meta["config"]), tok)
+    loader = torch.utils.data.DataLoader(ds, batch_size=16)
+    full = run_inference(model, loader, torch.device("cpu"))
+    no_img = run_inference(model, loader, torch.device("cpu"), hide="image")
+    no_txt = run_inference(model, loader, torch.device("cpu"), hide="report")
+    assert (no_img["weights"][:, 0] == 0).all() and (no_txt["weights"][:, 1] == 0).all()
+    both = full["image_present"] & full["text_present"]
+    assert (no_img["logits"][both] != full["logits"][both]).any()
+    only_txt = ~full["image_present"] & full["text_present"]
+    assert torch.allclose(torch.from_numpy(no_img["logits"][only_txt]), torch.from_numpy(full["logits"][only_txt]))
+
+
+def test_mixed_precision_choice(monkeypatch):
+    from clinfuse.training import trainer as tr
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert tr._amp(_cfg(amp="auto"), cuda) == (torch.bfloat16, False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert tr._amp(_cfg(amp="auto"), cuda) == (torch.float16, True)
+    assert tr._amp(_cfg(amp="bf16"), cuda) == (torch.bfloat16, False)
+    assert tr._amp(_cfg(amp="off"), cuda) == (None, False)
+    assert tr._amp(_cfg(amp="auto"), torch.device("cpu")) == (None, False)
