@@ -96,7 +96,35 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from --out/state.pt after an interruption")
     t.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps (resumable)")
     _add_config_args(t)
+
+    e = sub.add_parser(
+        "evaluate", help="score a trained model on a cohort split: metrics table, plots, metrics.json",
+        description="Score a model folder on a cohort split with the temperature and operating points stored "
+        "with the model (fitted on validation, never on the split scored): AUROC/AUPRC with 95% bootstrap "
+        "intervals, sensitivity, specificity, PPV, NPV, F1, balanced accuracy, ECE, Brier; per missingness "
+        "pattern and with each modality hidden on purpose. Writes metrics.json and plots/ to --out.",
+    )
+    e.add_argument("--model", metavar="DIR", required=True, help="model folder (e.g. RUN/best)")
+    e.add_argument("--cohort", metavar="DIR", required=True, help="cohort folder")
+    e.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to score (default test)")
+    e.add_argument("--out", metavar="DIR", help="where metrics.json and plots/ go (default: MODEL/eval-SPLIT)")
+    e.add_argument("--bootstrap", type=int, metavar="N", help="bootstrap resamples (default from the model's config)")
     return parser
+
+
+def _evaluate(args) -> int:
+    from .evaluation.evaluate import evaluate, format_table
+
+    out = args.out or str(Path(args.model) / f"eval-{args.split}")
+    cfg = None
+    if args.bootstrap is not None:
+        from .config import EvalConfig
+
+        cfg = EvalConfig(bootstrap=args.bootstrap)
+    result = evaluate(args.model, args.cohort, args.split, out, cfg)
+    print(format_table(result))
+    print(f"\nmetrics.json and plots written to {out}")
+    return 0
 
 
 def _train(args) -> int:
@@ -190,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: ``clinfuse <command> ...``. Returns the exit status (errors print one line, status 2)."""
     args = build_parser().parse_args(argv)
     handlers = {("cohort", "build"): _cohort_build, ("cohort", "inspect"): _cohort_inspect, ("synth", None): _synth,
-                ("train", None): _train}
+                ("train", None): _train, ("evaluate", None): _evaluate}
     handler = handlers[(args.command, getattr(args, "cohort_command", None))]
     try:
         return handler(args)

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 __all__ = [
     "Config",
     "DataConfig",
+    "EvalConfig",
     "FusionConfig",
     "ImageEncoderConfig",
     "LossConfig",
@@ -315,6 +316,19 @@ class TrainConfig(_Strict):
     save_every: int = Field(0, ge=0, description="Also save a resumable state every N optimizer steps (0: each epoch).")
 
 
+class EvalConfig(_Strict):
+    """Evaluation: operating point, calibration, confidence intervals."""
+
+    operating_point: Literal["youden", "sensitivity", "specificity"] = Field(
+        "youden", description="Threshold chosen on validation: maximum Youden J, or the highest threshold "
+        "reaching `target` sensitivity, or the lowest reaching `target` specificity.")
+    target: float = Field(0.9, gt=0, lt=1, description="Target sensitivity or specificity for the operating point.")
+    calibrate: bool = Field(True, description="Fit temperature scaling on validation and store it with the model.")
+    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for 95% intervals (0: none).")
+    ece_bins: int = Field(15, ge=2, description="Equal-width bins of the expected calibration error.")
+    seed: int = Field(0, description="Seed of the bootstrap.")
+
+
 class Config(_Strict):
     """The whole clinfuse configuration."""
 
@@ -323,6 +337,7 @@ class Config(_Strict):
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":

@@ -413,6 +413,12 @@ def train(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *, resume: b
             stopped_early = True
             break
 
+    if is_main and not interrupted and best_dir is not None and val_rows:
+        from ..evaluation.evaluate import calibrate
+
+        cal = calibrate(best_dir, cohort_dir, cfg.eval)  # temperature + operating points, on validation only
+        tracker.log_metrics({"temperature": cal["temperature"],
+                             **{f"threshold_{i}": v for i, v in enumerate(cal["thresholds"])}}, step=global_step)
     result = TrainResult(out, best_dir, last_dir, best, epoch + 1 if not interrupted else epoch, global_step,
                          stopped_early, interrupted, history)
     if is_main:

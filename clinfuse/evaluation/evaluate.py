@@ -1,0 +1,160 @@
+"""Evaluating a saved model on a cohort split: calibration and operating points from validation,
+metrics overall and per missingness pattern, with a modality hidden on purpose, plots, metrics.json.
+
+``calibrate(model_dir, cohort_dir, cfg)`` fits the temperature and the operating points on the
+validation split and writes them into ``model.json`` (the trainer calls it on ``best/``).
+``evaluate(...)`` uses what is stored and never re-fits on the split it scores.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import Config, EvalConfig
+from ..data.cohort import read_cohort
+from ..data.dataset import StudyDataset
+from ..models.model import load_model
+from ..training.trainer import run_inference
+from .metrics import choose_threshold, fit_temperature, multi_report
+
+__all__ = ["calibrate", "evaluate", "predict_split", "PATTERNS"]
+
+PATTERNS = ("both", "image_only", "report_only")
+
+
+def _probs(logits: np.ndarray, task: str, temperature: float) -> np.ndarray:
+    z = torch.from_numpy(np.asarray(logits, np.float64)) / temperature
+    return (torch.softmax(z, -1) if task == "multiclass" else torch.sigmoid(z)).numpy()
+
+
+def _labels(out: dict, task: str) -> np.ndarray:
+    return out["labels"] if task == "multiclass" else out["labels"].reshape(len(out["labels"]), -1)
+
+
+def predict_split(model, meta: dict, tokenizer, cohort_dir, split: str, batch_size: int = 32,
+                  device: torch.device | None = None, hide: str | None = None, rows=None) -> dict:
+    """Raw model outputs on one split of a cohort (see ``run_inference``)."""
+    cfg = Config.model_validate(meta["config"])
+    if rows is None:
+        all_rows, info = read_cohort(cohort_dir)
+        rows = [r for r in all_rows if r["split"] == split]
+    else:
+        _, info = read_cohort(cohort_dir)
+    ds = StudyDataset(rows, info, cfg, tokenizer)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
+    return run_inference(model, loader, device or torch.device("cpu"), hide=hide)
+
+
+def calibrate(model_dir: str | Path, cohort_dir: str | Path, cfg: EvalConfig | None = None) -> dict:
+    """Fit temperature and operating points on the validation split; store them in model.json.
+
+    Returns the stored values. Without validation studies the defaults (T = 1, threshold 0.5) stay.
+    """
+    model, meta, tok = load_model(model_dir)
+    cfg = cfg or Config.model_validate(meta["config"]).eval
+    rows, _ = read_cohort(cohort_dir)
+    val = [r for r in rows if r["split"] == "val"]
+    task = meta["task"]
+    values = {"temperature": 1.0, "thresholds": [0.5] * len(meta["output_names"]),
+              "operating_point": {"method": cfg.operating_point, "target": cfg.target, "fitted_on": "val",
+                                  "n_val": len(val)}}
+    if val:
+        out = predict_split(model, meta, tok, cohort_dir, "val", rows=val)
+        y = _labels(out, task)
+        if cfg.calibrate:
+            values["temperature"] = fit_temperature(out["logits"], y, task)
+        probs = _probs(out["logits"], task, values["temperature"])
+        onehot = np.eye(probs.shape[1], dtype=int)[y] if task == "multiclass" else y
+        values["thresholds"] = [choose_threshold(onehot[:, k], probs[:, k], cfg.operating_point, cfg.target)
+                                for k in range(probs.shape[1])]
+    meta_path = Path(model_dir) / "model.json"
+    stored = json.loads(meta_path.read_text())
+    stored.update(values)
+    meta_path.write_text(json.dumps(stored, indent=2))
+    return values
+
+
+def _pattern_mask(out: dict, pattern: str) -> np.ndarray:
+    ip, tp = out["image_present"].astype(bool), out["text_present"].astype(bool)
+    return {"both": ip & tp, "image_only": ip & ~tp, "report_only": ~ip & tp}[pattern]
+
+
+def evaluate(model_dir: str | Path, cohort_dir: str | Path, split: str = "test", out_dir: str | Path | None = None,
+             cfg: EvalConfig | None = None, plots: bool = True) -> dict:
+    """Score a saved model on a split with the stored temperature and thresholds.
+
+    Returns (and writes to ``out_dir/metrics.json``) a dict with ``overall``, ``by_pattern`` (studies
+    as they are), ``hidden`` (studies with both modalities, scored with the image or the report
+    hidden on purpose), the temperature, thresholds and model/cohort identifiers.
+    """
+    model, meta, tok = load_model(model_dir)
+    cfg = cfg or Config.model_validate(meta["config"]).eval
+    task, names = meta["task"], meta["output_names"]
+    t, thresholds = float(meta.get("temperature", 1.0)), list(meta.get("thresholds", [0.5] * len(names)))
+    rows, info = read_cohort(cohort_dir)
+    part = [r for r in rows if r["split"] == split]
+    if not part:
+        raise ValueError(f"{cohort_dir}: split '{split}' has no studies")
+    kw = {"bins": cfg.ece_bins, "seed": cfg.seed}
+    full = predict_split(model, meta, tok, cohort_dir, split, rows=part)
+    y = _labels(full, task)
+    probs = _probs(full["logits"], task, t)
+    result = {"split": split, "n": len(part), "task": task, "outputs": names, "temperature": t,
+              "thresholds": thresholds, "operating_point": meta.get("operating_point"),
+              "cohort_fingerprint": info["fingerprint"]["sha256"],
+              "model_cohort_fingerprint": meta.get("cohort_fingerprint"),
+              "overall": multi_report(y, probs, task, names, thresholds, n_boot=cfg.bootstrap, **kw),
+              "by_pattern": {}, "hidden": {}}
+    for pattern in PATTERNS:
+        m = _pattern_mask(full, pattern)
+        if m.sum():
+            result["by_pattern"][pattern] = {"n": int(m.sum()), **multi_report(y[m], probs[m], task, names,
+                                                                                thresholds, **kw)}
+    both = _pattern_mask(full, "both")
+    if both.sum():
+        result["hidden"]["none (both shown)"] = {"n": int(both.sum()), **multi_report(
+            y[both], probs[both], task, names, thresholds, **kw)}
+        for hide, label in (("image", "image hidden (report only)"), ("report", "report hidden (image only)")):
+            o = predict_split(model, meta, tok, cohort_dir, split, rows=part, hide=hide)
+            pr = _probs(o["logits"], task, t)
+            result["hidden"][label] = {"n": int(both.sum()), **multi_report(y[both], pr[both], task, names,
+                                                                             thresholds, **kw)}
+    result["mean_modality_weights"] = {p: full["weights"][_pattern_mask(full, p)].mean(0).round(4).tolist()
+                                       for p in PATTERNS if _pattern_mask(full, p).any()}
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
+        if plots:
+            from .plots import write_plots
+
+            result["plots"] = write_plots(out / "plots", y, probs, task, names, thresholds, result, cfg.ece_bins)
+            (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
+    return result
+
+
+def format_table(result: dict) -> str:
+    """The table `clinfuse evaluate` prints."""
+    lines = [f"split {result['split']}  n={result['n']}  temperature {result['temperature']:.3f}  "
+             f"thresholds {[round(x, 3) for x in result['thresholds']]}", ""]
+    head = f"{'subset':<42} {'n':>5} {'AUROC':>7} {'95% CI':>15} {'AUPRC':>7} {'sens':>6} {'spec':>6} {'ECE':>6}"
+    lines += [head, "-" * len(head)]
+
+    def row(name, rep, n):
+        first = next(iter(rep["per_output"].values()))
+        ci = first.get("auroc_ci95")
+        ci_s = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci and not np.isnan(ci[0]) else ""
+        src = rep.get("macro", first)
+        lines.append(f"{name:<42} {n:>5} {src['auroc']:>7.3f} {ci_s:>15} {src['auprc']:>7.3f} "
+                     f"{src['sensitivity']:>6.3f} {src['specificity']:>6.3f} {src['ece']:>6.3f}")
+
+    row("all", result["overall"], result["n"])
+    for p, rep in result["by_pattern"].items():
+        row(f"as present: {p}", rep, rep["n"])
+    for h, rep in result["hidden"].items():
+        row(f"both present, {h}", rep, rep["n"])
+    return "\n".join(lines)

@@ -1,0 +1,78 @@
+"""Metrics against hand-computed values; calibration; operating points."""
+
+import numpy as np
+import pytest
+
+from clinfuse.evaluation.metrics import (binary_report, bootstrap_ci, brier, choose_threshold,
+                                         expected_calibration_error, fit_temperature, multi_report,
+                                         threshold_metrics)
+
+Y = np.array([1, 1, 1, 0, 0, 0, 0, 0])
+P = np.array([0.9, 0.6, 0.3, 0.7, 0.4, 0.2, 0.1, 0.05])
+
+
+def test_threshold_metrics_by_hand():
+    m = threshold_metrics(Y, P, 0.5)  # predicted positive: 0.9, 0.6, 0.7 -> TP 2, FP 1, FN 1, TN 4
+    assert (m["tp"], m["fp"], m["fn"], m["tn"]) == (2, 1, 1, 4)
+    assert m["sensitivity"] == pytest.approx(2 / 3) and m["specificity"] == pytest.approx(4 / 5)
+    assert m["ppv"] == pytest.approx(2 / 3) and m["npv"] == pytest.approx(4 / 5)
+    assert m["f1"] == pytest.approx(4 / 6) and m["balanced_accuracy"] == pytest.approx((2 / 3 + 4 / 5) / 2)
+
+
+def test_auroc_auprc_brier_ece_by_hand():
+    r = binary_report(Y, P, 0.5, bins=2)
+    # AUROC: of 15 positive-negative pairs the positive scores higher in 5 (0.9) + 4 (0.6) + 3 (0.3)
+    assert r["auroc"] == pytest.approx(12 / 15)
+    # AP: ranks 1 (pos, prec 1), 2 neg, 3 (pos, prec 2/3), 4 neg, 5 (pos, prec 3/5); mean over positives
+    assert r["auprc"] == pytest.approx((1 + 2 / 3 + 3 / 5) / 3)
+    assert r["brier"] == pytest.approx(np.mean((P - Y) ** 2))
+    # ECE, 2 bins: [0, .5): p = .3 .4 .2 .1 .05 (labels 1 0 0 0 0); [.5, 1]: p = .9 .6 .7 (labels 1 1 0)
+    low = abs(1 / 5 - np.mean([0.3, 0.4, 0.2, 0.1, 0.05]))
+    high = abs(2 / 3 - np.mean([0.9, 0.6, 0.7]))
+    assert expected_calibration_error(Y, P, bins=2) == pytest.approx(5 / 8 * low + 3 / 8 * high)
+    assert brier([1, 0], [1.0, 0.0]) == 0
+
+
+def test_operating_points():
+    # J at >= 0.9: 1/3 + 1 - 1; at >= 0.6: 2/3 + 4/5 - 1 = 0.467; at >= 0.3: 1 + 3/5 - 1 = 0.6 (the maximum)
+    assert choose_threshold(Y, P, "youden") == pytest.approx(0.3)
+    t = choose_threshold(Y, P, "sensitivity", 0.99)
+    assert threshold_metrics(Y, P, t)["sensitivity"] == 1 and t == pytest.approx(0.3)
+    t = choose_threshold(Y, P, "specificity", 0.8)
+    assert threshold_metrics(Y, P, t)["specificity"] >= 0.8 and t == pytest.approx(0.6)
+    assert choose_threshold(np.zeros(4), np.ones(4)) == 0.5
+
+
+def test_temperature_scaling_lowers_ece_of_an_overconfident_model():
+    rng = np.random.default_rng(0)
+    true_logit = rng.normal(0, 1.5, 4000)
+    y = (rng.random(4000) < 1 / (1 + np.exp(-true_logit))).astype(int)
+    over = 4.0 * true_logit  # an over-confident model: right ranking, logits 4x too large
+    t = fit_temperature(over[:2000, None], y[:2000, None], "binary")
+    assert 3.0 < t < 5.0
+    before = expected_calibration_error(y[2000:], 1 / (1 + np.exp(-over[2000:])))
+    after = expected_calibration_error(y[2000:], 1 / (1 + np.exp(-over[2000:] / t)))
+    assert after < before / 2
+    # multi-class
+    zs = rng.normal(0, 1, (3000, 3))
+    ys = np.array([rng.choice(3, p=np.exp(z) / np.exp(z).sum()) for z in zs])
+    assert 2.0 < fit_temperature(3 * zs, ys, "multiclass") < 4.0
+
+
+def test_bootstrap_interval_covers_the_estimate():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 300)
+    p = np.clip(y * 0.3 + rng.random(300) * 0.7, 0, 1)
+    from clinfuse.evaluation.metrics import auroc
+
+    lo, hi = bootstrap_ci(y, p, auroc, n=300, seed=0)
+    assert lo < auroc(y, p) < hi and hi - lo < 0.2
+
+
+def test_multi_report_multiclass_and_multilabel():
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.5, 0.4, 0.1]])
+    y = np.array([0, 1, 2, 1])
+    r = multi_report(y, probs, "multiclass", ["a", "b", "c"], [0.5] * 3)
+    assert r["accuracy"] == pytest.approx(0.75) and set(r["per_output"]) == {"a", "b", "c"}
+    ml = multi_report(np.array([[1, 0], [0, 1], [1, 1], [0, 0]]), probs[:, :2], "multilabel", ["x", "y"], [0.5, 0.5])
+    assert "macro" in ml and "micro" in ml
