@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", metavar="DIR", default="runs/train", help="run folder (default runs/train)")
     t.add_argument("--resume", action="store_true", help="continue from --out/state.pt after an interruption")
     t.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps (resumable)")
+    t.add_argument("--tracking-uri", metavar="URI",
+                   help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
+    t.add_argument("--experiment", metavar="NAME", help="MLflow experiment (default clinfuse)")
+    t.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow (metrics.jsonl is still written)")
     _add_config_args(t)
 
     e = sub.add_parser(
@@ -104,36 +108,76 @@ def build_parser() -> argparse.ArgumentParser:
         "intervals, sensitivity, specificity, PPV, NPV, F1, balanced accuracy, ECE, Brier; per missingness "
         "pattern and with each modality hidden on purpose. Writes metrics.json and plots/ to --out.",
     )
-    e.add_argument("--model", metavar="DIR", required=True, help="model folder (e.g. RUN/best)")
+    e.add_argument("--model", metavar="URI_OR_DIR", required=True,
+                   help="model folder (e.g. RUN/best) or MLflow URI (models:/clinfuse-fusion/3)")
+    e.add_argument("--tracking-uri", metavar="URI", help="MLflow store for a models:/ URI (default as for train)")
     e.add_argument("--cohort", metavar="DIR", required=True, help="cohort folder")
     e.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to score (default test)")
     e.add_argument("--out", metavar="DIR", help="where metrics.json and plots/ go (default: MODEL/eval-SPLIT)")
     e.add_argument("--bootstrap", type=int, metavar="N", help="bootstrap resamples (default from the model's config)")
+
+    u = sub.add_parser("ui", help="start the MLflow UI on the clinfuse store (loopback) and print its address",
+                       description="Start `mlflow ui` on the same store that training logs to.")
+    u.add_argument("--tracking-uri", metavar="URI", help="store (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
+    u.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    u.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    u.add_argument("--workers", type=int, default=1, help="server workers (default 1)")
     return parser
+
+
+def _ui(args) -> int:
+    import os
+    import subprocess
+
+    from .tracking.mlflow_tracker import resolve_tracking_uri, ui_command
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    cmd = ui_command(uri, args.host, args.port, args.workers)
+    print(f"MLflow UI for {uri}: http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:
+        return 0
 
 
 def _evaluate(args) -> int:
     from .evaluation.evaluate import evaluate, format_table
 
-    out = args.out or str(Path(args.model) / f"eval-{args.split}")
+    model_dir = args.model
+    if not Path(args.model).is_dir():
+        from .tracking.mlflow_tracker import resolve_model
+
+        model_dir = str(resolve_model(args.model, args.tracking_uri))
+    out = args.out or (str(Path(args.model) / f"eval-{args.split}") if Path(args.model).is_dir()
+                       else f"eval-{args.split}")
     cfg = None
     if args.bootstrap is not None:
         from .config import EvalConfig
 
         cfg = EvalConfig(bootstrap=args.bootstrap)
-    result = evaluate(args.model, args.cohort, args.split, out, cfg)
+    result = evaluate(model_dir, args.cohort, args.split, out, cfg)
     print(format_table(result))
     print(f"\nmetrics.json and plots written to {out}")
     return 0
 
 
 def _train(args) -> int:
-    from .training.trainer import train
-
-    cfg = load_config(args.config, args.overrides)
-    r = train(args.cohort, cfg, args.out, resume=args.resume, max_steps=args.max_steps,
-              progress=not args.no_progress)
     import os
+
+    from .pipeline import train_and_audit
+
+    overrides = list(args.overrides)
+    if args.tracking_uri:
+        overrides.append(f"tracking.tracking_uri={args.tracking_uri}")
+    if args.experiment:
+        overrides.append(f"tracking.experiment={args.experiment}")
+    if args.no_mlflow:
+        overrides.append("tracking.enabled=false")
+    cfg = load_config(args.config, overrides)
+    audited = train_and_audit(args.cohort, cfg, args.out, resume=args.resume, max_steps=args.max_steps,
+                              progress=not args.no_progress)
+    r = audited.result
 
     if int(os.environ.get("RANK", 0)) == 0:
         for h in r.history:
@@ -142,6 +186,15 @@ def _train(args) -> int:
         state = "interrupted (resume with --resume)" if r.interrupted else \
             "stopped early" if r.stopped_early else "finished"
         print(f"training {state} after {r.global_step} steps; best model: {r.best_dir}; last: {r.last_dir}")
+        if audited.test_metrics:
+            from .evaluation.evaluate import format_table
+
+            print(format_table(audited.test_metrics))
+        if audited.run_id:
+            reg = audited.model or {}
+            print(f"mlflow run {audited.run_id}" + (f"; registered model {reg.get('registered_name')} version "
+                                                    f"{reg.get('version')}" if reg.get("version") else ""))
+            print(f"open the audit trail: clinfuse ui --tracking-uri {audited.tracking_uri}")
     return 0
 
 
@@ -218,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: ``clinfuse <command> ...``. Returns the exit status (errors print one line, status 2)."""
     args = build_parser().parse_args(argv)
     handlers = {("cohort", "build"): _cohort_build, ("cohort", "inspect"): _cohort_inspect, ("synth", None): _synth,
-                ("train", None): _train, ("evaluate", None): _evaluate}
+                ("train", None): _train, ("evaluate", None): _evaluate, ("ui", None): _ui}
     handler = handlers[(args.command, getattr(args, "cohort_command", None))]
     try:
         return handler(args)

@@ -27,6 +27,7 @@ __all__ = [
     "LossConfig",
     "ModelConfig",
     "TextEncoderConfig",
+    "TrackingConfig",
     "TrainConfig",
     "ConfigError",
     "CohortConfig",
@@ -329,6 +330,19 @@ class EvalConfig(_Strict):
     seed: int = Field(0, description="Seed of the bootstrap.")
 
 
+class TrackingConfig(_Strict):
+    """The MLflow audit trail."""
+
+    enabled: bool = Field(True, description="Log runs to MLflow (metrics.jsonl in the run folder is always written).")
+    tracking_uri: str | None = Field(
+        None, description="MLflow store; None: MLFLOW_TRACKING_URI, else sqlite:///<working dir>/mlflow.db.")
+    experiment: str = Field("clinfuse", description="Experiment name.")
+    register_as: str | None = Field("clinfuse-fusion", description="Registered model name (None: log, do not register).")
+    log_model: bool = Field(True, description="Log the best model as an MLflow pyfunc model.")
+    system_metrics: bool = Field(True, description="Sample CPU, memory and GPU use during the run.")
+    system_metrics_interval: float = Field(5.0, gt=0, description="Seconds between system-metric samples.")
+
+
 class Config(_Strict):
     """The whole clinfuse configuration."""
 
@@ -338,6 +352,7 @@ class Config(_Strict):
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":

@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export MLFLOW_DISABLE_TELEMETRY=true HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 OUT=${1:-demo-output}
-rm -rf "$OUT/export" "$OUT/cohort" "$OUT/run"
+rm -rf "$OUT/export" "$OUT/cohort" "$OUT/run" "$OUT/mlflow.db" "$OUT/mlruns"
 echo "== 1/4 synthetic hospital export (DICOM with fake identifiers, reports, labels, truth)"
 .venv/bin/clinfuse synth --out "$OUT/export" --studies 400 --missing-image 0.1 --missing-report 0.1 --corrupt 4
 echo "== 2/4 cohort build (broken files are set aside, not fatal)"
@@ -13,9 +13,11 @@ echo "== 2/4 cohort build (broken files are set aside, not fatal)"
   --labels "$OUT/export/labels.csv" --config configs/demo.yaml --out "$OUT/cohort"
 echo "== 3/4 what was set aside and why"
 cat "$OUT/cohort/quarantine.csv"
-echo "== 4/4 train the fusion model (tiny MONAI DenseNet + tiny BERT, CPU)"
-.venv/bin/clinfuse train --cohort "$OUT/cohort" --config configs/demo.yaml --out "$OUT/run"
+echo "== 4/4 train, calibrate on validation, evaluate on test, log to MLflow (tiny MONAI DenseNet + tiny BERT, CPU)"
+.venv/bin/clinfuse train --cohort "$OUT/cohort" --config configs/demo.yaml --out "$OUT/run" \
+  --tracking-uri "sqlite:///$(pwd)/$OUT/mlflow.db"
 echo
 echo "cohort: $OUT/cohort (cohort.csv, cohort.json, quarantine.csv; private/ holds the key map: never share it)"
-echo "model: $OUT/run/best (model.safetensors + model.json); metrics: $OUT/run/metrics.jsonl"
+echo "model: $OUT/run/best (model.safetensors + model.json); test metrics and plots: $OUT/run/eval-test"
+echo "open the MLflow UI: .venv/bin/clinfuse ui --tracking-uri sqlite:///$(pwd)/$OUT/mlflow.db"
 echo "inspect the cohort again with: .venv/bin/clinfuse cohort inspect $OUT/cohort"

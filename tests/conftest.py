@@ -39,3 +39,16 @@ def small_export(tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
     synthesize(out, SynthSpec(studies=60, seed=3, size=48, lateral=0.3), progress=False)
     return out
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _temporary_mlflow_store(tmp_path_factory):
+    """Every test that trains through the CLI logs to a temporary SQLite store, never the working directory."""
+    d = tmp_path_factory.mktemp("mlflow-default")
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{d / 'mlflow.db'}"
+    yield
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old

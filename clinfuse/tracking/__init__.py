@@ -5,6 +5,6 @@ MLflow tracker (issue 4) implements the same methods; stages only ever call this
 this package will import ``mlflow``.
 """
 
-from .local import LocalTracker, NullTracker, Tracker
+from .local import LocalTracker, NullTracker, Tracker, Trackers
 
-__all__ = ["Tracker", "LocalTracker", "NullTracker"]
+__all__ = ["Tracker", "LocalTracker", "NullTracker", "Trackers"]

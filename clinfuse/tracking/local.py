@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-__all__ = ["Tracker", "LocalTracker", "NullTracker"]
+__all__ = ["Tracker", "LocalTracker", "NullTracker", "Trackers"]
 
 
 class Tracker(Protocol):
@@ -38,8 +38,8 @@ class LocalTracker:
         old = json.loads(f.read_text()) if f.is_file() else {}
         f.write_text(json.dumps({**old, **tags}, indent=2))
 
-    def log_artifact(self, path: str | Path) -> None:
-        pass  # the file is already in the run folder
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass  # the file is already in (or beside) the run folder
 
     def close(self) -> None:
         self._metrics.close()
@@ -51,5 +51,32 @@ class NullTracker:
     def log_params(self, params: dict) -> None: ...
     def log_metrics(self, metrics: dict, step: int) -> None: ...
     def set_tags(self, tags: dict) -> None: ...
-    def log_artifact(self, path) -> None: ...
+    def log_artifact(self, path, artifact_path=None) -> None: ...
     def close(self) -> None: ...
+
+
+class Trackers:
+    """Fan-out: every call goes to each tracker."""
+
+    def __init__(self, *trackers):
+        self.trackers = [t for t in trackers if t is not None]
+
+    def log_params(self, params: dict) -> None:
+        for t in self.trackers:
+            t.log_params(params)
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        for t in self.trackers:
+            t.log_metrics(metrics, step)
+
+    def set_tags(self, tags: dict) -> None:
+        for t in self.trackers:
+            t.set_tags(tags)
+
+    def log_artifact(self, path, *args) -> None:
+        for t in self.trackers:
+            t.log_artifact(path, *args)
+
+    def close(self) -> None:
+        for t in self.trackers:
+            t.close()

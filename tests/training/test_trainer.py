@@ -62,7 +62,9 @@ def test_trains_saves_and_reloads(cohort, tmp_path):
     r = train(cohort, _cfg(), tmp_path / "run", progress=False)
     assert r.epochs_done == 2 and (tmp_path / "run/best/model.safetensors").is_file()
     lines = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
-    assert [x["epoch"] for x in lines] == [1, 2] and all("val_auroc" in x and "lr_text" in x for x in lines)
+    epochs = [x for x in lines if "epoch" in x]
+    assert [x["epoch"] for x in epochs] == [1, 2] and all("val_auroc" in x and "lr_text" in x for x in epochs)
+    assert "temperature" in lines[-1] and "threshold_0" in lines[-1]  # calibration on validation, at the end
     model, meta, tok = load_model(tmp_path / "run/best")
     assert meta["output_names"] == ["positive"] and meta["task"] == "binary" and tok is not None
     # the state file loads without running code
@@ -109,7 +111,8 @@ def test_ddp_two_processes_gloo_identical_weights(cohort, tmp_path):
     from clinfuse.config import dump_config
 
     cfg_file.write_text(dump_config(_cfg(epochs=1)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": uri}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
            "--rdzv_endpoint", "localhost:0", "-m", "clinfuse.cli", "train", "--cohort", str(cohort),
            "--config", str(cfg_file), "--out", str(tmp_path / "ddp"), "--no-progress"]
@@ -119,6 +122,11 @@ def test_ddp_two_processes_gloo_identical_weights(cohort, tmp_path):
     assert len(check["checksums"]) == 2 and check["max_abs_diff"] == 0.0
     assert json.loads((tmp_path / "ddp/params.json").read_text())["world_size"] == 2
     assert (tmp_path / "ddp/last/model.safetensors").is_file()
+    from mlflow import MlflowClient  # one MLflow run, written by rank 0 only
+
+    c = MlflowClient(tracking_uri=uri)
+    runs = c.search_runs([c.get_experiment_by_name("clinfuse").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.params["world_size"] == "2"
 
 
 def test_early_stopping_and_accumulation(cohort, tmp_path, monkeypatch):

@@ -1,0 +1,284 @@
+"""MLflow through an explicit client: one run per training, everything screened by the PHI guard.
+
+Default store: ``sqlite:///<cwd>/mlflow.db`` with artifacts in ``<cwd>/mlruns`` (MLflow 3 refuses the
+old file store). ``--tracking-uri`` or ``MLFLOW_TRACKING_URI`` point elsewhere (a server, another
+SQLite file). No global MLflow state is changed outside the short blocks that log or load a model,
+which restore it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+from .phi import PhiGuard
+
+__all__ = ["MlflowTracker", "resolve_tracking_uri", "unreachable_reason", "flatten", "mlflow_uri_context", "ui_command", "resolve_model"]
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """The URI to use: the argument, else MLFLOW_TRACKING_URI, else a SQLite file in the working directory."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def unreachable_reason(uri: str, timeout: float = 3.0) -> str | None:
+    """For an http(s) server, a one-line reason when its /health does not answer; None otherwise."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            return None if r.status == 200 else f"MLflow server {uri} answered {r.status} on /health"
+    except OSError as e:
+        return f"MLflow server {uri} is unreachable ({getattr(e, 'reason', e)})"
+
+
+def _artifact_root(uri: str, experiment: str) -> str | None:
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        return (db.parent / "mlruns").resolve().as_uri()
+    return None
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    """Nested dict -> dotted keys (lists become JSON strings)."""
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else v
+    return out
+
+
+@contextmanager
+def mlflow_uri_context(uri: str):
+    """Set MLflow's global tracking and registry URIs for a block (quietly), then restore them."""
+    import logging
+    import warnings
+
+    import mlflow
+
+    old, old_reg = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    old_bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    mlflow_logger = logging.getLogger("mlflow")
+    old_level = mlflow_logger.level
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    mlflow_logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
+            warnings.filterwarnings("ignore", message=".*type hint.*")
+            warnings.filterwarnings("ignore", message=".*[Ii]nteger column.*")
+            yield
+    finally:
+        mlflow.set_tracking_uri(old)
+        mlflow.set_registry_uri(old_reg)
+        mlflow_logger.setLevel(old_level)
+        if old_bar is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = old_bar
+
+
+class MlflowTracker:
+    """A tracker (see ``clinfuse.tracking.Tracker``) writing to one MLflow run.
+
+    Args:
+        tracking_uri: store URI (see ``resolve_tracking_uri``).
+        experiment: experiment name (created when missing).
+        guard: the PHI guard every value and file passes through.
+        run_name: display name of the run.
+        run_id: continue this run instead of creating one (resume).
+        system_metrics: sample CPU, memory (and GPU with nvidia-ml-py) every `interval` seconds.
+    """
+
+    def __init__(self, tracking_uri: str | None = None, experiment: str = "clinfuse", guard: PhiGuard | None = None,
+                 run_name: str | None = None, run_id: str | None = None, system_metrics: bool = True,
+                 interval: float = 5.0):
+        import logging
+
+        from mlflow import MlflowClient
+
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # table creation chatter
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        self.uri = resolve_tracking_uri(tracking_uri)
+        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        self.guard = guard or PhiGuard()
+        self.guard.check("the experiment name", experiment)
+        exp = self.client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(
+            experiment, artifact_location=_artifact_root(self.uri, experiment))
+        self.experiment_id = exp_id
+        if run_id:
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            if run_name:
+                self.guard.check("the run name", run_name)
+            self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
+        self._monitor = None
+        if system_metrics:
+            try:
+                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+                self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval,
+                                                     resume_logging=bool(run_id), tracking_uri=self.uri)
+                self._monitor.start()
+            except ImportError:  # psutil missing: no system metrics, say so once in the run
+                self.client.set_tag(self.run_id, "clinfuse.system_metrics", "unavailable (pip install psutil)")
+
+    # -- the Tracker interface ------------------------------------------------------------------
+    def log_params(self, params: dict) -> None:
+        from mlflow.entities import Param
+
+        flat = flatten(params)
+        for k, v in flat.items():
+            self.guard.check(f"param '{k}'", k, v)
+        items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = []
+        for k, v in flatten(metrics).items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+                continue
+            self.guard.check(f"metric name '{k}'", k)
+            items.append(Metric(k, float(v), now, int(step)))
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 500])
+
+    def set_tags(self, tags: dict) -> None:
+        from mlflow.entities import RunTag
+
+        for k, v in tags.items():
+            self.guard.check(f"tag '{k}'", k, v)
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        p = Path(path)
+        self.guard.check_file(p)
+        if p.is_dir():
+            self.client.log_artifacts(self.run_id, str(p), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(p), artifact_path)
+
+    def close(self, status: str = "FINISHED") -> None:
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
+        self.client.set_terminated(self.run_id, status=status)
+
+    # -- lineage and models -----------------------------------------------------------------------
+    def log_cohort(self, cohort_dir: str | Path, context: str = "training") -> None:
+        """The cohort as an MLflow dataset (name, fingerprint digest, counts) and cohort.json as an artifact."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        info = json.loads((Path(cohort_dir) / "cohort.json").read_text())
+        profile = {"studies": info["counts"]["studies"], "patients": info["counts"]["patients"],
+                   "quarantined": info["counts"]["quarantined"], "missingness": info["missingness"],
+                   "task": info["task"], "classes": info["classes"],
+                   "splits": {k: v["studies"] for k, v in info["splits"].items()}}
+        name = f"cohort-{info['fingerprint']['sha256'][:12]}"
+        source = json.dumps({"format": info.get("format"), "fingerprint": info["fingerprint"]})
+        self.guard.check("the cohort dataset", name, source, json.dumps(profile))
+        ds = Dataset(name=name, digest=info["fingerprint"]["sha256"][:32], source_type="clinfuse-cohort",
+                     source=source, schema=None, profile=json.dumps(profile))
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)])])
+        self.log_artifact(Path(cohort_dir) / "cohort.json", "cohort")
+
+    def log_model(self, model_dir: str | Path, register_as: str | None, input_example=None) -> dict:
+        """Log a model folder as an MLflow pyfunc (code + safetensors + config, no pickle) and register it.
+
+        Returns ``{"model_uri", "registered_name", "version"}``.
+        """
+        import mlflow
+        import pandas as pd
+
+        import clinfuse
+
+        from .pyfunc import ClinfusePyfunc
+
+        model_dir = Path(model_dir)
+        self.guard.check_file(model_dir, where=f"model folder '{model_dir.name}'")
+        if register_as:
+            self.guard.check("the registered model name", register_as)
+        entry = Path(__file__).with_name("pyfunc_entry.py")
+        example = input_example if input_example is not None else pd.DataFrame({"image": [b""], "report": ["FINDINGS: clear."]})
+        from mlflow.models import infer_signature
+
+        class _Ctx:  # predict() on the example gives the output schema
+            artifacts = {"model_dir": str(model_dir)}
+
+        py = ClinfusePyfunc()
+        py.load_context(_Ctx())
+        with mlflow_uri_context(self.uri):
+            signature = infer_signature(example, py.predict(None, example))
+        with mlflow_uri_context(self.uri), mlflow.start_run(run_id=self.run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(entry), artifacts={"model_dir": str(model_dir)},
+                code_paths=[str(Path(clinfuse.__file__).parent)], signature=signature, input_example=example,
+                registered_model_name=register_as, pip_requirements=_requirements(),
+            )
+        version = getattr(info, "registered_model_version", None)
+        return {"model_uri": info.model_uri, "registered_name": register_as, "version": version}
+
+
+def resolve_model(uri_or_dir: str | Path, tracking_uri: str | None = None, dst: str | Path | None = None) -> Path:
+    """A model folder from a folder path or an MLflow URI (``models:/name/version``, ``runs:/id/model``, ...).
+
+    Raises:
+        ValueError: neither a model folder nor a URI that holds one.
+    """
+    p = Path(str(uri_or_dir))
+    if p.is_dir():
+        return p
+    if ":/" not in str(uri_or_dir):
+        raise ValueError(f"{uri_or_dir}: not a model folder and not an MLflow URI (models:/NAME/VERSION)")
+    import tempfile
+
+    import mlflow
+
+    target = Path(dst or tempfile.mkdtemp(prefix="clinfuse-model-"))
+    with mlflow_uri_context(resolve_tracking_uri(tracking_uri)):
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=str(uri_or_dir), dst_path=str(target)))
+    found = sorted(local.rglob("model.json"))
+    if not found:
+        raise ValueError(f"{uri_or_dir}: no clinfuse model (model.json) in the downloaded artifacts")
+    return found[0].parent
+
+
+def ui_command(uri: str, host: str = "127.0.0.1", port: int = 5000, workers: int = 1) -> list[str]:
+    """The `mlflow ui` command line for a store (artifacts served from beside a SQLite file)."""
+    import sys
+
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+           "--workers", str(workers)]
+    root = _artifact_root(uri, "")
+    if root:
+        cmd += ["--default-artifact-root", root]
+    return cmd
+
+
+def _requirements() -> list[str]:
+    import importlib.metadata as md
+
+    reqs = []
+    for pkg in ("torch", "monai", "transformers", "safetensors", "pydicom", "numpy", "pandas", "pydantic", "pyyaml",
+                "einops", "mlflow"):
+        try:
+            reqs.append(f"{pkg}=={md.version(pkg)}")
+        except md.PackageNotFoundError:
+            pass
+    return reqs

@@ -1,0 +1,80 @@
+"""The PHI guard: nothing identifying reaches MLflow.
+
+Before anything is logged (params, tags, metric names, dataset fields, every artifact file's bytes)
+it is screened against the cohort's identifying values (``<cohort>/private/identifiers.json``:
+patient names, IDs, birth dates, UIDs, accession numbers, original keys). A hit raises
+:class:`PhiError`; the message names where and which *kind* of identifier, never the value.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+__all__ = ["PhiGuard", "PhiError"]
+
+_MIN_LEN = 5  # shorter values (e.g. a 4-letter name part) would match ordinary words
+
+
+class PhiError(ValueError):
+    """Something about to be logged contains a patient identifier."""
+
+
+def _variants(kind: str, value: str) -> set[str]:
+    v = value.strip()
+    out = {v}
+    if kind == "patient_name" and "^" in v:
+        parts = [p for p in v.split("^") if p]
+        out |= {" ".join(parts), " ".join(reversed(parts)), ", ".join(parts)}
+        out |= {p for p in parts if len(p) >= _MIN_LEN}
+    if kind == "birth_date" and re.fullmatch(r"\d{8}", v):
+        out |= {f"{v[:4]}-{v[4:6]}-{v[6:]}", f"{v[6:]}/{v[4:6]}/{v[:4]}", f"{v[4:6]}/{v[6:]}/{v[:4]}"}
+    return {x for x in out if len(x) >= _MIN_LEN}
+
+
+class PhiGuard:
+    """Screens text and files for identifying values.
+
+    Args:
+        identifiers: kind -> values (as in ``private/identifiers.json``).
+    """
+
+    def __init__(self, identifiers: dict[str, list[str]] | None = None):
+        self.kind_of: dict[str, str] = {}
+        for kind, values in (identifiers or {}).items():
+            for v in values:
+                for x in _variants(kind, str(v)):
+                    self.kind_of.setdefault(x.lower(), kind)
+        ordered = sorted(self.kind_of, key=len, reverse=True)
+        self._re = re.compile("|".join(re.escape(x) for x in ordered), re.IGNORECASE) if ordered else None
+
+    @classmethod
+    def from_cohort(cls, cohort_dir: str | Path) -> "PhiGuard":
+        f = Path(cohort_dir) / "private" / "identifiers.json"
+        return cls(json.loads(f.read_text()) if f.is_file() else None)
+
+    def __len__(self) -> int:
+        return len(self.kind_of)
+
+    def find(self, text: str) -> str | None:
+        """The kind of the first identifier found in `text`, or None."""
+        if self._re is None or not text:
+            return None
+        m = self._re.search(text)
+        return self.kind_of[m.group(0).lower()] if m else None
+
+    def check(self, where: str, *texts) -> None:
+        """Raise PhiError if any of `texts` holds an identifier."""
+        for t in texts:
+            kind = self.find(str(t))
+            if kind:
+                raise PhiError(f"PHI guard: refused to log {where}: it contains a patient identifier "
+                               f"(kind: {kind}); nothing was logged")
+
+    def check_file(self, path: str | Path, where: str | None = None) -> None:
+        """Screen a file's bytes (or every file under a folder)."""
+        p = Path(path)
+        files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
+        for f in files:
+            self.check(where or f"artifact '{f.name}'", f.read_bytes().decode("latin-1"))

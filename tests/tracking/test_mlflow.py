@@ -1,0 +1,185 @@
+"""The MLflow audit trail in a temporary SQLite store: round trip, registry, reload, and the PHI scan."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from clinfuse.config import config_from_dict, load_config
+from clinfuse.data.cohort import build_cohort
+from clinfuse.data.synth import SynthSpec, synthesize
+from clinfuse.pipeline import train_and_audit
+from clinfuse.tracking.phi import PhiError, PhiGuard
+from clinfuse.tracking.pyfunc import encode_image
+
+from ..conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mlflow")
+    synthesize(d / "e", SynthSpec(studies=90, seed=8, size=40, corrupt=4), progress=False)
+    build_cohort(d / "e/dicom", d / "e/reports.csv", d / "e/labels.csv", d / "c", progress=False)
+    data = load_config(REPO / "configs/tiny.yaml").model_dump(mode="json")
+    data["data"]["image_size"] = [32, 32]
+    data["train"].update({"epochs": 2, "batch_size": 16})
+    data["eval"] = {"bootstrap": 20}
+    uri = f"sqlite:///{d / 'store' / 'mlflow.db'}"
+    (d / "store").mkdir()
+    data["tracking"] = {"tracking_uri": uri, "experiment": "test-exp", "register_as": "cxr-test",
+                        "system_metrics_interval": 1.0}
+    lines = []
+    run = train_and_audit(d / "c", config_from_dict(data), d / "run", progress=False, log=lines.append)
+    return d, run, uri, lines
+
+
+def test_run_holds_params_metrics_tags_dataset_and_artifacts(audited):
+    from mlflow import MlflowClient
+
+    d, run, uri, lines = audited
+    c = MlflowClient(tracking_uri=uri)
+    r = c.get_run(run.run_id)
+    assert r.info.status == "FINISHED"
+    assert r.data.params["train.epochs"] == "2" and r.data.params["model.fusion.kind"] == "attention"
+    assert {"train_loss", "val_auroc", "lr_text", "test_auroc", "test_ece", "test_both_auroc", "temperature",
+            "test_image_hidden_auroc", "test_report_hidden_auroc"} <= set(r.data.metrics)
+    assert len(c.get_metric_history(run.run_id, "train_loss")) == 2
+    assert any(k.startswith("system/") for k in r.data.metrics), "system metrics were sampled"
+    assert r.data.tags["version.torch"] and r.data.tags["device"] == "cpu"
+    ds = r.inputs.dataset_inputs[0].dataset
+    info = json.loads((d / "c/cohort.json").read_text())
+    assert ds.digest == info["fingerprint"]["sha256"][:32] and json.loads(ds.profile)["studies"] == 90
+    arts = {a.path for a in c.list_artifacts(run.run_id)} | {a.path for a in c.list_artifacts(run.run_id, "evaluation")} \
+        | {a.path for a in c.list_artifacts(run.run_id, "evaluation/plots")} | {a.path for a in c.list_artifacts(run.run_id, "cohort")}
+    assert {"config.yaml", "cohort/cohort.json", "evaluation/metrics.json", "evaluation/plots/roc_pr.png",
+            "evaluation/plots/reliability.png"} <= arts
+    assert any("mlflow: run" in line for line in lines)
+
+
+def test_registered_model_reloads_in_a_fresh_process_with_identical_predictions(audited, tmp_path):
+    d, run, uri, _ = audited
+    assert run.model["registered_name"] == "cxr-test" and str(run.model["version"]) == "1"
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"image": [encode_image(rng.random((1, 32, 32), dtype=np.float32)), b"",
+                                 encode_image(rng.random((1, 32, 32), dtype=np.float32))],
+                       "report": ["INDICATION: fever, concern for pneumonia.", "FINDINGS: heart size is normal.", ""]})
+    df.to_pickle(tmp_path / "in.pkl")
+    from clinfuse.tracking.pyfunc import ClinfusePyfunc
+
+    class Ctx:
+        artifacts = {"model_dir": str(run.result.best_dir)}
+
+    direct = ClinfusePyfunc()
+    direct.load_context(Ctx())
+    expected = direct.predict(None, df)
+    code = (
+        "import sys, mlflow, pandas as pd\n"
+        f"mlflow.set_tracking_uri({uri!r}); mlflow.set_registry_uri({uri!r})\n"
+        "m = mlflow.pyfunc.load_model('models:/cxr-test/1')\n"
+        f"m.predict(pd.read_pickle({str(tmp_path / 'in.pkl')!r})).to_pickle({str(tmp_path / 'out.pkl')!r})\n"
+    )
+    # a fresh process, outside the repo: nothing of this process's state is reused
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                       env={"MLFLOW_DISABLE_TELEMETRY": "true", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = pd.read_pickle(tmp_path / "out.pkl")
+    pd.testing.assert_frame_equal(got, expected)
+    assert got.loc[1, "w_image"] == 0 and got.loc[2, "w_report"] == 0
+
+
+def test_no_identifier_anywhere_in_the_store(audited):
+    d, run, uri, _ = audited
+    ids = json.loads((d / "c/private/identifiers.json").read_text())
+    assert ids["patient_name"] and ids["birth_date"] and ids["sop_uid"] and ids["accession"]
+    guard = PhiGuard(ids)
+    store = d / "store"
+    files = [f for f in store.rglob("*") if f.is_file()]
+    assert any(f.name == "mlflow.db" for f in files) and len(files) > 20
+    for f in files:
+        text = f.read_bytes().decode("latin-1")
+        assert guard.find(text) is None, f"identifier of kind {guard.find(text)} found in {f.relative_to(store)}"
+        for values in ids.values():  # and the raw values themselves, not only the guard's view of them
+            for v in values:
+                assert v not in text, f.relative_to(store)
+
+
+def test_guard_refuses_planted_identifiers_without_echoing_them(audited, tmp_path):
+    from clinfuse.tracking.mlflow_tracker import MlflowTracker
+
+    d, run, uri, _ = audited
+    ids = json.loads((d / "c/private/identifiers.json").read_text())
+    name = ids["patient_name"][0]
+    t = MlflowTracker(f"sqlite:///{tmp_path / 'x.db'}", "guarded", PhiGuard(ids), system_metrics=False)
+    with pytest.raises(PhiError) as e:
+        t.log_params({"note": f"seen by {name.replace('^', ' ')}"})
+    assert "patient_name" in str(e.value) and name not in str(e.value) and name.split("^")[0] not in str(e.value)
+    f = tmp_path / "leak.json"
+    f.write_text(json.dumps({"dob": ids["birth_date"][0]}))
+    with pytest.raises(PhiError, match="birth_date"):
+        t.log_artifact(f)
+    with pytest.raises(PhiError, match="sop_uid"):
+        t.set_tags({"source": ids["sop_uid"][0]})
+    t.close()
+
+
+def test_unreachable_server_is_said_in_one_line_and_training_goes_on(audited, tmp_path):
+    d, *_ = audited
+    data = load_config(REPO / "configs/tiny.yaml").model_dump(mode="json")
+    data["data"]["image_size"] = [32, 32]
+    data["train"].update({"epochs": 1, "batch_size": 16})
+    data["tracking"] = {"tracking_uri": "http://127.0.0.1:9"}
+    lines = []
+    run = train_and_audit(d / "c", config_from_dict(data), tmp_path / "r", progress=False, log=lines.append)
+    assert run.run_id is None and run.result.epochs_done == 1
+    assert len(lines) == 1 and "unreachable" in lines[0] and "metrics.jsonl" in lines[0]
+
+
+@pytest.mark.slow
+def test_ui_serves_the_store(audited):
+    import socket
+
+    from clinfuse.tracking.mlflow_tracker import ui_command
+
+    d, run, uri, _ = audited
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.Popen(ui_command(uri, "127.0.0.1", port, 1), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         env={"MLFLOW_DISABLE_TELEMETRY": "true", "PATH": "/usr/bin:/bin"})
+    try:
+        deadline, ok = time.time() + 90, False
+        while time.time() < deadline and not ok:
+            try:
+                ok = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
+            except OSError:
+                time.sleep(1)
+        assert ok, "mlflow ui did not answer /health in 90 s"
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/runs/get?run_id={run.run_id}",
+                                      timeout=10).read().decode()
+        assert "test_auroc" in body
+    finally:
+        p.terminate()
+        p.wait(timeout=30)
+
+
+def test_evaluate_a_registered_model_by_uri(audited, tmp_path, capsys):
+    from clinfuse.cli import main
+
+    d, run, uri, _ = audited
+    rc = main(["evaluate", "--model", "models:/cxr-test/1", "--tracking-uri", uri, "--cohort", str(d / "c"),
+               "--out", str(tmp_path / "ev"), "--bootstrap", "10"])
+    assert rc == 2 or rc == 0
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    direct = json.loads((d / "run/eval-test/metrics.json").read_text())
+    via_uri = json.loads((tmp_path / "ev/metrics.json").read_text())
+    assert via_uri["overall"]["per_output"]["positive"]["auroc"] == direct["overall"]["per_output"]["positive"]["auroc"]
+    assert main(["evaluate", "--model", "not-a-dir", "--cohort", str(d / "c")]) == 2
