@@ -131,7 +131,10 @@ class StudyDataset(torch.utils.data.Dataset):
         items = [{"image_paths": r["image_paths"], "image_present": bool(r["image_present"])} for r in rows]
         mode = cfg.data.cache
         if mode == "memory":
-            self.base = CacheDataset(items, transform=det, cache_rate=1.0, num_workers=0, progress=progress,
+            import sys
+
+            self.base = CacheDataset(items, transform=det, cache_rate=1.0, num_workers=0,
+                                     progress=progress and sys.stderr.isatty(),
                                      copy_cache=False)
         elif mode == "disk":
             if cache_dir is None:

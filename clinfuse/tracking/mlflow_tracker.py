@@ -109,6 +109,7 @@ class MlflowTracker:
 
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # table creation chatter
         logging.getLogger("alembic").setLevel(logging.WARNING)
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
         self.uri = resolve_tracking_uri(tracking_uri)
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         self.guard = guard or PhiGuard()

@@ -11,6 +11,7 @@ operating point), ``w_image`` and ``w_report`` (the fusion's modality weights).
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 try:  # mlflow is imported only where tracking is used
     from mlflow.pyfunc import PythonModel
@@ -25,51 +26,45 @@ def encode_image(array: np.ndarray | None) -> bytes:
     return b"" if array is None else np.ascontiguousarray(array, dtype=np.float32).tobytes()
 
 
-import warnings  # noqa: E402
+class ClinfusePyfunc(PythonModel):
+    """The pyfunc model (see the module doc for its input and output)."""
 
-with warnings.catch_warnings():  # MLflow nags about type hints when the class is created; the schema is explicit
-    warnings.simplefilter("ignore")
+    def load_context(self, context):
+        from clinfuse.models.model import load_model
 
-    class ClinfusePyfunc(PythonModel):
-        """The pyfunc model (see the module doc for its input and output)."""
+        self.model, self.meta, self.tokenizer = load_model(context.artifacts["model_dir"])
 
-        def load_context(self, context):
-            from clinfuse.models.model import load_model
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        import torch
 
-            self.model, self.meta, self.tokenizer = load_model(context.artifacts["model_dir"])
+        from clinfuse.config import Config
+        from clinfuse.models.text import tokenize_reports
 
-        def predict(self, context, model_input, params=None):
-            import pandas as pd
-            import torch
-
-            from clinfuse.config import Config
-            from clinfuse.models.text import tokenize_reports
-
-            meta, cfg = self.meta, Config.model_validate(self.meta["config"])
-            shape = (cfg.model.image.in_channels, *cfg.data.image_size)
-            n = len(model_input)
-            images = np.zeros((n, *shape), np.float32)
-            image_present = np.zeros(n, bool)
-            for i, raw in enumerate(model_input["image"]):
-                if raw is not None and len(raw):
-                    images[i] = np.frombuffer(bytes(raw), dtype=np.float32).reshape(shape)
-                    image_present[i] = True
-            texts = [str(t) if isinstance(t, str) else "" for t in model_input["report"]]
-            text_present = torch.tensor([bool(t.strip()) for t in texts])
-            if self.tokenizer is not None:
-                ids, mask = tokenize_reports(self.tokenizer, texts, cfg.model.text)
-            else:
-                k = 1 if cfg.model.text.long_text == "truncate" else cfg.model.text.max_chunks
-                ids = torch.zeros(n, k, cfg.model.text.max_length, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-            with torch.no_grad():
-                out = self.model(torch.from_numpy(images), torch.from_numpy(image_present), ids, mask, text_present)
-            z = out["logits"].double() / float(meta.get("temperature", 1.0))
-            probs = (torch.softmax(z, -1) if meta["task"] == "multiclass" else torch.sigmoid(z)).numpy()
-            res = {}
-            for k, name in enumerate(meta["output_names"]):
-                res[f"p_{name}"] = probs[:, k]
-                res[f"pred_{name}"] = (probs[:, k] >= meta.get("thresholds", [0.5] * probs.shape[1])[k]).astype(int)
-            w = out["modality_weights"].numpy()
-            res["w_image"], res["w_report"] = w[:, 0], w[:, 1]
-            return pd.DataFrame(res)
+        meta, cfg = self.meta, Config.model_validate(self.meta["config"])
+        shape = (cfg.model.image.in_channels, *cfg.data.image_size)
+        n = len(model_input)
+        images = np.zeros((n, *shape), np.float32)
+        image_present = np.zeros(n, bool)
+        for i, raw in enumerate(model_input["image"]):
+            if raw is not None and len(raw):
+                images[i] = np.frombuffer(bytes(raw), dtype=np.float32).reshape(shape)
+                image_present[i] = True
+        texts = [str(t) if isinstance(t, str) else "" for t in model_input["report"]]
+        text_present = torch.tensor([bool(t.strip()) for t in texts])
+        if self.tokenizer is not None:
+            ids, mask = tokenize_reports(self.tokenizer, texts, cfg.model.text)
+        else:
+            k = 1 if cfg.model.text.long_text == "truncate" else cfg.model.text.max_chunks
+            ids = torch.zeros(n, k, cfg.model.text.max_length, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+        with torch.no_grad():
+            out = self.model(torch.from_numpy(images), torch.from_numpy(image_present), ids, mask, text_present)
+        z = out["logits"].double() / float(meta.get("temperature", 1.0))
+        probs = (torch.softmax(z, -1) if meta["task"] == "multiclass" else torch.sigmoid(z)).numpy()
+        res = {}
+        for k, name in enumerate(meta["output_names"]):
+            res[f"p_{name}"] = probs[:, k]
+            res[f"pred_{name}"] = (probs[:, k] >= meta.get("thresholds", [0.5] * probs.shape[1])[k]).astype(int)
+        w = out["modality_weights"].numpy()
+        res["w_image"], res["w_report"] = w[:, 0], w[:, 1]
+        return pd.DataFrame(res)

@@ -342,7 +342,7 @@ def train(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *, resume: b
         sampler.set_epoch(epoch, start=first * t.batch_size)
         t0, seen, loss_sum, n_loss = time.perf_counter(), 0, 0.0, 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{t.epochs}", unit="batch", initial=first,
-                   total=batches_per_epoch, disable=not (progress and is_main), leave=False)
+                   total=batches_per_epoch, disable=None if (progress and is_main) else True, leave=False)
         optimizer.zero_grad(set_to_none=True)
         for i, batch in enumerate(bar, start=first):
             batch = _to(batch, device)
