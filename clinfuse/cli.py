@@ -116,6 +116,37 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", metavar="DIR", help="where metrics.json and plots/ go (default: MODEL/eval-SPLIT)")
     e.add_argument("--bootstrap", type=int, metavar="N", help="bootstrap resamples (default from the model's config)")
 
+    x = sub.add_parser(
+        "explain", help="explained predictions: image heatmap, report words, modality shares, faithfulness (HTML/PNG/JSON)",
+        description="Explain studies with Captum: Integrated Gradients (or Grad-CAM / Occlusion) on the image, "
+        "Integrated Gradients on the report's word embeddings merged into words, exact Shapley values of the "
+        "modalities, and deletion-curve faithfulness against random orders. One folder per study under --out "
+        "(explanation.json, image_attribution.npy, overlay.png, explanation.html); logged to the model's MLflow run.",
+    )
+    x.add_argument("--model", metavar="URI_OR_DIR", required=True, help="model folder or MLflow URI (models:/NAME/VERSION)")
+    src = x.add_mutually_exclusive_group(required=True)
+    src.add_argument("--cohort", metavar="DIR", help="explain studies of a cohort split")
+    src.add_argument("--dicom", metavar="PATH", nargs="+", help="explain one study given as DICOM file(s) (with --report)")
+    x.add_argument("--report", metavar="FILE", help="the study's report text (with --dicom)")
+    x.add_argument("--split", default="test", choices=["train", "val", "test"], help="split (default test)")
+    x.add_argument("--limit", type=int, default=10, metavar="N", help="at most N studies (default 10; 0 = all)")
+    x.add_argument("--method", default="ig", choices=["ig", "gradcam", "occlusion"], help="image method (default ig)")
+    x.add_argument("--steps", type=int, default=32, metavar="N", help="Integrated Gradients steps (default 32)")
+    x.add_argument("--target", metavar="OUTPUT", help="output to explain (default: the predicted one)")
+    x.add_argument("--out", metavar="DIR", default="explanations", help="output folder (default ./explanations)")
+    x.add_argument("--tracking-uri", metavar="URI", help="MLflow store for a models:/ URI")
+    x.add_argument("--no-mlflow", action="store_true", help="do not log the explanations to MLflow")
+    x.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    pr = sub.add_parser("predict", help="probabilities and predictions for many studies, fast, as CSV (no attributions)",
+                        description="Predict a cohort split: calibrated probabilities, predictions at the stored "
+                        "operating point and modality weights, one CSV row per study.")
+    pr.add_argument("--model", metavar="URI_OR_DIR", required=True, help="model folder or MLflow URI")
+    pr.add_argument("--cohort", metavar="DIR", required=True, help="cohort folder")
+    pr.add_argument("--split", default="test", choices=["train", "val", "test", "all"], help="split (default test)")
+    pr.add_argument("--out", metavar="FILE", default="predictions.csv", help="CSV file (default predictions.csv)")
+    pr.add_argument("--tracking-uri", metavar="URI", help="MLflow store for a models:/ URI")
+
     u = sub.add_parser("ui", help="start the MLflow UI on the clinfuse store (loopback) and print its address",
                        description="Start `mlflow ui` on the same store that training logs to.")
     u.add_argument("--tracking-uri", metavar="URI", help="store (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
@@ -123,6 +154,33 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     u.add_argument("--workers", type=int, default=1, help="server workers (default 1)")
     return parser
+
+
+def _explain(args) -> int:
+    from .pipeline import explain_and_log
+
+    if args.dicom and not args.report:
+        print("clinfuse explain: note: no --report given; explaining the image alone", file=sys.stderr)
+    res = explain_and_log(args.model, args.out, cohort_dir=args.cohort, split=args.split, limit=args.limit or None,
+                          dicom=args.dicom, report=args.report, method=args.method, steps=args.steps,
+                          target=args.target, tracking_uri=args.tracking_uri, log_to_mlflow=not args.no_mlflow,
+                          progress=not args.no_progress)
+    for e in res:
+        t = e["explained_output"]
+        flags = [f"{w} map {'ok' if (e[w]['faithfulness'] or {}).get('better_than_random') else 'NOT better than random'}"
+                 for w in ("image", "report") if e[w]["faithfulness"]]
+        print(f"{e['study_id']}  p({t}) = {e['probabilities'][t]:.3f}  shares image {e['modalities']['share']['image']:.0%}"
+              f" / report {e['modalities']['share']['report']:.0%}  " + "; ".join(flags))
+    print(f"\n{len(res)} explanation(s) in {args.out}/<study_id>/explanation.html")
+    return 0
+
+
+def _predict(args) -> int:
+    from .pipeline import predict_csv
+
+    n = predict_csv(args.model, args.cohort, args.out, args.split, args.tracking_uri)
+    print(f"{n} predictions written to {args.out}")
+    return 0
 
 
 def _ui(args) -> int:
@@ -271,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: ``clinfuse <command> ...``. Returns the exit status (errors print one line, status 2)."""
     args = build_parser().parse_args(argv)
     handlers = {("cohort", "build"): _cohort_build, ("cohort", "inspect"): _cohort_inspect, ("synth", None): _synth,
-                ("train", None): _train, ("evaluate", None): _evaluate, ("ui", None): _ui}
+                ("train", None): _train, ("evaluate", None): _evaluate, ("ui", None): _ui,
+                ("explain", None): _explain, ("predict", None): _predict}
     handler = handlers[(args.command, getattr(args, "cohort_command", None))]
     try:
         return handler(args)

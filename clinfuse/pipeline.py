@@ -17,7 +17,7 @@ from pathlib import Path
 from . import __version__
 from .config import Config, dump_config
 
-__all__ = ["train_and_audit", "AuditedRun", "environment_tags"]
+__all__ = ["train_and_audit", "AuditedRun", "environment_tags", "resolve_model_ref", "explain_and_log", "predict_csv"]
 
 
 @dataclass
@@ -137,3 +137,112 @@ def _headline(test: dict) -> dict[str, float]:
         tag = h.split(" (")[0].replace(" ", "_")
         out.update({f"test_{tag}_{k}": v for k, v in pick(rep).items() if k in ("auroc", "auprc")})
     return out
+
+
+def resolve_model_ref(model: str, tracking_uri: str | None = None) -> tuple[Path, dict]:
+    """A local model folder and how to cite it (dir, MLflow URI, version, run) from a folder or an MLflow URI."""
+    p = Path(model)
+    if p.is_dir():
+        ref = {"dir": str(p), "uri": None, "version": None, "run_id": None}
+        run_file = p.parent / "mlflow_run.json"
+        if run_file.is_file():
+            run = json.loads(run_file.read_text())
+            ref.update(run_id=run["run_id"], tracking_uri=run.get("tracking_uri"))
+        return p, ref
+    from .tracking.mlflow_tracker import resolve_model
+
+    d = resolve_model(model, tracking_uri)
+    version = model.rsplit("/", 1)[-1] if model.startswith("models:/") else None
+    return d, {"dir": None, "uri": model, "version": version, "run_id": None}
+
+
+def explain_and_log(model: str, out_dir: str | Path, *, cohort_dir: str | Path | None = None, split: str = "test",
+                    limit: int | None = None, dicom: list[str] | None = None, report: str | None = None,
+                    method: str = "ig", steps: int = 32, target: str | None = None, tracking_uri: str | None = None,
+                    log_to_mlflow: bool = True, progress: bool = True, log=print) -> list[dict]:
+    """Explain a cohort split or one study given as files; log the explanations to the model's MLflow run."""
+    from .explain.run import explain_cohort, explain_rows
+    from .models.model import load_model
+
+    model_dir, ref = resolve_model_ref(model, tracking_uri)
+    _, meta, _ = load_model(model_dir)
+    names = meta["output_names"]
+    tgt = None
+    if target is not None:
+        if target not in names:
+            raise ValueError(f"--target '{target}' is not an output of this model (outputs: {', '.join(names)})")
+        tgt = names.index(target)
+    kw = {"method": method, "steps": steps, "target": tgt, "model_ref": ref, "progress": progress}
+    if cohort_dir is not None:
+        results = explain_cohort(model_dir, cohort_dir, out_dir, split=split, limit=limit, **kw)
+    else:
+        results = explain_rows(model_dir, [_row_from_files(dicom or [], report, meta)], _info_from_meta(meta),
+                               out_dir, **kw)
+    if log_to_mlflow and ref.get("run_id") and cohort_dir is not None:
+        from .tracking.mlflow_tracker import MlflowTracker
+        from .tracking.phi import PhiGuard
+
+        t = MlflowTracker(ref.get("tracking_uri") or tracking_uri, "clinfuse", PhiGuard.from_cohort(cohort_dir),
+                          run_id=ref["run_id"], system_metrics=False)
+        try:
+            t.log_artifact(out_dir, f"explanations/{split}")
+            log(f"mlflow: explanations logged to run {ref['run_id']} under explanations/{split}")
+        finally:
+            t.close()
+    return results
+
+
+def _info_from_meta(meta: dict) -> dict:
+    return {"task": meta["task"], "label_columns": meta["label_columns"], "classes": meta["class_names"]}
+
+
+def _row_from_files(dicom: list[str], report: str | None, meta: dict) -> dict:
+    """A one-study cohort row from DICOM files and a report file (label unknown: 0)."""
+    from .data.reports import _make_report, decode_bytes
+
+    cfg = Config.model_validate(meta["config"])
+    text = ""
+    if report:
+        raw, _ = decode_bytes(Path(report).read_bytes(), cfg.cohort.reports.encoding, cfg.cohort.reports.fallback_encoding)
+        text = _make_report(raw, cfg.cohort.reports, report, None).text
+    for f in dicom:
+        if not Path(f).is_file():
+            raise ValueError(f"{f}: DICOM file not found")
+    row = {"study_id": "s-input", "patient_id": "p-input", "split": "test", "image_present": bool(dicom),
+           "report_present": bool(text), "modality": "", "kind": "2d", "n_images": len(dicom),
+           "image_paths": [str(Path(f).resolve()) for f in dicom], "report": text}
+    for c in meta["label_columns"]:
+        row[c] = 0
+    return row
+
+
+def predict_csv(model: str, cohort_dir: str | Path, out_csv: str | Path, split: str = "test",
+                tracking_uri: str | None = None, batch_size: int = 64) -> int:
+    """Probabilities, predictions at the stored operating point and modality weights for a split, as CSV."""
+    import csv
+
+    import numpy as np
+    import torch
+
+    from .data.cohort import read_cohort
+    from .evaluation.evaluate import predict_split
+    from .models.model import load_model
+
+    model_dir, _ = resolve_model_ref(model, tracking_uri)
+    m, meta, tok = load_model(model_dir)
+    rows, _ = read_cohort(cohort_dir)
+    part = [r for r in rows if split == "all" or r["split"] == split]
+    if not part:
+        raise ValueError(f"{cohort_dir}: split '{split}' has no studies")
+    out = predict_split(m, meta, tok, cohort_dir, split, batch_size=batch_size, rows=part)
+    z = torch.from_numpy(out["logits"]).double() / float(meta.get("temperature", 1.0))
+    probs = (torch.softmax(z, -1) if meta["task"] == "multiclass" else torch.sigmoid(z)).numpy()
+    names, th = meta["output_names"], meta.get("thresholds", [0.5] * len(meta["output_names"]))
+    Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
+    with open(out_csv, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["study_id"] + [f"p_{n}" for n in names] + [f"pred_{n}" for n in names] + ["w_image", "w_report"])
+        for i, sid in enumerate(out["study_id"]):
+            w.writerow([sid] + [f"{p:.6f}" for p in probs[i]] + [int(p >= t) for p, t in zip(probs[i], th)]
+                       + [f"{x:.4f}" for x in np.asarray(out["weights"][i])])
+    return len(out["study_id"])

@@ -1,0 +1,104 @@
+"""Writing one explanation: explanation.json, image_attribution.npy, overlay.png, explanation.html."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["write_explanation", "overlay_png"]
+
+
+def _2d(a: np.ndarray) -> np.ndarray:
+    """A 2D view: the middle slice of a volume."""
+    return a if a.ndim == 2 else a[a.shape[0] // 2]
+
+
+def overlay_png(image: np.ndarray, amap: np.ndarray, method: str, title: str) -> bytes:
+    """The heatmap over the grey image, with a colour bar; PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    img, a = _2d(image), _2d(amap)
+    fig, ax = plt.subplots(figsize=(4.6, 4.0))
+    ax.imshow(img, cmap="gray", vmin=0, vmax=1)
+    if method == "gradcam":
+        im = ax.imshow(a, cmap="inferno", alpha=0.45, vmin=0, vmax=float(a.max()) or 1.0)
+    else:
+        lim = float(np.abs(a).max()) or 1.0
+        im = ax.imshow(a, cmap="RdBu_r", alpha=0.55, vmin=-lim, vmax=lim)
+    cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    cb.set_label("attribution to the target logit" if method != "gradcam" else "Grad-CAM (relu)")
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _word_html(tokens: list[tuple[str, float]]) -> str:
+    if not tokens:
+        return "<p><em>no report</em></p>"
+    lim = max(abs(s) for _, s in tokens) or 1.0
+    spans = []
+    for w, s in tokens:
+        a = min(1.0, abs(s) / lim)
+        color = f"rgba(214,39,40,{a:.2f})" if s > 0 else f"rgba(31,119,180,{a:.2f})"
+        spans.append(f'<span title="{s:+.4f}" style="background:{color};padding:1px 2px;border-radius:3px">'
+                     f"{html.escape(w)}</span>")
+    return "<p style='line-height:1.9'>" + " ".join(spans) + "</p>"
+
+
+def write_explanation(out_dir: Path, exp: dict, image: np.ndarray | None, amap: np.ndarray | None) -> list[str]:
+    """Write the files of one study's explanation; returns their names."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    png_b64 = ""
+    if amap is not None and image is not None:
+        np.save(out_dir / "image_attribution.npy", amap.astype(np.float32))
+        target = exp["explained_output"]
+        png = overlay_png(image, amap, exp["image"]["method"],
+                          f"{exp['study_id']}: p({target}) = {exp['probabilities'][target]:.3f}")
+        (out_dir / "overlay.png").write_bytes(png)
+        png_b64 = base64.b64encode(png).decode()
+        files += ["image_attribution.npy", "overlay.png"]
+    (out_dir / "explanation.json").write_text(json.dumps(exp, indent=2))
+    files.append("explanation.json")
+    probs = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.3f}</td><td>{'yes' if exp['predicted'][k] else 'no'}</td>"
+                    f"</tr>" for k, v in exp["probabilities"].items())
+    mod = exp["modalities"]
+    faith = []
+    for which in ("image", "report"):
+        f = exp[which].get("faithfulness") if exp.get(which) else None
+        if f:
+            flag = "better than random" if f["better_than_random"] else "<b>NOT better than random: do not rely on this map</b>"
+            faith.append(f"<li>{which}: deletion area {f['deletion_area']:.3f} vs random {f['random_area']:.3f} "
+                         f"(faithfulness {f['faithfulness']:+.3f}; {flag})</li>")
+    img_html = f'<img alt="attribution overlay" src="data:image/png;base64,{png_b64}">' if png_b64 else \
+        "<p><em>no image</em></p>"
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>clinfuse explanation {html.escape(exp['study_id'])}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:980px;margin:1.5em auto;color:#222}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px}}.cols{{display:flex;gap:2em}}</style></head><body>
+<h2>Study {html.escape(exp['study_id'])}</h2>
+<p>Model {html.escape(str(exp['model'].get('uri') or exp['model'].get('dir')))} (version {html.escape(str(exp['model'].get('version')))});
+explained output: <b>{html.escape(exp['explained_output'])}</b>; operating point from validation.</p>
+<table><tr><th>output</th><th>probability</th><th>predicted</th></tr>{probs}</table>
+<h3>Modalities</h3><p>attention weight: image {mod['attention']['image']:.2f}, report {mod['attention']['report']:.2f};
+Shapley value on the probability: image {mod['shapley']['image']:+.3f}, report {mod['shapley']['report']:+.3f}
+(share: image {mod['share']['image']:.0%}, report {mod['share']['report']:.0%})</p>
+<div class="cols"><div><h3>Image ({html.escape(str(exp['image'].get('method')))})</h3>{img_html}</div>
+<div><h3>Report</h3><p>red: words that raised the explained output, blue: words that lowered it</p>{_word_html([tuple(t) for t in exp['report']['words']])}</div></div>
+<h3>How far to trust these maps</h3><ul>{''.join(faith) or '<li>nothing to measure</li>'}</ul>
+<p style="font-size:small">Integrated Gradients convergence delta: {exp['convergence_delta']}. A heatmap shows where the model's
+output is sensitive, not where disease is; see docs/explanations.md.</p></body></html>"""
+    (out_dir / "explanation.html").write_text(page, encoding="utf-8")
+    files.append("explanation.html")
+    return files

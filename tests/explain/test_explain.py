@@ -1,0 +1,198 @@
+"""Attributions with known answers, completeness, Shapley, randomisation sanity, faithfulness, CLI output."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from clinfuse.cli import main
+from clinfuse.config import config_from_dict, load_config
+from clinfuse.data.cohort import build_cohort, read_cohort
+from clinfuse.data.dataset import StudyDataset
+from clinfuse.data.synth import SynthSpec, synthesize
+from clinfuse.explain.attributions import StudyInput, explain_study, merge_wordpieces
+from clinfuse.explain.faithfulness import image_deletion
+from clinfuse.models.model import load_model
+from clinfuse.models.text import build_tiny_tokenizer, tokenize_reports
+from clinfuse.training.trainer import train
+
+from ..conftest import REPO
+
+CORPUS = ["INDICATION: fever, concern for pneumonia. FINDINGS: heart size is normal.",
+          "FINDINGS: no pneumothorax. IMPRESSION: pneumonia."]  # words seen twice enter the tiny vocabulary
+
+
+class _Bert(nn.Module):
+    def __init__(self, vocab: int, h: int = 4):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, h)
+
+    def get_input_embeddings(self):
+        return self.emb
+
+
+class ToyModel(nn.Module):
+    """logit = 2 * sum(image[:, :, 4:8, 4:8]) + sum over tokens (embedding . v) * mask: the answer is known."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.text_encoder = nn.Module()
+        self.text_encoder.bert = _Bert(vocab)
+        self.v = torch.tensor([1.0, -0.5, 0.25, 2.0])
+
+    def forward(self, image, image_present, input_ids, attention_mask, text_present, inputs_embeds=None):
+        e = self.text_encoder.bert.emb(input_ids) if inputs_embeds is None else inputs_embeds
+        text = ((e @ self.v) * attention_mask).sum((1, 2)) * text_present.float()
+        img = 2.0 * image[:, :, 4:8, 4:8].sum((1, 2, 3)) * image_present.float()
+        logit = (img + text)[:, None]
+        w = torch.stack([image_present.float(), text_present.float()], 1)
+        return {"logits": logit, "modality_weights": w / w.sum(1, keepdim=True).clamp(min=1)}
+
+
+def _toy_input(tok):
+    cfg = config_from_dict({"model": {"text": {"max_length": 32}}}).model.text
+    ids, mask = tokenize_reports(tok, [CORPUS[0]], cfg)
+    torch.manual_seed(0)
+    return StudyInput(torch.rand(1, 1, 16, 16), torch.tensor([True]), ids, mask, torch.tensor([True]))
+
+
+def test_known_answer_on_a_linear_toy_model():
+    tok = build_tiny_tokenizer(CORPUS)
+    model = ToyModel(len(tok)).eval()
+    x = _toy_input(tok)
+    a = explain_study(model, x, task="binary", tokenizer=tok, steps=16)
+    amap = a.image_map
+    expected = np.zeros((16, 16), np.float32)
+    expected[4:8, 4:8] = 2.0 * x.image[0, 0, 4:8, 4:8].numpy()  # IG of a linear function: (x - 0) * weight
+    np.testing.assert_allclose(amap, expected, atol=1e-5)
+    emb = model.text_encoder.bert.emb.weight.detach()
+    pad = tok.pad_token_id
+    words = dict(a.tokens)
+    i = tok.convert_tokens_to_ids("pneumonia")
+    assert words["pneumonia"] == pytest.approx(float((emb[i] - emb[pad]) @ model.v), rel=1e-4)
+    assert a.convergence_delta < 1e-4
+    assert a.logit - a.baseline_logit == pytest.approx(amap.sum() + sum(words.values()), rel=1e-4)
+
+
+def test_faithfulness_flags_a_wrong_map():
+    tok = build_tiny_tokenizer(CORPUS)
+    model = ToyModel(len(tok)).eval()
+    x = _toy_input(tok)
+    a = explain_study(model, x, task="binary", tokenizer=tok, steps=8)
+    good = image_deletion(model, x, a, "binary")
+    assert good["better_than_random"] and good["faithfulness"] > 0
+    a.image_map = -a.image_map  # the opposite map: deleting its "top" regions first removes nothing that matters
+    bad = image_deletion(model, x, a, "binary")
+    assert not bad["better_than_random"] and bad["faithfulness"] < good["faithfulness"]
+
+
+def test_wordpieces_merge_into_words():
+    tok = build_tiny_tokenizer(["clear lungs", "clear"])  # 'clear' is a word, 'zebra' only characters
+    cfg = config_from_dict({"model": {"text": {"max_length": 16}}}).model.text
+    ids, mask = tokenize_reports(tok, ["clear zebra"], cfg)
+    scores = torch.arange(16, dtype=torch.float32)[None]
+    words, pos = merge_wordpieces(tok, ids[0], mask[0], scores)
+    assert [w for w, _ in words] == ["clear", "zebra"]
+    assert words[1][1] == sum(range(2, 2 + len(tok.tokenize("zebra"))))  # pieces summed
+    assert len(pos[1]) == len(tok.tokenize("zebra"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("explain")
+    synthesize(d / "e", SynthSpec(studies=160, seed=31, size=40, lateral=0, prevalence=0.4), progress=False)
+    build_cohort(d / "e/dicom", d / "e/reports.csv", d / "e/labels.csv", d / "c", progress=False)
+    data = load_config(REPO / "configs/tiny.yaml").model_dump(mode="json")
+    data["data"]["image_size"] = [32, 32]
+    data["train"].update({"epochs": 6, "batch_size": 16})
+    train(d / "c", config_from_dict(data), d / "run", progress=False)
+    model, meta, tok = load_model(d / "run/best")
+    rows, info = read_cohort(d / "c")
+    both = [r for r in rows if r["image_present"] and r["report_present"]][:6]
+    ds = StudyDataset(both, info, config_from_dict(meta["config"]), tok)
+    return d, model, meta, tok, ds
+
+
+def test_completeness_and_shapley_efficiency_on_the_real_model(trained):
+    _, model, meta, tok, ds = trained
+    for i in range(3):
+        x = StudyInput.from_item(ds[i])
+        a = explain_study(model, x, task="binary", tokenizer=tok, steps=64)
+        total = float(a.image_map.sum() + sum(s for _, s in a.tokens))
+        assert total == pytest.approx(a.logit - a.baseline_logit, abs=0.05 + 0.05 * abs(a.logit - a.baseline_logit))
+        sh = a.shapley
+        assert sh["image"] + sh["report"] == pytest.approx(sh["v_both"] - sh["v_none"], abs=1e-9)
+        assert sh["v_both"] == pytest.approx(a.probabilities[0], abs=1e-6)  # batch of 4 vs batch of 1 in float32
+
+
+def test_default_steps_keep_the_convergence_delta_small(trained):
+    _, model, meta, tok, ds = trained
+    deltas, spans = [], []
+    for i in range(len(ds)):
+        a = explain_study(model, StudyInput.from_item(ds[i]), task="binary", tokenizer=tok)  # 32 steps
+        deltas.append(a.convergence_delta)
+        spans.append(abs(a.logit - a.baseline_logit))
+    assert np.median(np.array(deltas) / np.maximum(spans, 0.1)) < 0.05, deltas
+
+
+def test_model_randomisation_changes_the_maps(trained):
+    """Adebayo et al. 2018: maps of the trained model and of the same model with random weights differ."""
+    from scipy.stats import spearmanr
+
+    _, model, meta, tok, ds = trained
+    random_model, _, _ = load_model(trained[0] / "run/best")
+    torch.manual_seed(123)
+    for m in random_model.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    random_model.eval()
+    rhos = []
+    for i in range(len(ds)):
+        x = StudyInput.from_item(ds[i])
+        a = explain_study(model, x, task="binary", tokenizer=tok, steps=16).image_map
+        b = explain_study(random_model, x, task="binary", tokenizer=tok, steps=16).image_map
+        rhos.append(spearmanr(np.abs(a).ravel(), np.abs(b).ravel())[0])
+    assert np.mean(rhos) < 0.5, rhos  # the bound stated in docs/explanations.md
+
+
+@pytest.mark.parametrize("method", ["gradcam", "occlusion"])
+def test_other_image_methods(trained, method):
+    _, model, meta, tok, ds = trained
+    a = explain_study(model, StudyInput.from_item(ds[0]), task="binary", tokenizer=tok, image_method=method)
+    assert a.image_map.shape == (32, 32) and np.isfinite(a.image_map).all() and np.abs(a.image_map).sum() > 0
+    if method == "gradcam":
+        assert (a.image_map >= 0).all()
+
+
+def test_explain_and_predict_cli_outputs_without_identifiers(trained, tmp_path, capsys):
+    from clinfuse.tracking.phi import PhiGuard
+
+    d = trained[0]
+    rc = main(["explain", "--model", str(d / "run/best"), "--cohort", str(d / "c"), "--limit", "3",
+               "--out", str(tmp_path / "x"), "--no-progress", "--no-mlflow"])
+    assert rc == 0 and "explanation(s)" in capsys.readouterr().out
+    folders = [p for p in (tmp_path / "x").iterdir() if p.is_dir()]
+    assert len(folders) == 3
+    for f in folders:
+        e = json.loads((f / "explanation.json").read_text())
+        assert {"study_id", "model", "probabilities", "predicted", "modalities", "image", "report",
+                "convergence_delta"} <= set(e)
+        if e["modalities"]["present"]["image"]:
+            assert (f / "overlay.png").is_file() and np.load(f / "image_attribution.npy").shape == (32, 32)
+            assert "better_than_random" in e["image"]["faithfulness"]
+        page = (f / "explanation.html").read_text()
+        assert "data:image/png;base64," in page or not e["modalities"]["present"]["image"]
+        assert "http://" not in page and "https://" not in page and "<script" not in page
+    guard = PhiGuard.from_cohort(d / "c")
+    assert len(guard) > 0
+    guard.check_file(tmp_path / "x")  # raises on any identifier
+    assert main(["predict", "--model", str(d / "run/best"), "--cohort", str(d / "c"), "--out",
+                 str(tmp_path / "p.csv")]) == 0
+    lines = (tmp_path / "p.csv").read_text().splitlines()
+    rows, _ = read_cohort(d / "c")
+    assert len(lines) == 1 + sum(r["split"] == "test" for r in rows) and lines[0].startswith("study_id,p_positive")
+    guard.check_file(tmp_path / "p.csv")
