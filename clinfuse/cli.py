@@ -130,8 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--report", metavar="FILE", help="the study's report text (with --dicom)")
     x.add_argument("--split", default="test", choices=["train", "val", "test"], help="split (default test)")
     x.add_argument("--limit", type=int, default=10, metavar="N", help="at most N studies (default 10; 0 = all)")
-    x.add_argument("--method", default="ig", choices=["ig", "gradcam", "occlusion"], help="image method (default ig)")
-    x.add_argument("--steps", type=int, default=32, metavar="N", help="Integrated Gradients steps (default 32)")
+    x.add_argument("--method", choices=["ig", "gradcam", "occlusion"],
+                   help="image method (default: the model config's explain.image_method, ig)")
+    x.add_argument("--steps", type=int, metavar="N", help="Integrated Gradients steps (default: explain.steps, 32)")
     x.add_argument("--target", metavar="OUTPUT", help="output to explain (default: the predicted one)")
     x.add_argument("--out", metavar="DIR", default="explanations", help="output folder (default ./explanations)")
     x.add_argument("--tracking-uri", metavar="URI", help="MLflow store for a models:/ URI")

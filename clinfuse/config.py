@@ -22,6 +22,7 @@ __all__ = [
     "Config",
     "DataConfig",
     "EvalConfig",
+    "ExplainConfig",
     "FusionConfig",
     "ImageEncoderConfig",
     "LossConfig",
@@ -330,6 +331,14 @@ class EvalConfig(_Strict):
     seed: int = Field(0, description="Seed of the bootstrap.")
 
 
+class ExplainConfig(_Strict):
+    """Explanations (``clinfuse explain``; its flags override these)."""
+
+    image_method: Literal["ig", "gradcam", "occlusion"] = Field(
+        "ig", description="Image attribution: Integrated Gradients, Grad-CAM (last conv block) or Occlusion.")
+    steps: int = Field(32, ge=2, le=512, description="Integrated Gradients steps (all in one batch).")
+
+
 class TrackingConfig(_Strict):
     """The MLflow audit trail."""
 
@@ -352,6 +361,7 @@ class Config(_Strict):
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    explain: ExplainConfig = ExplainConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")

@@ -158,7 +158,8 @@ def resolve_model_ref(model: str, tracking_uri: str | None = None) -> tuple[Path
 
 def explain_and_log(model: str, out_dir: str | Path, *, cohort_dir: str | Path | None = None, split: str = "test",
                     limit: int | None = None, dicom: list[str] | None = None, report: str | None = None,
-                    method: str = "ig", steps: int = 32, target: str | None = None, tracking_uri: str | None = None,
+                    method: str | None = None, steps: int | None = None, target: str | None = None,
+                    tracking_uri: str | None = None,
                     log_to_mlflow: bool = True, progress: bool = True, log=print) -> list[dict]:
     """Explain a cohort split or one study given as files; log the explanations to the model's MLflow run."""
     from .explain.run import explain_cohort, explain_rows
@@ -166,6 +167,8 @@ def explain_and_log(model: str, out_dir: str | Path, *, cohort_dir: str | Path |
 
     model_dir, ref = resolve_model_ref(model, tracking_uri)
     _, meta, _ = load_model(model_dir)
+    ecfg = Config.model_validate(meta["config"]).explain  # the model's settings unless overridden
+    method, steps = method or ecfg.image_method, steps or ecfg.steps
     names = meta["output_names"]
     tgt = None
     if target is not None:

@@ -88,7 +88,7 @@ def write_explanation(out_dir: Path, exp: dict, image: np.ndarray | None, amap: 
 <style>body{{font-family:system-ui,sans-serif;max-width:980px;margin:1.5em auto;color:#222}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px}}.cols{{display:flex;gap:2em}}</style></head><body>
 <h2>Study {html.escape(exp['study_id'])}</h2>
-<p>Model {html.escape(str(exp['model'].get('uri') or exp['model'].get('dir')))} (version {html.escape(str(exp['model'].get('version')))});
+<p>Model {html.escape(str(exp['model'].get('uri') or exp['model'].get('dir')))} (version {html.escape(str(exp['model'].get('version') or '—'))});
 explained output: <b>{html.escape(exp['explained_output'])}</b>; operating point from validation.</p>
 <table><tr><th>output</th><th>probability</th><th>predicted</th></tr>{probs}</table>
 <h3>Modalities</h3><p>attention weight: image {mod['attention']['image']:.2f}, report {mod['attention']['report']:.2f};

@@ -196,3 +196,50 @@ def test_explain_and_predict_cli_outputs_without_identifiers(trained, tmp_path, 
     rows, _ = read_cohort(d / "c")
     assert len(lines) == 1 + sum(r["split"] == "test" for r in rows) and lines[0].startswith("study_id,p_positive")
     guard.check_file(tmp_path / "p.csv")
+
+
+def test_html_renders_in_headless_chromium(trained, tmp_path):
+    from ..browser import Page, chromium_path
+
+    if chromium_path() is None:
+        pytest.skip("chromium is not installed (scripts/test.sh installs Debian's chromium when apt-get works)")
+    d = trained[0]
+    assert main(["explain", "--model", str(d / "run/best"), "--cohort", str(d / "c"), "--limit", "6",
+                 "--out", str(tmp_path / "x"), "--no-progress", "--no-mlflow"]) == 0
+    folder = next(f for f in sorted((tmp_path / "x").iterdir())
+                  if f.is_dir() and (f / "overlay.png").is_file()
+                  and json.loads((f / "explanation.json").read_text())["report"]["words"])
+    page = Page()
+    try:
+        page.load((folder / "explanation.html").as_uri())
+        size = page.evaluate("(() => {const r = document.querySelector('img').getBoundingClientRect();"
+                             " return [r.width, r.height, document.querySelector('img').naturalWidth]})()")
+        words = page.evaluate("document.querySelectorAll('span[title]').length")
+        shot = page.screenshot(tmp_path / "page.png")
+    finally:
+        page.close()
+    assert page.errors == []
+    assert size[0] > 50 and size[1] > 50 and size[2] > 0, "the heatmap image is shown"
+    assert words > 3, "the report words are coloured"
+    assert len(shot) > 20_000
+
+
+@pytest.mark.parametrize("method", ["ig", "gradcam", "occlusion"])
+def test_volumes_are_explained_too(method, tmp_path):
+    from clinfuse.explain.render import overlay_png
+    from clinfuse.models.model import build_model
+    from clinfuse.models.text import tiny_bert_config
+
+    cfg = config_from_dict({"data": {"image_size": [16, 32, 32]},
+                            "model": {"image": {"name": "densenet_tiny", "spatial_dims": 3},
+                                      "text": {"name_or_path": "tiny", "max_length": 16},
+                                      "fusion": {"dim": 16, "heads": 2}}})
+    tok = build_tiny_tokenizer(CORPUS)
+    torch.manual_seed(0)
+    model = build_model(cfg, 1, tiny_bert_config(len(tok))).eval()
+    ids, mask = tokenize_reports(tok, [CORPUS[0]], cfg.model.text)
+    x = StudyInput(torch.rand(1, 1, 16, 32, 32), torch.tensor([True]), ids, mask, torch.tensor([True]))
+    a = explain_study(model, x, task="binary", tokenizer=tok, image_method=method, steps=8)
+    assert a.image_map.shape == (16, 32, 32) and np.isfinite(a.image_map).all()
+    assert image_deletion(model, x, a, "binary")["curve"]
+    assert overlay_png(x.image[0, 0].numpy(), a.image_map, method, "volume")[:4] == b"\x89PNG"
