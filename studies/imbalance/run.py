@@ -64,16 +64,20 @@ def main(argv=None) -> None:
     ap.add_argument("--studies", type=int, default=3000)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default="runs/imbalance")
+    ap.add_argument("--conditions", nargs="+", metavar="TEXT",
+                    help="run only the conditions whose name contains one of these texts")
     args = ap.parse_args(argv)
     out = Path(args.out)
-    results: dict[str, list[dict]] = {c: [] for c in CONDITIONS}
+    conditions = {k: v for k, v in CONDITIONS.items()
+                  if not args.conditions or any(c in k for c in args.conditions)}
+    results: dict[str, list[dict]] = {c: [] for c in conditions}
     for seed in args.seeds:
         exp, coh = out / f"seed{seed}/export", out / f"seed{seed}/cohort"
         if not (coh / "cohort.json").is_file():
             synthesize(exp, SynthSpec(studies=args.studies, prevalence=0.05, seed=seed, size=96), progress=False)
             build_cohort(exp / "dicom", exp / "reports.csv", exp / "labels.csv", coh,
                          load_config(HERE / "config.yaml", [f"cohort.split.seed={seed}"]), progress=False)
-        for name, overrides in CONDITIONS.items():
+        for name, overrides in conditions.items():
             run = out / f"seed{seed}" / name.split(" (")[0].replace(" ", "_").replace("+", "and")
             cfg = load_config(HERE / "config.yaml", overrides + [f"train.seed={seed}"])
             train(coh, cfg, run, progress=False)
@@ -83,6 +87,7 @@ def main(argv=None) -> None:
                   f"recall@spec0.90 {r['recall@spec0.90']:.3f}  (test {r['test_pos']}/{r['test_n']} positive)",
                   flush=True)
     print(f"\nstudies={args.studies} prevalence=0.05 seeds={args.seeds}; mean ± sd over seeds")
+    base = "bce unweighted (baseline)"
     print(f"{'condition':<42} {'AUROC':>13} {'AUPRC':>13} {'recall@spec0.90':>17}")
     for name, rs in results.items():
         cells = []
@@ -90,6 +95,17 @@ def main(argv=None) -> None:
             v = np.array([r[k] for r in rs])
             cells.append(f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0:.3f}")
         print(f"{name:<42} {cells[0]:>13} {cells[1]:>13} {cells[2]:>17}")
+    if base in results:
+        print(f"\npaired differences against {base} (per seed; wins = seeds where the condition is higher)")
+        for name, rs in results.items():
+            if name == base:
+                continue
+            cells = []
+            for k in ("auroc", "auprc", "recall@spec0.90"):
+                d = np.array([r[k] for r in rs]) - np.array([r[k] for r in results[base]])
+                cells.append(f"{d.mean():+.3f} (wins {int((d > 0).sum())}/{len(d)})")
+            print(f"{name:<42} " + "  ".join(f"{c:>20}" for c in cells))
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
 
 
