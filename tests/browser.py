@@ -51,6 +51,7 @@ class Page:
         self._loop = asyncio.new_event_loop()
         self._ws = self._session = None
         self._id = 0
+        self._events: list[str] = []
         self._loop.run_until_complete(self._connect())
 
     async def _connect(self):
@@ -78,6 +79,8 @@ class Page:
                 self.errors.append(str(msg["params"]["args"]))
             elif ev == wait_event:
                 seen_event = True
+            elif ev:
+                self._events.append(ev)
             if msg.get("id") == my:
                 if "error" in msg:
                     raise RuntimeError(f"{method}: {msg['error']}")
@@ -86,10 +89,17 @@ class Page:
                 return result
         raise TimeoutError(f"{method} did not finish in {timeout} s")
 
-    def load(self, url: str, timeout: float = 60) -> None:
-        r = self._loop.run_until_complete(self._call("Page.navigate", {"url": url}, "Page.loadEventFired", timeout))
+    async def _navigate(self, url: str, timeout: float):
+        self._events.clear()
+        r = await self._call("Page.navigate", {"url": url}, timeout=timeout)
         if r.get("errorText"):
             self.errors.append(f"navigation: {r['errorText']}")
+        elif r.get("loaderId") and "Page.loadEventFired" not in self._events:
+            # a new document: wait for its load event (a change of #fragment loads nothing)
+            await self._call("Runtime.evaluate", {"expression": "1"}, "Page.loadEventFired", timeout)
+
+    def load(self, url: str, timeout: float = 60) -> None:
+        self._loop.run_until_complete(self._navigate(url, timeout))
 
     def wait_for(self, js: str, timeout: float = 60) -> object:
         """Poll a JavaScript expression until it is truthy (for pages that render after load)."""

@@ -52,3 +52,25 @@ def _temporary_mlflow_store(tmp_path_factory):
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+def synthetic_cohort(d: Path, name: str = "c", **spec) -> Path:
+    """Synthesize an export under `d` and build its cohort; returns the cohort folder."""
+    from clinfuse.data.cohort import build_cohort
+    from clinfuse.data.synth import SynthSpec, synthesize
+
+    exp = d / f"{name}-export"
+    synthesize(exp, SynthSpec(**spec), progress=False)
+    build_cohort(exp / "dicom", exp / "reports.csv", exp / "labels.csv", d / name, progress=False)
+    return d / name
+
+
+def tiny_config(image_size=(32, 32), **sections):
+    """configs/tiny.yaml at a small image size, with `sections` merged in (e.g. train={"epochs": 2})."""
+    from clinfuse.config import config_from_dict, load_config
+
+    data = load_config(REPO / "configs" / "tiny.yaml").model_dump(mode="json")
+    data["data"]["image_size"] = list(image_size)
+    for key, values in sections.items():
+        data.setdefault(key, {}).update(values)
+    return config_from_dict(data)

@@ -74,8 +74,6 @@ class _LoadStudyImage(_transform_base()):
         window = (self.dicom.window_center, self.dicom.window_width) if self.dicom.voi == "window" else None
         paths = item["image_paths"]
         if self.spatial_dims == 3:
-            from .studies import DicomHeader  # noqa: F401  (volumes need their headers)
-
             vol, _ = _volume_from_paths(paths, self.dicom)
             arr = vol[None]  # [1, Z, H, W]
         else:

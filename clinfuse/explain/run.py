@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-import torch
 
 from ..config import Config
 from ..data.cohort import read_cohort

@@ -16,7 +16,7 @@ from torch import nn
 
 from .. import __version__
 from ..config import Config
-from .fusion import FUSIONS, _presence_weights, pattern_index
+from .fusion import FUSIONS, _presence_weights
 from .image import ImageEncoder
 from .text import TextEncoder
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from pathlib import Path
 
 import torch
 from torch import nn

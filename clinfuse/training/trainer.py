@@ -189,8 +189,6 @@ def _check(cfg: Config, rows: list[dict], info: dict) -> None:
         raise TrainingError("the cohort holds 2D images but model.image.spatial_dims is 3")
     if not any(r["split"] == "train" for r in rows):
         raise TrainingError("the cohort has no training studies (split 'train')")
-    if cfg.loss.name == "ce" and info["task"] != "multiclass" or cfg.loss.name == "bce" and info["task"] == "multiclass":
-        pass  # bce/ce are swapped to fit the task (documented)
 
 
 def _meta(cfg: Config, info: dict, epoch: int, val: dict) -> dict:

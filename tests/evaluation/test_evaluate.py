@@ -4,29 +4,22 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 from clinfuse.cli import main
-from clinfuse.config import config_from_dict, load_config
-from clinfuse.data.cohort import build_cohort, read_cohort
-from clinfuse.data.synth import SynthSpec, synthesize
+from clinfuse.data.cohort import read_cohort
 from clinfuse.evaluation import evaluate as ev
 from clinfuse.training.trainer import train
 
-from ..conftest import REPO
+from ..conftest import synthetic_cohort, tiny_config
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     d = tmp_path_factory.mktemp("eval")
-    synthesize(d / "e", SynthSpec(studies=150, seed=21, size=40, lateral=0), progress=False)
-    build_cohort(d / "e/dicom", d / "e/reports.csv", d / "e/labels.csv", d / "c", progress=False)
-    data = load_config(REPO / "configs/tiny.yaml").model_dump(mode="json")
-    data["data"]["image_size"] = [32, 32]
-    data["train"].update({"epochs": 3, "batch_size": 16})
-    data["eval"] = {"bootstrap": 50}
-    train(d / "c", config_from_dict(data), d / "run", progress=False)
+    synthetic_cohort(d, studies=150, seed=21, size=40, lateral=0)
+    train(d / "c", tiny_config(train={"epochs": 3, "batch_size": 16}, eval={"bootstrap": 50}), d / "run",
+          progress=False)
     return d
 
 

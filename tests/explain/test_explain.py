@@ -10,17 +10,16 @@ import torch
 from torch import nn
 
 from clinfuse.cli import main
-from clinfuse.config import config_from_dict, load_config
-from clinfuse.data.cohort import build_cohort, read_cohort
+from clinfuse.config import config_from_dict
+from clinfuse.data.cohort import read_cohort
 from clinfuse.data.dataset import StudyDataset
-from clinfuse.data.synth import SynthSpec, synthesize
 from clinfuse.explain.attributions import StudyInput, explain_study, merge_wordpieces
 from clinfuse.explain.faithfulness import image_deletion
 from clinfuse.models.model import load_model
 from clinfuse.models.text import build_tiny_tokenizer, tokenize_reports
 from clinfuse.training.trainer import train
 
-from ..conftest import REPO
+from ..conftest import synthetic_cohort, tiny_config
 
 CORPUS = ["INDICATION: fever, concern for pneumonia. FINDINGS: heart size is normal.",
           "FINDINGS: no pneumothorax. IMPRESSION: pneumonia."]  # words seen twice enter the tiny vocabulary
@@ -104,12 +103,8 @@ def test_wordpieces_merge_into_words():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     d = tmp_path_factory.mktemp("explain")
-    synthesize(d / "e", SynthSpec(studies=160, seed=31, size=40, lateral=0, prevalence=0.4), progress=False)
-    build_cohort(d / "e/dicom", d / "e/reports.csv", d / "e/labels.csv", d / "c", progress=False)
-    data = load_config(REPO / "configs/tiny.yaml").model_dump(mode="json")
-    data["data"]["image_size"] = [32, 32]
-    data["train"].update({"epochs": 6, "batch_size": 16})
-    train(d / "c", config_from_dict(data), d / "run", progress=False)
+    synthetic_cohort(d, studies=160, seed=31, size=40, lateral=0, prevalence=0.4)
+    train(d / "c", tiny_config(train={"epochs": 6, "batch_size": 16}), d / "run", progress=False)
     model, meta, tok = load_model(d / "run/best")
     rows, info = read_cohort(d / "c")
     both = [r for r in rows if r["image_present"] and r["report_present"]][:6]

@@ -12,31 +12,24 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from clinfuse.config import config_from_dict, load_config
-from clinfuse.data.cohort import build_cohort
-from clinfuse.data.synth import SynthSpec, synthesize
 from clinfuse.pipeline import train_and_audit
 from clinfuse.tracking.phi import PhiError, PhiGuard
 from clinfuse.tracking.pyfunc import encode_image
 
-from ..conftest import REPO
+from ..conftest import synthetic_cohort, tiny_config
 
 
 @pytest.fixture(scope="module")
 def audited(tmp_path_factory):
     d = tmp_path_factory.mktemp("mlflow")
-    synthesize(d / "e", SynthSpec(studies=90, seed=8, size=40, corrupt=4), progress=False)
-    build_cohort(d / "e/dicom", d / "e/reports.csv", d / "e/labels.csv", d / "c", progress=False)
-    data = load_config(REPO / "configs/tiny.yaml").model_dump(mode="json")
-    data["data"]["image_size"] = [32, 32]
-    data["train"].update({"epochs": 2, "batch_size": 16})
-    data["eval"] = {"bootstrap": 20}
+    synthetic_cohort(d, studies=90, seed=8, size=40, corrupt=4)
     uri = f"sqlite:///{d / 'store' / 'mlflow.db'}"
     (d / "store").mkdir()
-    data["tracking"] = {"tracking_uri": uri, "experiment": "test-exp", "register_as": "cxr-test",
-                        "system_metrics_interval": 1.0}
+    cfg = tiny_config(train={"epochs": 2, "batch_size": 16}, eval={"bootstrap": 20},
+                      tracking={"tracking_uri": uri, "experiment": "test-exp", "register_as": "cxr-test",
+                                "system_metrics_interval": 1.0})
     lines = []
-    run = train_and_audit(d / "c", config_from_dict(data), d / "run", progress=False, log=lines.append)
+    run = train_and_audit(d / "c", cfg, d / "run", progress=False, log=lines.append)
     return d, run, uri, lines
 
 
@@ -132,12 +125,9 @@ def test_guard_refuses_planted_identifiers_without_echoing_them(audited, tmp_pat
 
 def test_unreachable_server_is_said_in_one_line_and_training_goes_on(audited, tmp_path):
     d, *_ = audited
-    data = load_config(REPO / "configs/tiny.yaml").model_dump(mode="json")
-    data["data"]["image_size"] = [32, 32]
-    data["train"].update({"epochs": 1, "batch_size": 16})
-    data["tracking"] = {"tracking_uri": "http://127.0.0.1:9"}
+    cfg = tiny_config(train={"epochs": 1, "batch_size": 16}, tracking={"tracking_uri": "http://127.0.0.1:9"})
     lines = []
-    run = train_and_audit(d / "c", config_from_dict(data), tmp_path / "r", progress=False, log=lines.append)
+    run = train_and_audit(d / "c", cfg, tmp_path / "r", progress=False, log=lines.append)
     assert run.run_id is None and run.result.epochs_done == 1
     assert len(lines) == 1 and "unreachable" in lines[0] and "metrics.jsonl" in lines[0]
 
@@ -183,3 +173,58 @@ def test_evaluate_a_registered_model_by_uri(audited, tmp_path, capsys):
     via_uri = json.loads((tmp_path / "ev/metrics.json").read_text())
     assert via_uri["overall"]["per_output"]["positive"]["auroc"] == direct["overall"]["per_output"]["positive"]["auroc"]
     assert main(["evaluate", "--model", "not-a-dir", "--cohort", str(d / "c")]) == 2
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_audit_path_in_a_real_browser(audited, tmp_path):
+    """mlflow ui on the run's store, opened in headless Chromium: metrics and explanation artifacts are listed."""
+    from clinfuse.pipeline import explain_and_log
+    from clinfuse.tracking.mlflow_tracker import ui_command
+
+    from ..browser import Page, chromium_path
+
+    if chromium_path() is None:
+        pytest.skip("chromium is not installed (scripts/test.sh installs Debian's chromium when apt-get works)")
+    d, run, uri, _ = audited
+    explain_and_log(str(run.result.best_dir), tmp_path / "expl", cohort_dir=d / "c", limit=2, progress=False,
+                    log=lambda m: None)
+    from mlflow import MlflowClient
+
+    exp_id = MlflowClient(tracking_uri=uri).get_run(run.run_id).info.experiment_id
+    port = _free_port()
+    server = subprocess.Popen(ui_command(uri, "127.0.0.1", port, 1), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env={"MLFLOW_DISABLE_TELEMETRY": "true", "PATH": "/usr/bin:/bin"})
+    page = None
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(1)
+        page = Page(1400, 1000)
+        base = f"http://127.0.0.1:{port}/#/experiments/{exp_id}/runs/{run.run_id}"
+        page.load(base)
+        text = page.wait_for("document.body.innerText.includes('test_auroc') && document.body.innerText", 90)
+        for metric in ("test_auroc", "val_auroc", "train_loss", "test_ece"):
+            assert metric in text, metric
+        assert "cxr-test" in text, "the registered model is linked from the run page"
+        page.screenshot(tmp_path / "run.png")
+        page.load(base + "/artifacts")
+        text = page.wait_for("document.body.innerText.includes('explanations') && document.body.innerText", 90)
+        assert "explanations" in text and "evaluation" in text and "cohort" in text
+        assert len(page.screenshot(tmp_path / "artifacts.png")) > 20_000
+    finally:
+        if page is not None:
+            page.close()
+        server.terminate()
+        server.wait(timeout=30)

@@ -10,29 +10,22 @@ import sys
 import pytest
 import torch
 
-from clinfuse.config import config_from_dict, load_config
+from clinfuse.config import config_from_dict
 from clinfuse.data.cohort import build_cohort
 from clinfuse.data.synth import SynthSpec, synthesize
 from clinfuse.models.model import load_model
 from clinfuse.training.trainer import TrainingError, train
 
-from ..conftest import REPO
+from ..conftest import synthetic_cohort, tiny_config
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    d = tmp_path_factory.mktemp("train")
-    synthesize(d / "export", SynthSpec(studies=120, seed=11, size=48, lateral=0), progress=False)
-    build_cohort(d / "export/dicom", d / "export/reports.csv", d / "export/labels.csv", d / "cohort", progress=False)
-    return d / "cohort"
+    return synthetic_cohort(tmp_path_factory.mktemp("train"), "cohort", studies=120, seed=11, size=48, lateral=0)
 
 
 def _cfg(**train):
-    base = load_config(REPO / "configs" / "tiny.yaml")
-    data = base.model_dump(mode="json")
-    data["data"]["image_size"] = [32, 32]
-    data["train"].update({"epochs": 2, "batch_size": 8, **train})
-    return config_from_dict(data)
+    return tiny_config(train={"epochs": 2, "batch_size": 8, **train})
 
 
 def _weights(run_dir):
