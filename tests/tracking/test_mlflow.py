@@ -27,7 +27,7 @@ def audited(tmp_path_factory):
     (d / "store").mkdir()
     cfg = tiny_config(train={"epochs": 2, "batch_size": 16}, eval={"bootstrap": 20},
                       tracking={"tracking_uri": uri, "experiment": "test-exp", "register_as": "cxr-test",
-                                "system_metrics_interval": 1.0})
+                                "system_metrics": True, "system_metrics_interval": 1.0})
     lines = []
     run = train_and_audit(d / "c", cfg, d / "run", progress=False, log=lines.append)
     return d, run, uri, lines
