@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print cohort.json instead of the table")
 
     s = sub.add_parser(
-        "synth", help="write a synthetic hospital export with known ground truth (DICOM, reports, labels, truth)",
+        "synth", help="write a synthetic hospital export with known ground truth",
         description="Write a synthetic hospital export: real DICOM files with fake identifiers, reports.csv, "
         "labels.csv and truth.csv (latent cues and Bayes-optimal probabilities for image, report and both).",
     )
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add N broken files (zero-byte, not DICOM, truncated, cut header)")
     s.add_argument("--no-progress", action="store_true", help="hide progress bars")
     t = sub.add_parser(
-        "train", help="train the fusion model on a cohort (progress bar, checkpoints, --resume; torchrun for DDP)",
+        "train", help="train the fusion model on a cohort (resumable; torchrun: DDP)",
         description="Train on a cohort: AdamW with separate learning rates, warm-up + cosine, clipping, "
         "accumulation, early stopping, mixed precision on CUDA. Writes best/ and last/ model folders, "
         "state.pt (resumable) and metrics.jsonl to --out. Several GPUs or nodes: "
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(t)
 
     e = sub.add_parser(
-        "evaluate", help="score a trained model on a cohort split: metrics table, plots, metrics.json",
+        "evaluate", help="score a model on a cohort split: table, plots, metrics.json",
         description="Score a model folder on a cohort split with the temperature and operating points stored "
         "with the model (fitted on validation, never on the split scored): AUROC/AUPRC with 95% bootstrap "
         "intervals, sensitivity, specificity, PPV, NPV, F1, balanced accuracy, ECE, Brier; per missingness "
@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--bootstrap", type=int, metavar="N", help="bootstrap resamples (default from the model's config)")
 
     x = sub.add_parser(
-        "explain", help="explained predictions: image heatmap, report words, modality shares, faithfulness (HTML/PNG/JSON)",
+        "explain", help="explain predictions: heatmap, report words, modality shares",
         description="Explain studies with Captum: Integrated Gradients (or Grad-CAM / Occlusion) on the image, "
         "Integrated Gradients on the report's word embeddings merged into words, exact Shapley values of the "
         "modalities, and deletion-curve faithfulness against random orders. One folder per study under --out "
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--no-mlflow", action="store_true", help="do not log the explanations to MLflow")
     x.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
-    pr = sub.add_parser("predict", help="probabilities and predictions for many studies, fast, as CSV (no attributions)",
+    pr = sub.add_parser("predict", help="probabilities for many studies as CSV, fast, no attributions",
                         description="Predict a cohort split: calibrated probabilities, predictions at the stored "
                         "operating point and modality weights, one CSV row per study.")
     pr.add_argument("--model", metavar="URI_OR_DIR", required=True, help="model folder or MLflow URI")
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--tracking-uri", metavar="URI", help="MLflow store for a models:/ URI")
 
     dm = sub.add_parser(
-        "demo", help="the whole path on generated data, offline: export, cohort, train, evaluate vs Bayes, explain, MLflow",
+        "demo", help="the whole path on generated data, offline, in a few minutes",
         description="Generate a synthetic hospital export (DICOM with fake identifiers, reports, labels, some studies "
         "missing a modality, broken files on purpose), build the cohort, train the fusion model (configs/demo.yaml), "
         "evaluate it against the Bayes-optimal answers, explain a few test studies and log everything to an MLflow "
@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--explain", type=int, default=5, metavar="N", help="test studies to explain (default 5)")
     dm.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
-    u = sub.add_parser("ui", help="start the MLflow UI on the clinfuse store (loopback) and print its address",
+    u = sub.add_parser("ui", help="start the MLflow UI on the clinfuse store, print its address",
                        description="Start `mlflow ui` on the same store that training logs to.")
     u.add_argument("--tracking-uri", metavar="URI", help="store (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
     u.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")

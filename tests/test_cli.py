@@ -11,14 +11,17 @@ import pytest
 from clinfuse.cli import build_parser, main
 
 
-def test_help_lists_every_command_with_one_line(capsys):
+def test_help_lists_every_command_with_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")  # an ordinary terminal
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
+    lines = out.splitlines()
     for cmd in build_parser()._subparsers._group_actions[0].choices:
-        line = next(line for line in out.splitlines() if line.strip().startswith(cmd + " "))
-        assert len(line.split(None, 1)[1]) > 10
+        i = next(i for i, line in enumerate(lines) if line.strip().startswith(cmd + " "))
+        assert len(lines[i].split(None, 1)[1]) > 10
+        assert not lines[i + 1].startswith(" " * 14), f"the help of '{cmd}' wraps to a second line"
     with pytest.raises(SystemExit):
         main(["cohort", "--help"])
     out = capsys.readouterr().out
