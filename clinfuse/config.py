@@ -285,8 +285,9 @@ class LossConfig(_Strict):
     """Loss and class imbalance."""
 
     name: Literal["bce", "ce", "focal", "logit_adjusted"] = Field(
-        "bce", description="'bce' (sigmoid; binary, multilabel) or 'ce' (softmax; multiclass) with class "
-        "weights; 'focal'; 'logit_adjusted' (Menon et al. 2021). bce/ce are swapped to match the task.")
+        "focal", description="'focal' (default; chosen by studies/imbalance); 'bce' (sigmoid; binary, multilabel) "
+        "or 'ce' (softmax; multiclass) with class weights, swapped to match the task; 'logit_adjusted' "
+        "(Menon et al. 2021).")
     class_weights: Literal["none", "inverse", "effective"] = Field(
         "effective", description="Weights from training prevalence: none, inverse frequency, or effective "
         "number of samples (Cui et al. 2019).")
