@@ -238,3 +238,25 @@ def test_volumes_are_explained_too(method, tmp_path):
     assert a.image_map.shape == (16, 32, 32) and np.isfinite(a.image_map).all()
     assert image_deletion(model, x, a, "binary")["curve"]
     assert overlay_png(x.image[0, 0].numpy(), a.image_map, method, "volume")[:4] == b"\x89PNG"
+
+
+def test_explain_one_study_given_as_files(trained, tmp_path, capsys):
+    import pydicom
+
+    d = trained[0]
+    dcm = next(p for p in sorted((d / "c-export" / "dicom").rglob("*.dcm"))
+               if pydicom.dcmread(p, stop_before_pixels=True).get("ViewPosition") in ("PA", "AP"))
+    report = tmp_path / "report.txt"
+    report.write_text("INDICATION: Fever and productive cough, clinical concern for pneumonia.\n"
+                      "FINDINGS: Heart size is normal.")
+    rc = main(["explain", "--model", str(d / "run/best"), "--dicom", str(dcm), "--report", str(report),
+               "--out", str(tmp_path / "one"), "--no-progress", "--no-mlflow"])
+    assert rc == 0, capsys.readouterr().err
+    e = json.loads((tmp_path / "one/s-input/explanation.json").read_text())
+    assert e["modalities"]["present"] == {"image": True, "report": True}
+    words = [w for w, _ in e["report"]["words"]]
+    assert "pneumonia" in words and "indication" in words
+    assert (tmp_path / "one/s-input/overlay.png").is_file()
+    rc = main(["explain", "--model", str(d / "run/best"), "--dicom", str(tmp_path / "missing.dcm"),
+               "--out", str(tmp_path / "two"), "--no-progress"])
+    assert rc == 2 and "DICOM file not found" in capsys.readouterr().err
