@@ -46,8 +46,11 @@ class PhiGuard:
             for v in values:
                 for x in _variants(kind, str(v)):
                     self.kind_of.setdefault(x.lower(), kind)
-        ordered = sorted(self.kind_of, key=len, reverse=True)
-        self._re = re.compile("|".join(re.escape(x) for x in ordered), re.IGNORECASE) if ordered else None
+        # Index by the first _MIN_LEN characters: a text is screened in linear time by its n-grams, then
+        # a C-speed substring test runs only for identifiers whose prefix occurs in it.
+        self._by_prefix: dict[str, list[str]] = {}
+        for x in sorted(self.kind_of, key=len, reverse=True):
+            self._by_prefix.setdefault(x[:_MIN_LEN], []).append(x)
 
     @classmethod
     def from_cohort(cls, cohort_dir: str | Path) -> "PhiGuard":
@@ -58,11 +61,16 @@ class PhiGuard:
         return len(self.kind_of)
 
     def find(self, text: str) -> str | None:
-        """The kind of the first identifier found in `text`, or None."""
-        if self._re is None or not text:
+        """The kind of the first identifier found in `text` (case-insensitive), or None."""
+        if not self._by_prefix or not text or len(text) < _MIN_LEN:
             return None
-        m = self._re.search(text)
-        return self.kind_of[m.group(0).lower()] if m else None
+        low = text.lower()
+        grams = {low[i : i + _MIN_LEN] for i in range(len(low) - _MIN_LEN + 1)}
+        for prefix in grams.intersection(self._by_prefix):
+            for ident in self._by_prefix[prefix]:
+                if ident in low:
+                    return self.kind_of[ident]
+        return None
 
     def check(self, where: str, *texts) -> None:
         """Raise PhiError if any of `texts` holds an identifier."""
@@ -73,8 +81,22 @@ class PhiGuard:
                                f"(kind: {kind}); nothing was logged")
 
     def check_file(self, path: str | Path, where: str | None = None) -> None:
-        """Screen a file's bytes (or every file under a folder)."""
+        """Screen a file (or every file under a folder).
+
+        Text of any kind is screened whole. Of a ``.safetensors`` or ``.npy`` file only the header
+        (tensor names, dtypes, shapes, metadata) is screened: the rest is numbers.
+        """
         p = Path(path)
         files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
         for f in files:
-            self.check(where or f"artifact '{f.name}'", f.read_bytes().decode("latin-1"))
+            self.check(where or f"artifact '{f.name}'", _screenable_text(f))
+
+
+def _screenable_text(f: Path) -> str:
+    with open(f, "rb") as fh:
+        if f.suffix == ".safetensors":
+            n = int.from_bytes(fh.read(8), "little")
+            return fh.read(min(n, 100 * 2**20)).decode("latin-1")
+        if f.suffix == ".npy":
+            return fh.read(4096).decode("latin-1")  # magic, version, header dict (dtype, shape)
+        return fh.read().decode("latin-1")
