@@ -179,12 +179,10 @@ def _explain(args) -> int:
                           dicom=args.dicom, report=args.report, method=args.method, steps=args.steps,
                           target=args.target, tracking_uri=args.tracking_uri, log_to_mlflow=not args.no_mlflow,
                           progress=not args.no_progress)
+    from .explain.run import summary_line
+
     for e in res:
-        t = e["explained_output"]
-        flags = [f"{w} map {'ok' if (e[w]['faithfulness'] or {}).get('better_than_random') else 'NOT better than random'}"
-                 for w in ("image", "report") if e[w]["faithfulness"]]
-        print(f"{e['study_id']}  p({t}) = {e['probabilities'][t]:.3f}  shares image {e['modalities']['share']['image']:.0%}"
-              f" / report {e['modalities']['share']['report']:.0%}  " + "; ".join(flags))
+        print(summary_line(e))
     print(f"\n{len(res)} explanation(s) in {args.out}/<study_id>/explanation.html")
     return 0
 

@@ -287,7 +287,6 @@ def run_demo(out_dir: str | Path = "demo-output", config: str | Path | None = No
     """
     import time
 
-    import numpy as np
     import torch
 
     from .config import load_config
@@ -372,12 +371,10 @@ def run_demo(out_dir: str | Path = "demo-output", config: str | Path | None = No
     def s5():
         res = explain_and_log(str(out / "run/best"), out / "explanations", cohort_dir=out / "cohort", split="test",
                               limit=explain_n, progress=progress, log=lambda m: log("   " + m))
+        from .explain.run import summary_line
+
         for e in res:
-            o = e["explained_output"]
-            ok = [f"{w} map {'ok' if (e[w]['faithfulness'] or {}).get('better_than_random') else 'NOT better than random'}"
-                  for w in ("image", "report") if e[w]["faithfulness"]]
-            log(f"   {e['study_id']}  p({o}) = {e['probabilities'][o]:.3f}  image {e['modalities']['share']['image']:.0%}"
-                f" / report {e['modalities']['share']['report']:.0%}  " + "; ".join(ok))
+            log("   " + summary_line(e))
         state["explanations"] = [e["study_id"] for e in res]
 
     for i, fn in enumerate((s1, s2, s3, s4, s5), start=1):

@@ -7,16 +7,14 @@ Needs Debian's chromium. Writes docs/img/mlflow_run.png and docs/img/mlflow_arti
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from clinfuse.tracking.mlflow_tracker import ui_command  # noqa: E402
+from clinfuse.tracking.mlflow_tracker import start_ui  # noqa: E402
 from tests.browser import Page  # noqa: E402
 
 
@@ -27,16 +25,9 @@ def main(out: str = "demo-output") -> None:
     uri = run["tracking_uri"]
     exp = MlflowClient(tracking_uri=uri).get_run(run["run_id"]).info.experiment_id
     port = 5099
-    server = subprocess.Popen(ui_command(uri, "127.0.0.1", port, 1), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, env={"MLFLOW_DISABLE_TELEMETRY": "true", "PATH": "/usr/bin:/bin"})
+    server = start_ui(uri, port)
     page = None
     try:
-        for _ in range(90):
-            try:
-                if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                time.sleep(1)
         page = Page(1400, 1100)
         base = f"http://127.0.0.1:{port}/#/experiments/{exp}/runs/{run['run_id']}"
         img = REPO / "docs" / "img"

@@ -14,7 +14,7 @@ from .attributions import StudyInput, explain_study
 from .faithfulness import image_deletion, text_deletion
 from .render import write_explanation
 
-__all__ = ["explain_rows", "explain_cohort", "EXPLANATION_FORMAT"]
+__all__ = ["explain_rows", "explain_cohort", "summary_line", "EXPLANATION_FORMAT"]
 
 EXPLANATION_FORMAT = "clinfuse-explanation/1"
 
@@ -84,3 +84,12 @@ def explain_cohort(model_dir: str | Path, cohort_dir: str | Path, out_dir: str |
     if not part:
         raise ValueError(f"{cohort_dir}: split '{split}' has no studies")
     return explain_rows(model_dir, part, info, out_dir, **kw)
+
+
+def summary_line(e: dict) -> str:
+    """One line per explanation: probability, modality shares and the faithfulness verdict of each map."""
+    t = e["explained_output"]
+    flags = [f"{w} map {'ok' if (e[w]['faithfulness'] or {}).get('better_than_random') else 'NOT better than random'}"
+             for w in ("image", "report") if e[w]["faithfulness"]]
+    return (f"{e['study_id']}  p({t}) = {e['probabilities'][t]:.3f}  shares image {e['modalities']['share']['image']:.0%}"
+            f" / report {e['modalities']['share']['report']:.0%}  " + "; ".join(flags))

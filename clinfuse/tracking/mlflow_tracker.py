@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .phi import PhiGuard
 
-__all__ = ["MlflowTracker", "resolve_tracking_uri", "unreachable_reason", "flatten", "mlflow_uri_context", "ui_command", "resolve_model"]
+__all__ = ["MlflowTracker", "resolve_tracking_uri", "unreachable_reason", "flatten", "mlflow_uri_context", "ui_command", "resolve_model", "start_ui"]
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -270,6 +270,27 @@ def ui_command(uri: str, host: str = "127.0.0.1", port: int = 5000, workers: int
     if root:
         cmd += ["--default-artifact-root", root]
     return cmd
+
+
+def start_ui(uri: str, port: int, host: str = "127.0.0.1", timeout: float = 90.0):
+    """Start `mlflow ui` in the background and return the process once /health answers.
+
+    Raises:
+        TimeoutError: the server did not answer within `timeout` seconds (it is stopped).
+    """
+    import subprocess
+
+    proc = subprocess.Popen(ui_command(uri, host, port, 1), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"http://{host}:{port}/health", timeout=2).status == 200:
+                return proc
+        except OSError:
+            time.sleep(1)
+    proc.terminate()
+    raise TimeoutError(f"mlflow ui on port {port} did not answer /health in {timeout:.0f} s")
 
 
 def _requirements() -> list[str]:
