@@ -183,16 +183,8 @@ def explain_and_log(model: str, out_dir: str | Path, *, cohort_dir: str | Path |
         results = explain_rows(model_dir, [_row_from_files(dicom or [], report, meta)], _info_from_meta(meta),
                                out_dir, **kw)
     if log_to_mlflow and ref.get("run_id") and cohort_dir is not None:
-        from .tracking.mlflow_tracker import MlflowTracker
-        from .tracking.phi import PhiGuard
-
-        t = MlflowTracker(ref.get("tracking_uri") or tracking_uri, "clinfuse", PhiGuard.from_cohort(cohort_dir),
-                          run_id=ref["run_id"], system_metrics=False)
-        try:
-            t.log_artifact(out_dir, f"explanations/{split}")
-            log(f"mlflow: explanations logged to run {ref['run_id']} under explanations/{split}")
-        finally:
-            t.close()
+        run_id = _log_to_model_run(model_dir.parent, Path(cohort_dir), [(Path(out_dir), f"explanations/{split}")])
+        log(f"mlflow: explanations logged to run {run_id} under explanations/{split}")
     return results
 
 
@@ -226,11 +218,10 @@ def predict_csv(model: str, cohort_dir: str | Path, out_csv: str | Path, split: 
     import csv
 
     import numpy as np
-    import torch
 
     from .data.cohort import read_cohort
     from .evaluation.evaluate import predict_split
-    from .models.model import load_model
+    from .models.model import load_model, probabilities
 
     model_dir, _ = resolve_model_ref(model, tracking_uri)
     m, meta, tok = load_model(model_dir)
@@ -239,8 +230,7 @@ def predict_csv(model: str, cohort_dir: str | Path, out_csv: str | Path, split: 
     if not part:
         raise ValueError(f"{cohort_dir}: split '{split}' has no studies")
     out = predict_split(m, meta, tok, cohort_dir, split, batch_size=batch_size, rows=part)
-    z = torch.from_numpy(out["logits"]).double() / float(meta.get("temperature", 1.0))
-    probs = (torch.softmax(z, -1) if meta["task"] == "multiclass" else torch.sigmoid(z)).numpy()
+    probs = probabilities(out["logits"], meta["task"], meta.get("temperature", 1.0)).numpy()
     names, th = meta["output_names"], meta.get("thresholds", [0.5] * len(meta["output_names"]))
     Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
     with open(out_csv, "w", newline="") as f:
@@ -286,8 +276,6 @@ def run_demo(out_dir: str | Path = "demo-output", config: str | Path | None = No
         DemoError: naming the stage that failed and why.
     """
     import time
-
-    import torch
 
     from .config import load_config
     from .data.cohort import build_cohort
@@ -347,14 +335,14 @@ def run_demo(out_dir: str | Path = "demo-output", config: str | Path | None = No
         log(format_table(r.test_metrics))
 
     def s4():
-        from .models.model import load_model
+        from .models.model import load_model, probabilities
 
         model, meta, tok = load_model(out / "run/best")
         t = float(meta.get("temperature", 1.0))
         preds = {}
         for hide, key in ((None, "p"), ("image", "p_image_hidden"), ("report", "p_report_hidden")):
             o = predict_split(model, meta, tok, out / "cohort", "test", hide=hide)
-            preds[key] = torch.sigmoid(torch.from_numpy(o["logits"][:, 0]).double() / t).numpy()
+            preds[key] = probabilities(o["logits"][:, 0], "binary", t).numpy()
             if hide is None:
                 preds.update(study_id=o["study_id"], y=o["labels"][:, 0], image_present=o["image_present"],
                              text_present=o["text_present"])

@@ -17,7 +17,7 @@ import torch
 from ..config import Config, EvalConfig
 from ..data.cohort import read_cohort
 from ..data.dataset import StudyDataset
-from ..models.model import load_model
+from ..models.model import load_model, probabilities
 from ..training.trainer import run_inference
 from .metrics import choose_threshold, fit_temperature, multi_report
 
@@ -27,8 +27,7 @@ PATTERNS = ("both", "image_only", "report_only")
 
 
 def _probs(logits: np.ndarray, task: str, temperature: float) -> np.ndarray:
-    z = torch.from_numpy(np.asarray(logits, np.float64)) / temperature
-    return (torch.softmax(z, -1) if task == "multiclass" else torch.sigmoid(z)).numpy()
+    return probabilities(logits, task, temperature).numpy()
 
 
 def _labels(out: dict, task: str) -> np.ndarray:

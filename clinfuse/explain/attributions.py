@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..models.model import probabilities as _probs
+
 __all__ = ["StudyInput", "Attribution", "explain_study", "merge_wordpieces", "modality_shapley", "gradcam_layer"]
 
 
@@ -64,11 +66,6 @@ def _target_logit(model, target: int):
         return model(*args, **kw)["logits"][:, target]
 
     return f
-
-
-def _probs(logits: torch.Tensor, task: str, temperature: float = 1.0) -> torch.Tensor:
-    z = logits.double() / temperature
-    return torch.softmax(z, -1) if task == "multiclass" else torch.sigmoid(z)
 
 
 def baseline_ids(tokenizer, input_ids: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from .fusion import FUSIONS, _presence_weights
 from .image import ImageEncoder
 from .text import TextEncoder
 
-__all__ = ["FusionModel", "build_model", "save_model", "load_model", "MODEL_FORMAT"]
+__all__ = ["FusionModel", "build_model", "save_model", "load_model", "probabilities", "MODEL_FORMAT"]
 
 MODEL_FORMAT = "clinfuse-model/1"
 
@@ -102,6 +102,13 @@ class FusionModel(nn.Module):
             none = ~present.any(1)
             logits = torch.where(none[:, None], self.prior.expand_as(logits), logits)
         return {"logits": logits, "modality_weights": weights}
+
+
+def probabilities(logits, task: str, temperature: float = 1.0) -> torch.Tensor:
+    """Calibrated probabilities from logits (tensor or array): ``logits / temperature`` through a softmax
+    (multi-class) or a sigmoid (binary, multi-label), in float64."""
+    z = torch.as_tensor(logits).double() / float(temperature)
+    return torch.softmax(z, -1) if task == "multiclass" else torch.sigmoid(z)
 
 
 def build_model(cfg: Config, n_outputs: int, text_hf_config) -> FusionModel:

@@ -93,7 +93,7 @@ class MlflowTracker:
 
     Args:
         tracking_uri: store URI (see ``resolve_tracking_uri``).
-        experiment: experiment name (created when missing).
+        experiment: experiment name (created when missing; unused when `run_id` is given).
         guard: the PHI guard every value and file passes through.
         run_name: display name of the run.
         run_id: continue this run instead of creating one (resume).
@@ -113,15 +113,16 @@ class MlflowTracker:
         self.uri = resolve_tracking_uri(tracking_uri)
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         self.guard = guard or PhiGuard()
-        self.guard.check("the experiment name", experiment)
-        exp = self.client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(
-            experiment, artifact_location=_artifact_root(self.uri, experiment))
-        self.experiment_id = exp_id
-        if run_id:
+        if run_id:  # reopen an existing run in its own experiment
             self.run_id = run_id
+            self.experiment_id = self.client.get_run(run_id).info.experiment_id
             self.client.update_run(run_id, status="RUNNING")
         else:
+            self.guard.check("the experiment name", experiment)
+            exp = self.client.get_experiment_by_name(experiment)
+            exp_id = exp.experiment_id if exp else self.client.create_experiment(
+                experiment, artifact_location=_artifact_root(self.uri, experiment))
+            self.experiment_id = exp_id
             if run_name:
                 self.guard.check("the run name", run_name)
             self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
@@ -177,8 +178,15 @@ class MlflowTracker:
 
     def close(self, status: str = "FINISHED") -> None:
         if self._monitor is not None:
-            self._monitor.finish()
-            self._monitor = None
+            mon, self._monitor = self._monitor, None
+            mon.finish()
+            if getattr(mon, "_logging_step", 1) == 0:  # run shorter than one interval: log one sample anyway
+                try:
+                    mon.collect_metrics()
+                    mon.publish_metrics(mon.aggregate_metrics())
+                    mon.mlflow_logger.flush()
+                except Exception as e:  # noqa: BLE001 -- system metrics never fail a run
+                    self.client.set_tag(self.run_id, "clinfuse.system_metrics", f"not sampled: {e}"[:500])
         self.client.set_terminated(self.run_id, status=status)
 
     # -- lineage and models -----------------------------------------------------------------------
@@ -251,7 +259,14 @@ def resolve_model(uri_or_dir: str | Path, tracking_uri: str | None = None, dst: 
 
     import mlflow
 
-    target = Path(dst or tempfile.mkdtemp(prefix="clinfuse-model-"))
+    if dst is None:  # a private download, removed when the process ends
+        import atexit
+        import shutil
+
+        target = Path(tempfile.mkdtemp(prefix="clinfuse-model-"))
+        atexit.register(shutil.rmtree, target, ignore_errors=True)
+    else:
+        target = Path(dst)
     with mlflow_uri_context(resolve_tracking_uri(tracking_uri)):
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=str(uri_or_dir), dst_path=str(target)))
     found = sorted(local.rglob("model.json"))

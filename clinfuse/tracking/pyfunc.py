@@ -38,6 +38,7 @@ class ClinfusePyfunc(PythonModel):
         import torch
 
         from clinfuse.config import Config
+        from clinfuse.models.model import probabilities
         from clinfuse.models.text import tokenize_reports
 
         meta, cfg = self.meta, Config.model_validate(self.meta["config"])
@@ -59,8 +60,7 @@ class ClinfusePyfunc(PythonModel):
             mask = torch.zeros_like(ids)
         with torch.no_grad():
             out = self.model(torch.from_numpy(images), torch.from_numpy(image_present), ids, mask, text_present)
-        z = out["logits"].double() / float(meta.get("temperature", 1.0))
-        probs = (torch.softmax(z, -1) if meta["task"] == "multiclass" else torch.sigmoid(z)).numpy()
+        probs = probabilities(out["logits"], meta["task"], meta.get("temperature", 1.0)).numpy()
         res = {}
         for k, name in enumerate(meta["output_names"]):
             res[f"p_{name}"] = probs[:, k]

@@ -30,7 +30,7 @@ from ..config import Config, dump_config
 from ..data.augment import BatchAugment, augment_seeds
 from ..data.cohort import read_cohort
 from ..data.dataset import StudyDataset, label_tensor, n_outputs_for, output_names_for
-from ..models.model import FusionModel, build_model, save_model
+from ..models.model import FusionModel, build_model, probabilities, save_model
 from ..models.text import load_pretrained_text_weights, load_tokenizer, text_config_for
 from ..tracking import LocalTracker, NullTracker
 from .losses import build_loss
@@ -95,11 +95,6 @@ def _seed_all(seed: int) -> None:
 # --------------------------------------------------------------------------- inference
 
 
-def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
-    """Sigmoid (binary, multi-label) or softmax (multi-class) probabilities."""
-    return torch.softmax(logits.float(), -1) if task == "multiclass" else torch.sigmoid(logits.float())
-
-
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
@@ -143,7 +138,7 @@ def _auroc(labels: np.ndarray, logits: np.ndarray, task: str) -> float:
 
     try:
         if task == "multiclass":
-            p = torch.softmax(torch.from_numpy(logits), -1).numpy()
+            p = probabilities(logits, task).numpy()
             return float(roc_auc_score(labels, p, multi_class="ovr", average="macro"))
         scores = [roc_auc_score(labels[:, j], logits[:, j]) for j in range(labels.shape[1])
                   if 0 < labels[:, j].sum() < len(labels)]

@@ -122,6 +122,19 @@ def test_guard_refuses_planted_identifiers_without_echoing_them(audited, tmp_pat
     t.close()
 
 
+def test_a_run_shorter_than_one_sampling_interval_still_shows_its_machine(tmp_path):
+    from mlflow import MlflowClient
+
+    from clinfuse.tracking.mlflow_tracker import MlflowTracker
+
+    uri = f"sqlite:///{tmp_path / 'short.db'}"
+    t = MlflowTracker(uri, "short", system_metrics=True, interval=60.0)
+    t.log_metrics({"loss": 1.0}, step=0)
+    t.close()
+    keys = set(MlflowClient(tracking_uri=uri).get_run(t.run_id).data.metrics)
+    assert "loss" in keys and any(k.startswith("system/cpu") for k in keys), keys
+
+
 def test_unreachable_server_is_said_in_one_line_and_training_goes_on(audited, tmp_path):
     d, *_ = audited
     cfg = tiny_config(train={"epochs": 1, "batch_size": 16}, tracking={"tracking_uri": "http://127.0.0.1:9"})
@@ -207,3 +220,19 @@ def test_audit_path_in_a_real_browser(audited, tmp_path):
             page.close()
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_explanations_join_the_models_run_without_a_stray_experiment(audited, tmp_path):
+    from mlflow import MlflowClient
+
+    from clinfuse.pipeline import explain_and_log
+
+    d, run, uri, _ = audited
+    lines = []
+    explain_and_log(str(run.result.best_dir), tmp_path / "x", cohort_dir=d / "c", limit=1, progress=False,
+                    log=lines.append)
+    c = MlflowClient(tracking_uri=uri)
+    assert [a.path for a in c.list_artifacts(run.run_id, "explanations")] == ["explanations/test"]
+    assert lines == [f"mlflow: explanations logged to run {run.run_id} under explanations/test"]
+    names = {e.name for e in c.search_experiments()}
+    assert "test-exp" in names and "clinfuse" not in names
