@@ -328,6 +328,9 @@ class EvalConfig(_Strict):
     target: float = Field(0.9, gt=0, lt=1, description="Target sensitivity or specificity for the operating point.")
     calibrate: bool = Field(True, description="Fit temperature scaling on validation and store it with the model.")
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for 95% intervals (0: none).")
+    bootstrap_unit: Literal["patient", "study"] = Field(
+        "patient", description="What a bootstrap resample draws: whole patients (all their studies together; "
+        "honest when a patient has several studies) or single studies.")
     ece_bins: int = Field(15, ge=2, description="Equal-width bins of the expected calibration error.")
     seed: int = Field(0, description="Seed of the bootstrap.")
 

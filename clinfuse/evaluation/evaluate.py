@@ -100,13 +100,15 @@ def evaluate(model_dir: str | Path, cohort_dir: str | Path, split: str = "test",
         raise ValueError(f"{cohort_dir}: split '{split}' has no studies")
     kw = {"bins": cfg.ece_bins, "seed": cfg.seed}
     full = predict_split(model, meta, tok, cohort_dir, split, rows=part)
+    groups = [r["patient_id"] for r in part] if cfg.bootstrap_unit == "patient" else None
     y = _labels(full, task)
     probs = _probs(full["logits"], task, t)
     result = {"split": split, "n": len(part), "task": task, "outputs": names, "temperature": t,
               "thresholds": thresholds, "operating_point": meta.get("operating_point"),
               "cohort_fingerprint": info["fingerprint"]["sha256"],
               "model_cohort_fingerprint": meta.get("cohort_fingerprint"),
-              "overall": multi_report(y, probs, task, names, thresholds, n_boot=cfg.bootstrap, **kw),
+              "bootstrap_unit": cfg.bootstrap_unit,
+              "overall": multi_report(y, probs, task, names, thresholds, n_boot=cfg.bootstrap, groups=groups, **kw),
               "by_pattern": {}, "hidden": {}}
     for pattern in PATTERNS:
         m = _pattern_mask(full, pattern)

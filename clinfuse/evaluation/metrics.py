@@ -14,7 +14,7 @@ import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 __all__ = ["threshold_metrics", "binary_report", "expected_calibration_error", "brier", "choose_threshold",
-           "fit_temperature", "bootstrap_ci", "multi_report", "auroc", "auprc"]
+           "fit_temperature", "bootstrap_ci", "multi_report", "auroc", "auprc", "recall_at_specificity"]
 
 
 def _safe(fn, y, p) -> float:
@@ -121,15 +121,26 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, task: str) -> float:
     return t if math.isfinite(t) and 1e-2 < t < 1e2 else 1.0
 
 
-def bootstrap_ci(y, p, fn, n: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """Percentile 95% interval of ``fn(y, p)`` over `n` resamples of the studies (NaN resamples dropped)."""
+def bootstrap_ci(y, p, fn, n: int = 1000, seed: int = 0, groups=None) -> tuple[float, float]:
+    """Percentile 95% interval of ``fn(y, p)`` over `n` resamples (NaN resamples dropped).
+
+    Args:
+        groups: optional ``[N]`` cluster ids (e.g. patients): whole clusters are resampled, so that
+            several images of one patient do not pass for independent evidence.
+    """
     y, p = np.asarray(y), np.asarray(p)
     if n <= 0 or len(y) < 2:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
+    if groups is not None:
+        _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+        members = [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)]
     vals = []
     for _ in range(n):
-        i = rng.integers(0, len(y), len(y))
+        if groups is None:
+            i = rng.integers(0, len(y), len(y))
+        else:
+            i = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
         v = fn(y[i], p[i])
         if not math.isnan(v):
             vals.append(v)
@@ -138,25 +149,38 @@ def bootstrap_ci(y, p, fn, n: int = 1000, seed: int = 0) -> tuple[float, float]:
     return float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))
 
 
-def binary_report(y, p, threshold: float, *, bins: int = 15, n_boot: int = 0, seed: int = 0) -> dict:
-    """All metrics of one binary output at the given threshold (with 95% intervals when n_boot > 0)."""
+def recall_at_specificity(y, p, spec: float = 0.90) -> float:
+    """Sensitivity at the threshold where specificity first reaches `spec` (ranking only, no calibration)."""
+    y, p = np.asarray(y).astype(int), np.asarray(p, float)
+    if y.min() == y.max():
+        return float("nan")
+    neg = np.sort(p[y == 0])
+    thr = neg[int(np.ceil(spec * len(neg))) - 1]  # the smallest threshold with specificity >= spec
+    return float((p[y == 1] > thr).mean())
+
+
+def binary_report(y, p, threshold: float, *, bins: int = 15, n_boot: int = 0, seed: int = 0, groups=None) -> dict:
+    """All metrics of one binary output at the given threshold (with 95% intervals when n_boot > 0;
+    resampling whole `groups`, e.g. patients, when given)."""
     y, p = np.asarray(y).astype(int), np.asarray(p, float)
     out = {"n": int(len(y)), "positives": int(y.sum()), "auroc": auroc(y, p), "auprc": auprc(y, p),
            "brier": brier(y, p), "ece": expected_calibration_error(y, p, bins), "threshold": float(threshold)}
     out.update(threshold_metrics(y, p, threshold))
     if n_boot:
         for name, fn in (("auroc", auroc), ("auprc", auprc)):
-            lo, hi = bootstrap_ci(y, p, fn, n_boot, seed)
+            lo, hi = bootstrap_ci(y, p, fn, n_boot, seed, groups)
             out[f"{name}_ci95"] = [lo, hi]
-        lo, hi = bootstrap_ci(y, p, lambda a, b: threshold_metrics(a, b, threshold)["sensitivity"], n_boot, seed)
+        lo, hi = bootstrap_ci(y, p, lambda a, b: threshold_metrics(a, b, threshold)["sensitivity"], n_boot, seed,
+                              groups)
         out["sensitivity_ci95"] = [lo, hi]
-        lo, hi = bootstrap_ci(y, p, lambda a, b: threshold_metrics(a, b, threshold)["specificity"], n_boot, seed)
+        lo, hi = bootstrap_ci(y, p, lambda a, b: threshold_metrics(a, b, threshold)["specificity"], n_boot, seed,
+                              groups)
         out["specificity_ci95"] = [lo, hi]
     return out
 
 
 def multi_report(y: np.ndarray, probs: np.ndarray, task: str, names: list[str], thresholds: list[float], *,
-                 bins: int = 15, n_boot: int = 0, seed: int = 0) -> dict:
+                 bins: int = 15, n_boot: int = 0, seed: int = 0, groups=None) -> dict:
     """Per-output reports plus macro and micro AUROC/AUPRC.
 
     Args:
@@ -168,7 +192,8 @@ def multi_report(y: np.ndarray, probs: np.ndarray, task: str, names: list[str], 
         onehot = np.eye(probs.shape[1], dtype=int)[np.asarray(y).astype(int)]
     else:
         onehot = np.asarray(y).astype(int).reshape(len(probs), -1)
-    per = {n: binary_report(onehot[:, k], probs[:, k], thresholds[k], bins=bins, n_boot=n_boot, seed=seed)
+    per = {n: binary_report(onehot[:, k], probs[:, k], thresholds[k], bins=bins, n_boot=n_boot, seed=seed,
+                              groups=groups)
            for k, n in enumerate(names)}
     out = {"per_output": per}
     if len(names) > 1:

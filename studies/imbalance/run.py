@@ -26,6 +26,7 @@ from clinfuse.config import Config, load_config  # noqa: E402
 from clinfuse.data.cohort import build_cohort, read_cohort  # noqa: E402
 from clinfuse.data.dataset import StudyDataset  # noqa: E402
 from clinfuse.data.synth import SynthSpec, synthesize  # noqa: E402
+from clinfuse.evaluation.metrics import recall_at_specificity  # noqa: E402
 from clinfuse.models.model import load_model  # noqa: E402
 from clinfuse.training.trainer import probabilities, run_inference, train  # noqa: E402
 
@@ -37,12 +38,6 @@ CONDITIONS = {
     "logit adjusted (tau 1)": ["loss.name=logit_adjusted", "loss.class_weights=none"],
     "balanced sampler + bce unweighted": ["loss.name=bce", "loss.class_weights=none", "loss.sampler=balanced"],
 }
-
-
-def recall_at_specificity(y: np.ndarray, p: np.ndarray, spec: float = 0.90) -> float:
-    neg = np.sort(p[y == 0])
-    thr = neg[int(np.ceil(spec * len(neg))) - 1]  # the smallest threshold with specificity >= spec
-    return float((p[y == 1] > thr).mean())
 
 
 def score(model_dir: Path, cohort: Path) -> dict:

@@ -76,3 +76,28 @@ def test_multi_report_multiclass_and_multilabel():
     assert r["accuracy"] == pytest.approx(0.75) and set(r["per_output"]) == {"a", "b", "c"}
     ml = multi_report(np.array([[1, 0], [0, 1], [1, 1], [0, 0]]), probs[:, :2], "multilabel", ["x", "y"], [0.5, 0.5])
     assert "macro" in ml and "micro" in ml
+
+
+def test_bootstrap_by_patient_widens_the_interval_when_studies_repeat_a_patient():
+    from clinfuse.evaluation.metrics import auroc
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 60)
+    p = np.clip(y * 0.3 + rng.random(60) * 0.7, 0, 1)
+    # one study per patient: resampling patients is resampling studies
+    assert bootstrap_ci(y, p, auroc, n=200, seed=3) == bootstrap_ci(y, p, auroc, n=200, seed=3, groups=np.arange(60))
+    # each patient seen five times: the per-study interval is too narrow, the per-patient one is not
+    y5, p5, g5 = np.repeat(y, 5), np.repeat(p, 5), np.repeat(np.arange(60), 5)
+    lo_s, hi_s = bootstrap_ci(y5, p5, auroc, n=300, seed=0)
+    lo_p, hi_p = bootstrap_ci(y5, p5, auroc, n=300, seed=0, groups=g5)
+    assert hi_p - lo_p > 1.7 * (hi_s - lo_s)
+
+
+def test_recall_at_specificity_reads_the_threshold_from_the_negatives():
+    from clinfuse.evaluation.metrics import recall_at_specificity
+
+    y = np.array([0] * 10 + [1] * 4)
+    p = np.array([0.1 * i for i in range(10)] + [0.95, 0.85, 0.5, 0.05])
+    # specificity 0.9 -> threshold at the 9th negative (0.8): positives above it are 0.95 and 0.85
+    assert recall_at_specificity(y, p, 0.9) == 0.5
+    assert np.isnan(recall_at_specificity(np.zeros(5), np.arange(5)))
