@@ -53,7 +53,7 @@ def image_deletion(model, x: StudyInput, attr: Attribution, task: str, temperatu
             keep = torch.ones(n)
             keep[order[: int(round(f * n))]] = 0
             m = keep.reshape(grid)[None, None]
-            m = F.interpolate(m, scale_factor=p, mode="nearest")[..., *[slice(0, s) for s in spatial]]
+            m = F.interpolate(m, scale_factor=p, mode="nearest")[(..., *[slice(0, s) for s in spatial])]
             imgs.append(x.image[0] * m[0])
         batch = torch.stack(imgs)
         b = len(batch)
