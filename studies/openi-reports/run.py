@@ -1,0 +1,196 @@
+"""Open-I reports study: real radiology text through clinfuse's report-only (image missing) path.
+
+Questions (see README.md):
+  1. 11 MeSH findings from FINDINGS + IMPRESSION: TF-IDF + logistic regression vs MiniLM vs tiny BERT.
+  2. `abnormal` from INDICATION alone (no label leak): the same three models.
+  3. The rarest findings: unweighted BCE vs the package default (focal + effective-number weights).
+  4. Explanations of 20 test reports: top words and deletion faithfulness against random orders.
+
+Every clinfuse model is trained with `train_and_audit`, so each run is in the study's MLflow store.
+
+Usage: python studies/openi-reports/run.py [--out runs/openi] [--questions 1 2 3 4] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from _common import auprc, auroc, cell, labels_of, model_predictions, recall_at_specificity, split_rows, table  # noqa: E402
+from prepare import DEFAULT_CSV, FINDINGS, from_csv, write_export  # noqa: E402
+
+from clinfuse.config import load_config  # noqa: E402
+from clinfuse.data.cohort import build_cohort  # noqa: E402
+from clinfuse.pipeline import train_and_audit  # noqa: E402
+
+RARE = ["Pneumonia", "Nodule", "Airspace_Disease"]
+QUESTIONS = {
+    "q1": {"sections": ["FINDINGS", "IMPRESSION"], "task": "multilabel", "columns": FINDINGS},
+    "q2": {"sections": ["INDICATION"], "task": "binary", "columns": ["abnormal"], "max_length": 32},
+    "q3": {"sections": ["FINDINGS", "IMPRESSION"], "task": "multilabel", "columns": RARE},
+}
+ENCODERS = {  # name -> overrides (epochs set in main)
+    "MiniLM (pretrained, fine-tuned)": ["model.text.name_or_path=minilm", "model.text.freeze_layers=4",
+                                        "train.lr_text=1.0e-4"],  # top 2 of 6 layers trained: CPU budget
+    "tiny BERT (from scratch)": ["model.text.name_or_path=tiny", "train.lr_text=1.0e-3"],
+}
+
+
+def overrides_for(q: str) -> list[str]:
+    spec = QUESTIONS[q]
+    return [f"cohort.reports.read_sections={json.dumps(spec['sections'])}", f"cohort.labels.task={spec['task']}",
+            f"cohort.labels.columns={json.dumps(spec['columns'])}", f"model.text.max_length={spec.get('max_length', 128)}"]
+
+
+def make_cohort(out: Path, q: str) -> Path:
+    exp, coh = out / "export", out / f"cohort-{q}"
+    if not (exp / "labels.csv").is_file():
+        if not DEFAULT_CSV.is_file():
+            sys.exit(f"openi study: {DEFAULT_CSV} not found (the shared Open-I reports.csv)")
+        write_export(from_csv(DEFAULT_CSV), exp, None)
+    if not (coh / "cohort.json").is_file():
+        build_cohort(None, exp / "reports.csv", exp / "labels.csv", coh, load_config(HERE / "config.yaml",
+                     overrides_for(q)), progress=False)
+    return coh
+
+
+def tfidf_lr(cohort: Path):
+    """The ten-line baseline: TF-IDF (1-2 grams) + one logistic regression per label, on the same text."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    tr, info = split_rows(cohort, "train")
+    te, _ = split_rows(cohort, "test")
+    vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
+    xtr, xte = vec.fit_transform([r["report"] for r in tr]), vec.transform([r["report"] for r in te])
+    ytr, yte = labels_of(tr, info), labels_of(te, info)
+    p = np.zeros(yte.shape)
+    for k in range(ytr.shape[1]):
+        if ytr[:, k].min() == ytr[:, k].max():
+            p[:, k] = ytr[:, k].mean()
+            continue
+        p[:, k] = LogisticRegression(C=4.0, max_iter=2000, class_weight="balanced").fit(xtr, ytr[:, k]).predict_proba(xte)[:, 1]
+    return yte, p, [r["patient_id"] for r in te]
+
+
+def train_model(cohort: Path, q: str, name: str, extra: list[str], out: Path, epochs: int) -> tuple[Path, float]:
+    run = out / "runs" / f"{q}-{name.split(' (')[0].replace(' ', '_').lower()}"
+    cfg = load_config(HERE / "config.yaml", overrides_for(q) + extra + [f"train.epochs={epochs}",
+                      f"tracking.tracking_uri=sqlite:///{(out / 'mlflow.db').resolve()}"])
+    t0 = time.time()
+    best = run / "best"
+    if not (best / "model.json").is_file():
+        train_and_audit(cohort, cfg, run, progress=False, log=lambda s: None)
+    return best, time.time() - t0
+
+
+def discrimination_table(results: dict, names: list[str], n_boot: int) -> str:
+    header = ["label", "test +", *results]
+    rows = []
+    y0 = next(iter(results.values()))[0]
+    for k, n in enumerate(names):
+        rows.append([n, str(int(y0[:, k].sum()))] + [
+            f"{auroc(y[:, k], p[:, k]):.3f} / {auprc(y[:, k], p[:, k]):.3f}" for y, p, g in results.values()])
+    if len(names) > 1:
+        rows.append(["macro", ""] + [f"{np.nanmean([auroc(y[:, k], p[:, k]) for k in range(len(names))]):.3f} / "
+                                     f"{np.nanmean([auprc(y[:, k], p[:, k]) for k in range(len(names))]):.3f}"
+                                     for y, p, g in results.values()])
+    else:
+        rows.append(["95% CI (AUROC)", ""] + [cell(auroc, y[:, 0], p[:, 0], g, n_boot).split(" ", 1)[1]
+                                              for y, p, g in results.values()])
+    return "cells: AUROC / AUPRC on the test split\n" + table(header, rows)
+
+
+def question_1_2(out: Path, q: str, epochs: dict, n_boot: int) -> dict:
+    coh = make_cohort(out, q)
+    results, times = {}, {}
+    t0 = time.time()
+    results["TF-IDF + LR (baseline)"] = tfidf_lr(coh)
+    times["TF-IDF + LR (baseline)"] = time.time() - t0
+    for name, extra in ENCODERS.items():
+        best, secs = train_model(coh, q, name, extra, out, epochs[name])
+        y, p, g, _ = model_predictions(best, coh)
+        results[name], times[name] = (y, p, g), secs
+    names = QUESTIONS[q]["columns"]
+    print(discrimination_table(results, names, n_boot))
+    print("train time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()), flush=True)
+    return {"results": results, "cohort": coh}
+
+
+def question_3(out: Path, epochs: int, n_boot: int) -> None:
+    coh = make_cohort(out, "q3")
+    conds = {"bce unweighted": ["loss.name=bce", "loss.class_weights=none"],
+             "focal + effective weights (default)": ["loss.name=focal", "loss.class_weights=effective"]}
+    enc = ENCODERS["tiny BERT (from scratch)"]
+    rows = []
+    for cname, extra in conds.items():
+        best, _ = train_model(coh, "q3", f"tiny {cname.split(' (')[0].replace('+', 'and')}", enc + extra, out, epochs)
+        y, p, g, _ = model_predictions(best, coh)
+        for k, n in enumerate(RARE):
+            rows.append([n, str(int(y[:, k].sum())), cname, cell(auprc, y[:, k], p[:, k], g, n_boot),
+                         cell(lambda a, b: recall_at_specificity(a, b, 0.9), y[:, k], p[:, k], g, n_boot)])
+    rows.sort(key=lambda r: RARE.index(r[0]))
+    print("encoder: tiny BERT from scratch; 95% bootstrap intervals over patients")
+    print(table(["finding", "test +", "loss", "AUPRC [95% CI]", "sensitivity @ spec 0.90 [95% CI]"], rows), flush=True)
+
+
+def question_4(out: Path, coh: Path, n: int = 20) -> None:
+    from clinfuse.explain.run import explain_rows
+
+    best = out / "runs" / "q1-minilm" / "best"
+    rows, info = split_rows(coh, "test")
+    pos = [r for r in rows if any(int(float(r[c])) for c in FINDINGS)][:n]
+    exps = explain_rows(best, pos, info, out / "explanations-q4", progress=False)
+    table_rows, better, gains = [], 0, []
+    for e in exps:
+        f = e["report"]["faithfulness"] or {}
+        words = sorted(e["report"]["words"], key=lambda w: -w[1])[:5]
+        truth = [c for c in FINDINGS if int(float(next(r for r in pos if r["study_id"] == e["study_id"])[c]))]
+        better += bool(f.get("better_than_random"))
+        gains.append(f.get("faithfulness", float("nan")))
+        table_rows.append([e["explained_output"], f"{e['probabilities'][e['explained_output']]:.2f}", ",".join(truth),
+                           " ".join(w for w, _ in words), f"{f.get('deletion_area', float('nan')):.3f}",
+                           f"{f.get('random_area', float('nan')):.3f}", "yes" if f.get("better_than_random") else "NO"])
+    print(table(["explained finding", "p", "true findings", "top 5 words", "deletion area", "random area",
+                 "better than random"], table_rows))
+    print(f"better than every random order: {better}/{len(exps)}; mean faithfulness (random area - deletion area) "
+          f"{np.nanmean(gains):.3f}", flush=True)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("runs/openi"))
+    ap.add_argument("--questions", nargs="+", type=int, default=[1, 2, 3, 4], choices=[1, 2, 3, 4])
+    ap.add_argument("--epochs-minilm", type=int, default=3)
+    ap.add_argument("--epochs-tiny", type=int, default=20)
+    ap.add_argument("--bootstrap", type=int, default=1000)
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.manual_seed(0)
+    t0 = time.time()
+    epochs = {"MiniLM (pretrained, fine-tuned)": args.epochs_minilm, "tiny BERT (from scratch)": args.epochs_tiny}
+    q1 = None
+    for q in args.questions:
+        print(f"\n## Question {q}", flush=True)
+        if q in (1, 2):
+            r = question_1_2(args.out, f"q{q}", epochs, args.bootstrap)
+            q1 = r["cohort"] if q == 1 else q1
+        elif q == 3:
+            question_3(args.out, args.epochs_tiny, args.bootstrap)
+        else:
+            question_4(args.out, q1 or make_cohort(args.out, "q1"))
+    print(f"\nseed 0; data {DEFAULT_CSV}; total {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
