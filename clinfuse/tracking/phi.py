@@ -2,7 +2,8 @@
 
 Before anything is logged (params, tags, metric names, dataset fields, every artifact file's bytes)
 it is screened against the cohort's identifying values (``<cohort>/private/identifiers.json``:
-patient names, IDs, birth dates, UIDs, accession numbers, original keys). A hit raises
+patient names, IDs, birth dates, UIDs, accession numbers, original keys); a purely numeric value
+counts only where no other digit touches it. A hit raises
 :class:`PhiError`; the message names where and which *kind* of identifier, never the value.
 """
 
@@ -68,7 +69,7 @@ class PhiGuard:
         grams = {low[i : i + _MIN_LEN] for i in range(len(low) - _MIN_LEN + 1)}
         for prefix in grams.intersection(self._by_prefix):
             for ident in self._by_prefix[prefix]:
-                if ident in low:
+                if ident in low and (not ident.isdigit() or _digits_alone(ident, low)):
                     return self.kind_of[ident]
         return None
 
@@ -90,6 +91,12 @@ class PhiGuard:
         files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
         for f in files:
             self.check(where or f"artifact '{f.name}'", _screenable_text(f))
+
+
+def _digits_alone(ident: str, text: str) -> bool:
+    """A numeric identifier counts only where no digit touches it: patient 12345 is not in 1123456
+    (a parameter count, a timestamp), but it is in 'MRN12345' and 'id=12345'."""
+    return re.search(rf"(?<!\d){ident}(?!\d)", text) is not None
 
 
 def _screenable_text(f: Path) -> str:

@@ -39,3 +39,11 @@ def test_binary_files_screen_their_headers(tmp_path):
     save_file({"w": torch.zeros(10)}, str(tmp_path / "leak.safetensors"), metadata={"by": "Kazumir Veltor"})
     with pytest.raises(PhiError, match="patient_name"):
         g.check_file(tmp_path / "leak.safetensors")
+
+
+def test_numeric_ids_match_whole_numbers_only():
+    """Short numeric patient ids (NIH: 1 to 30805) must not fire inside parameter counts or timestamps."""
+    g = PhiGuard({"patient_id": ["11172", "30805"]})
+    assert g.find("parameters: 11172609") is None and g.find('"time": 1795330805.2') is None
+    assert g.find("patient 11172 seen") == "patient_id"
+    assert g.find("MRN11172") == "patient_id" and g.find("id=30805;") == "patient_id"

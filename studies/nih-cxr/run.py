@@ -1,0 +1,264 @@
+"""NIH chest X-ray study: real radiographs (pneumonia vs no finding) through the hospital path.
+
+Questions (see README.md):
+  1. MONAI encoders from scratch (ResNet18, DenseNet121) against logistic regression on 32x32 pixels
+     and against the view position alone; overall and within AP and PA films (the label is
+     confounded with the view).
+  2. Shortcut detection through fusion: the real clinical context (age, sex, view) as a second
+     modality; modality shares, the score with each modality hidden, and the change in probability
+     when only the view word is flipped (AP <-> PA).
+  3. Explanations on real images: deletion faithfulness against random orders for IG, Grad-CAM and
+     Occlusion on 30 test images, and a figure of 6 overlays.
+
+Usage: python studies/nih-cxr/run.py [--data ../shared/data/nih-cxr] [--out runs/nih] [--questions 1 2 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from _common import auprc, auroc, cell, labels_of, model_predictions, split_rows, table  # noqa: E402
+from prepare import DEFAULT_DATA, prepare  # noqa: E402
+
+from clinfuse.config import load_config  # noqa: E402
+from clinfuse.data.cohort import build_cohort  # noqa: E402
+from clinfuse.pipeline import train_and_audit  # noqa: E402
+
+ENCODERS = {"ResNet18 (MONAI, from scratch)": "resnet18", "DenseNet121 (MONAI, from scratch)": "densenet121"}
+
+
+def cohorts(data: Path, out: Path) -> tuple[Path, Path]:
+    exp = out / "export"
+    if not (exp / "labels.csv").is_file():
+        prepare(data, exp, progress=False)
+    img, ctx = out / "cohort-image", out / "cohort-context"
+    cfg = load_config(HERE / "config.yaml")
+    if not (img / "cohort.json").is_file():
+        build_cohort(exp / "dicom", None, exp / "labels.csv", img, cfg, progress=False)
+    if not (ctx / "cohort.json").is_file():
+        build_cohort(exp / "dicom", exp / "context.csv", exp / "labels.csv", ctx, cfg, progress=False)
+    return img, ctx
+
+
+def first_path(r: dict) -> str:
+    import json
+
+    paths = r["image_paths"]
+    return (json.loads(paths) if isinstance(paths, str) else paths)[0]
+
+
+def views(rows: list[dict]) -> np.ndarray:
+    import pydicom
+
+    return np.array([str(pydicom.dcmread(first_path(r), stop_before_pixels=True)
+                         .get("ViewPosition", "")).upper() for r in rows])
+
+
+def pixels(rows: list[dict], size: int = 32) -> np.ndarray:
+    from PIL import Image
+
+    from clinfuse.data.dicom import read_dicom
+
+    out = []
+    for r in rows:
+        a = np.asarray(read_dicom(first_path(r)).pixels, np.float32).squeeze()
+        a = (a - a.min()) / max(float(a.max() - a.min()), 1e-6)
+        out.append(np.asarray(Image.fromarray(a).resize((size, size), Image.BILINEAR)).ravel())
+    return np.stack(out)
+
+
+def baselines(cohort: Path) -> dict:
+    """Logistic regression on 32x32 pixels (ten lines), and the view position alone."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    tr, info = split_rows(cohort, "train")
+    te, _ = split_rows(cohort, "test")
+    ytr, yte = labels_of(tr, info)[:, 0], labels_of(te, info)
+    lr = make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=3000)).fit(pixels(tr), ytr)
+    p_lr = lr.predict_proba(pixels(te))[:, 1:]
+    vtr, vte = views(tr), views(te)
+    rate = {v: ytr[vtr == v].mean() for v in set(vtr)}
+    p_view = np.array([[rate.get(v, ytr.mean())] for v in vte])
+    g = [r["patient_id"] for r in te]
+    return {"LR on 32x32 pixels (baseline)": (yte, p_lr, g), "view position alone (baseline)": (yte, p_view, g)}
+
+
+def train_model(cohort: Path, name: str, extra: list[str], out: Path) -> Path:
+    run = out / "runs" / name
+    if not (run / "best" / "model.json").is_file():
+        cfg = load_config(HERE / "config.yaml", extra + [f"tracking.tracking_uri=sqlite:///{(out / 'mlflow.db').resolve()}"])
+        t0 = time.time()
+        train_and_audit(cohort, cfg, run, progress=False, log=lambda s: None)
+        print(f"trained {name} in {time.time() - t0:.0f} s", flush=True)
+    return run / "best"
+
+
+def strat_rows(results: dict, v: np.ndarray, n_boot: int) -> list[list[str]]:
+    rows = []
+    for name, (y, p, g) in results.items():
+        y, p, g = y[:, 0], p[:, 0], np.asarray(g)
+        cells = [name, cell(auroc, y, p, g, n_boot), cell(auprc, y, p, g, n_boot)]
+        for view in ("AP", "PA"):
+            m = v == view
+            cells.append(cell(auroc, y[m], p[m], g[m], n_boot))
+        rows.append(cells)
+    return rows
+
+
+def question_1(img: Path, out: Path, n_boot: int, epochs: int) -> dict:
+    te, _ = split_rows(img, "test")
+    v = views(te)
+    y = labels_of(te, _)[:, 0]
+    results = baselines(img)
+    for name, enc in ENCODERS.items():
+        best = train_model(img, enc, [f"model.image.name={enc}", f"train.epochs={epochs}"], out)
+        yy, p, g, _r = model_predictions(best, img)
+        results[name] = (yy, p, g)
+    print(f"test split: {len(te)} images of {len(set(r['patient_id'] for r in te))} patients; "
+          f"AP {int((v == 'AP').sum())} ({int(y[v == 'AP'].sum())} pneumonia), "
+          f"PA {int((v == 'PA').sum())} ({int(y[v == 'PA'].sum())} pneumonia); 95% bootstrap CIs over patients")
+    print(table(["model", "AUROC", "AUPRC", "AUROC within AP", "AUROC within PA"], strat_rows(results, v, n_boot)),
+          flush=True)
+    return results
+
+
+def flip_view(rows: list[dict]) -> list[dict]:
+    swap = {"AP view": "PA view", "PA view": "AP view"}
+    out = []
+    for r in rows:
+        t = r["report"]
+        for a, b in swap.items():
+            if a in t:
+                t = t.replace(a, b)
+                break
+        out.append({**r, "report": t})
+    return out
+
+
+def question_2(ctx: Path, img: Path, out: Path, n_boot: int, epochs: int) -> None:
+    import torch
+
+    from clinfuse.data.dataset import StudyDataset
+    from clinfuse.models.model import load_model, probabilities
+    from clinfuse.training.trainer import run_inference
+
+    best = train_model(ctx, "resnet18+context", ["model.image.name=resnet18", "model.fusion.kind=attention",
+                                                  f"train.epochs={epochs}"], out)
+    te, info = split_rows(ctx, "test")
+    v = views(te)
+    model, meta, tok = load_model(best)
+    t = float(meta.get("temperature", 1.0))
+
+    def predict(rows, hide=None):
+        from clinfuse.config import Config
+
+        ds = StudyDataset(rows, info, Config.model_validate(meta["config"]), tok)
+        o = run_inference(model, torch.utils.data.DataLoader(ds, batch_size=64), torch.device("cpu"), hide=hide)
+        return probabilities(torch.from_numpy(o["logits"]), "binary", t).numpy(), o
+
+    y = labels_of(te, info)
+    g = [r["patient_id"] for r in te]
+    p_both, o = predict(te)
+    p_img, _ = predict(te, hide="report")
+    p_txt, _ = predict(te, hide="image")
+    p_flip, _ = predict(flip_view(te))
+    results = {"fused: image + context": (y, p_both, g), "fused, context hidden (image only)": (y, p_img, g),
+               "fused, image hidden (context only)": (y, p_txt, g), "fused, view word flipped": (y, p_flip, g)}
+    yi, pi, gi, _ = model_predictions(out / "runs" / "resnet18" / "best", img)
+    results["image-only ResNet18 (question 1)"] = (yi, pi, gi)
+    print(table(["model", "AUROC", "AUPRC", "AUROC within AP", "AUROC within PA"], strat_rows(results, v, n_boot)))
+    w = np.asarray(o["weights"])
+    d = (p_flip - p_both)[:, 0]
+    thr = float(meta.get("thresholds", [0.5])[0])
+    crossed = ((p_flip[:, 0] >= thr) != (p_both[:, 0] >= thr)).mean()
+    print(f"mean attention weight: image {w[:, 0].mean():.3f}, context {w[:, 1].mean():.3f}")
+    print(f"mean |p(both) - p(context hidden)| = {np.abs(p_both - p_img).mean():.3f}; "
+          f"mean |p(both) - p(image hidden)| = {np.abs(p_both - p_txt).mean():.3f}")
+    print(f"flipping only the view word: AP->PA mean change in p {d[v == 'AP'].mean():+.3f}, "
+          f"PA->AP {d[v == 'PA'].mean():+.3f}; decisions changed at the stored threshold: {crossed:.1%}", flush=True)
+
+
+def question_3(img: Path, out: Path, n: int = 30) -> None:
+    from clinfuse.explain.run import explain_rows
+
+    best = out / "runs" / "resnet18" / "best"
+    te, info = split_rows(img, "test")
+    rows = te[:n]
+    summary, exps = [], {}
+    for method in ("ig", "gradcam", "occlusion"):
+        t0 = time.time()
+        es = explain_rows(best, rows, info, out / f"explanations-{method}", method=method, progress=False)
+        exps[method] = es
+        f = [e["image"]["faithfulness"] for e in es]
+        gain = np.array([x["faithfulness"] for x in f])
+        summary.append([method, f"{sum(x['better_than_random'] for x in f)}/{len(f)}",
+                        f"{np.mean([x['deletion_area'] for x in f]):.3f}", f"{np.mean([x['random_area'] for x in f]):.3f}",
+                        f"{gain.mean():+.3f} (sd {gain.std():.3f})", f"{(time.time() - t0) / len(es):.1f}"])
+    print(table(["method", "better than every random order", "mean deletion area", "mean random area",
+                 "faithfulness (random - deletion)", "s per image"], summary))
+    figure(exps, out, HERE / "img" / "overlays.png")
+
+
+def figure(exps: dict, out: Path, dst: Path) -> None:
+    """Two test images (one pneumonia, one not) x three methods = six overlays, in one PNG."""
+    from PIL import Image, ImageDraw
+
+    ig = exps["ig"]
+    pos = next(e for e in ig if e["probabilities"]["pneumonia"] >= 0.5)
+    neg = next(e for e in ig if e["probabilities"]["pneumonia"] < 0.5)
+    tiles = []
+    for e in (pos, neg):
+        for method in ("ig", "gradcam", "occlusion"):
+            im = Image.open(out / f"explanations-{method}" / e["study_id"] / "overlay.png").convert("RGB")
+            im.thumbnail((300, 300))
+            canvas = Image.new("RGB", (300, 320), "white")
+            canvas.paste(im, (0, 20))
+            ImageDraw.Draw(canvas).text((4, 4), f"{method}  p(pneumonia)={e['probabilities']['pneumonia']:.2f}", fill="black")
+            tiles.append(canvas)
+    sheet = Image.new("RGB", (900, 640), "white")
+    for i, tile in enumerate(tiles):
+        sheet.paste(tile, ((i % 3) * 300, (i // 3) * 320))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(dst, optimize=True)
+    print(f"figure: {dst}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--out", type=Path, default=Path("runs/nih"))
+    ap.add_argument("--questions", nargs="+", type=int, default=[1, 2, 3], choices=[1, 2, 3])
+    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--bootstrap", type=int, default=1000)
+    args = ap.parse_args(argv)
+    if not (args.data / "labels.csv").is_file():
+        sys.exit(f"nih study: {args.data}/labels.csv not found; pass --data (the NIH chest X-ray folder)")
+    import torch
+
+    torch.manual_seed(0)
+    t0 = time.time()
+    img, ctx = cohorts(args.data, args.out)
+    for q in args.questions:
+        print(f"\n## Question {q}", flush=True)
+        if q == 1:
+            question_1(img, args.out, args.bootstrap, args.epochs)
+        elif q == 2:
+            question_2(ctx, img, args.out, args.bootstrap, args.epochs)
+        else:
+            question_3(img, args.out)
+    print(f"\nseed 0; data {args.data}; image size 128; total {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
