@@ -16,7 +16,7 @@ if str(ROOT) not in sys.path:
 
 from clinfuse.config import Config  # noqa: E402
 from clinfuse.data.cohort import read_cohort  # noqa: E402
-from clinfuse.evaluation.metrics import auprc, auroc, bootstrap_ci, recall_at_specificity  # noqa: E402
+from clinfuse.evaluation.metrics import auprc, auprc_ties_random, auroc, bootstrap_ci, recall_at_specificity  # noqa: E402
 from clinfuse.models.model import load_model, probabilities  # noqa: E402
 
 
@@ -63,5 +63,5 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
-__all__ = ["split_rows", "labels_of", "model_predictions", "cell", "table", "auroc", "auprc", "recall_at_specificity",
+__all__ = ["split_rows", "labels_of", "model_predictions", "cell", "table", "auroc", "auprc", "auprc_ties_random", "recall_at_specificity",
            "bootstrap_ci"]

@@ -3,7 +3,8 @@
 ``truth.csv`` is keyed by the export's original key; the cohort's ``private/key_map.csv`` maps the
 cohort's study ids to it. For each missingness pattern, the ceiling is the Bayes posterior given the
 modalities the study has (``p_available_*``); for studies with both modalities scored with one
-hidden, it is the posterior given the other (``p_image_*`` / ``p_report_*``).
+hidden, it is the posterior given the other (``p_image_*`` / ``p_report_*``). The posterior takes few
+distinct values, so its AUPRC is read with the ties in random order (:func:`auprc_ties_random`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .metrics import auprc, auroc
+from .metrics import auprc, auprc_ties_random, auroc
 
 __all__ = ["bayes_comparison", "format_bayes_table"]
 
@@ -49,7 +50,7 @@ def bayes_comparison(truth_csv: str | Path, cohort_dir: str | Path, predictions:
         if mask.sum() and 0 < y[mask].sum() < mask.sum():
             out.append({"subset": name, "n": int(mask.sum()), "positives": int(y[mask].sum()),
                         "model_auroc": auroc(y[mask], model_p[mask]), "bayes_auroc": auroc(y[mask], bayes_p[mask]),
-                        "model_auprc": auprc(y[mask], model_p[mask]), "bayes_auprc": auprc(y[mask], bayes_p[mask])})
+                        "model_auprc": auprc(y[mask], model_p[mask]), "bayes_auprc": auprc_ties_random(y[mask], bayes_p[mask])})
 
     every = np.ones_like(ip)
     add("all (modalities as present)", every, p, bayes_avail)

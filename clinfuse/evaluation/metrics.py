@@ -14,7 +14,8 @@ import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 __all__ = ["threshold_metrics", "binary_report", "expected_calibration_error", "brier", "choose_threshold",
-           "fit_temperature", "bootstrap_ci", "multi_report", "auroc", "auprc", "recall_at_specificity"]
+           "fit_temperature", "bootstrap_ci", "multi_report", "auroc", "auprc", "auprc_ties_random",
+           "recall_at_specificity"]
 
 
 def _safe(fn, y, p) -> float:
@@ -32,6 +33,24 @@ def auroc(y, p) -> float:
 
 def auprc(y, p) -> float:
     return _safe(average_precision_score, y, p)
+
+
+def auprc_ties_random(y, p, draws: int = 200, seed: int = 0) -> float:
+    """AUPRC with tied scores put in random order, averaged over ``draws`` orders.
+
+    scikit-learn's average precision takes a block of tied scores as one step, which understates a
+    score with few distinct values: the Bayes posterior of the synthetic generator takes 9 values, and
+    its AUPRC read that way was 0.03 below a trained model's on the same studies (studies/
+    synthetic-fusion). This is what a score that breaks the ties arbitrarily gets on average, the fair
+    ceiling to compare a continuous model with. Equals :func:`auprc` when no scores tie.
+    """
+    y, p = np.asarray(y), np.asarray(p, float)
+    values = np.unique(p)
+    if len(values) == len(p):
+        return auprc(y, p)
+    gap = float(np.min(np.diff(values))) if len(values) > 1 else 1.0
+    rng = np.random.default_rng(seed)
+    return float(np.mean([auprc(y, p + 0.5 * gap * rng.random(len(p))) for _ in range(draws)]))
 
 
 def _div(a: float, b: float) -> float:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from clinfuse.evaluation.metrics import (binary_report, bootstrap_ci, brier, choose_threshold,
+from clinfuse.evaluation.metrics import (auprc_ties_random, binary_report, bootstrap_ci, brier, choose_threshold,
                                          expected_calibration_error, fit_temperature, multi_report,
                                          threshold_metrics)
 
@@ -101,3 +101,26 @@ def test_recall_at_specificity_reads_the_threshold_from_the_negatives():
     # specificity 0.9 -> threshold at the 9th negative (0.8): positives above it are 0.95 and 0.85
     assert recall_at_specificity(y, p, 0.9) == 0.5
     assert np.isnan(recall_at_specificity(np.zeros(5), np.arange(5)))
+
+
+def test_auprc_with_ties_in_random_order_matches_enumeration_of_every_order():
+    import itertools
+
+    from sklearn.metrics import average_precision_score
+
+    y = np.array([1, 0, 1, 0, 1, 0, 0])
+    p = np.array([0.9, 0.5, 0.5, 0.5, 0.2, 0.2, 0.2])
+    exact = []
+    tied_mid, tied_low = [1, 2, 3], [4, 5, 6]
+    for a in itertools.permutations(tied_mid):
+        for b in itertools.permutations(tied_low):
+            order = [0, *a, *b]                      # one way of breaking the ties
+            score = np.empty(len(y))
+            score[order] = np.arange(len(y))[::-1]
+            exact.append(average_precision_score(y, score))
+    want = float(np.mean(exact))
+    got = auprc_ties_random(y, p, draws=3000)
+    assert got == pytest.approx(want, abs=0.01)
+    assert average_precision_score(y, p) < want - 0.02     # sklearn's one step per block understates it
+    q = np.array([0.9, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1])        # no ties: the plain value
+    assert auprc_ties_random(y, q) == average_precision_score(y, q)
