@@ -97,3 +97,25 @@ def test_nih_prepare_wraps_pngs_with_their_metadata(tmp_path):
     ctx = list(csv.DictReader(open(tmp_path / "export/context.csv")))
     assert ctx[0]["report"] == prep.context_text(r["age"], r["sex"], r["view_position"])
     assert f"{r['view_position']} view" in ctx[0]["report"]
+
+
+def test_synthetic_fusion_hides_modalities_in_training_only(tmp_path):
+    from clinfuse.data.cohort import read_cohort
+
+    from .conftest import synthetic_cohort
+
+    study = _load("synthetic-fusion", "run")
+    base = synthetic_cohort(tmp_path, studies=120, seed=5, size=32, missing_image=0, missing_report=0, lateral=0)
+    derived = study.hide_in_training(base, tmp_path / "m50", 0.5, seed=0)
+    (b, binfo), (d, dinfo) = read_cohort(base), read_cohort(derived)
+    assert [r["study_id"] for r in b] == [r["study_id"] for r in d]
+    test = [r for r in d if r["split"] == "test"]
+    assert test and all(r["image_present"] and r["report_present"] for r in test)
+    fit = [r for r in d if r["split"] != "test"]
+    hidden_img = sum(not r["image_present"] for r in fit)
+    hidden_txt = sum(not r["report_present"] for r in fit)
+    assert 0.3 < (hidden_img + hidden_txt) / len(fit) < 0.7 and hidden_img and hidden_txt
+    assert not any(not r["image_present"] and not r["report_present"] for r in d)
+    assert dinfo["missingness"]["both"] == len(d) - hidden_img - hidden_txt
+    assert dinfo["missingness"]["report_only"] == hidden_img
+    assert dinfo["fingerprint"]["sha256"] != binfo["fingerprint"]["sha256"]

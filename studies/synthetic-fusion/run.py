@@ -1,0 +1,263 @@
+"""Synthetic fusion study: what fusion, missing-modality handling and imbalance handling buy.
+
+On cohorts from `clinfuse synth` (the Bayes-optimal answer is known from truth.csv):
+  1. image-only vs text-only vs concatenation vs attention fusion, next to the Bayes optimum;
+  2. missing modality: training missingness 0/20/50%, with and without modality dropout, scored on
+     both / image only / report only (the other modality hidden), against dedicated unimodal models;
+  3. imbalance at 20%, 5% and 1% prevalence: each loss/sampler option, AUPRC and recall at 90% specificity;
+  4. explanations: share of image attribution mass inside the planted opacity (pointing game) for IG,
+     Grad-CAM and Occlusion, trained vs randomised model.
+
+Every model is trained with `train_and_audit` (one MLflow run each, in OUT/mlflow.db).
+Usage: python studies/synthetic-fusion/run.py [--out runs/synthetic-fusion] [--questions 1 2 3 4] [--seeds 0 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from _common import auprc, auprc_ties_random, auroc, model_predictions, recall_at_specificity, split_rows, table  # noqa: E402
+
+from clinfuse.config import load_config  # noqa: E402
+from clinfuse.data.cohort import build_cohort  # noqa: E402
+from clinfuse.data.synth import FINDINGS, SynthSpec, synthesize  # noqa: E402
+from clinfuse.pipeline import train_and_audit  # noqa: E402
+
+
+def cohort(out: Path, name: str, spec: SynthSpec) -> tuple[Path, Path]:
+    exp, coh = out / "data" / name / "export", out / "data" / name / "cohort"
+    if not (coh / "cohort.json").is_file():
+        synthesize(exp, spec, progress=False)
+        build_cohort(exp / "dicom", exp / "reports.csv", exp / "labels.csv", coh,
+                     load_config(HERE / "config.yaml", [f"cohort.split.seed={spec.seed}"]), progress=False)
+    return coh, exp / "truth.csv"
+
+
+def train(out: Path, coh: Path, name: str, overrides: list[str], seed: int) -> Path:
+    run = out / "runs" / name
+    if not (run / "best" / "model.json").is_file():
+        cfg = load_config(HERE / "config.yaml", overrides + [f"train.seed={seed}",
+                          f"tracking.tracking_uri=sqlite:///{(out / 'mlflow.db').resolve()}"])
+        train_and_audit(coh, cfg, run, progress=False, log=lambda s: None)
+    return run / "best"
+
+
+def truth_for(coh: Path, truth_csv: Path, rows: list[dict]) -> list[dict]:
+    with open(coh / "private" / "key_map.csv", newline="") as f:
+        km = list(csv.DictReader(f))
+    key = [c for c in km[0] if c != "study_id"][0]
+    key_of = {r["study_id"]: r[key] for r in km}
+    with open(truth_csv, newline="") as f:
+        truth = {r[key]: r for r in csv.DictReader(f)}
+    return [truth[key_of[r["study_id"]]] for r in rows]
+
+
+def mean_sd(v) -> str:
+    v = np.asarray(v, float)
+    return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}"
+
+
+def q1_spec(studies: int, seed: int) -> SynthSpec:
+    return SynthSpec(studies=studies, seed=seed, size=64, missing_image=0, missing_report=0, lateral=0)
+
+
+def question_1(out: Path, seeds: list[int], studies: int) -> None:
+    kinds = ["image_only", "text_only", "concat", "mean_logits", "attention"]
+    res = {k: {"auroc": [], "auprc": []} for k in kinds}
+    bayes = {w: {"auroc": [], "auprc": []} for w in ("image", "report", "both")}
+    for seed in seeds:
+        coh, truth = cohort(out, f"q1-s{seed}", q1_spec(studies, seed))
+        for k in kinds:
+            y, p, _, rows = model_predictions(train(out, coh, f"q1-s{seed}-{k}", [f"model.fusion.kind={k}"], seed), coh)
+            res[k]["auroc"].append(auroc(y[:, 0], p[:, 0]))
+            res[k]["auprc"].append(auprc(y[:, 0], p[:, 0]))
+        t = truth_for(coh, truth, rows)
+        for w in bayes:
+            pb = np.array([float(r[f"p_{w}_label"]) for r in t])
+            bayes[w]["auroc"].append(auroc(y[:, 0], pb))
+            bayes[w]["auprc"].append(auprc_ties_random(y[:, 0], pb))  # 9 distinct values: ties in random order
+    rows = [[k, mean_sd(v["auroc"]), mean_sd(v["auprc"]),
+             f"{100 * np.mean(np.array(v['auroc']) / np.array(bayes['both']['auroc'])):.1f}%"] for k, v in res.items()]
+    rows += [[f"Bayes optimum, {w}", mean_sd(v["auroc"]), mean_sd(v["auprc"]), ""] for w, v in bayes.items()]
+    print(f"{studies} studies per seed, both modalities always present, test split; mean ± sd over seeds {seeds}")
+    print(table(["model", "AUROC", "AUPRC", "% of Bayes AUROC (both)"], rows), flush=True)
+
+
+def hide_in_training(base: Path, dst: Path, missing: float, seed: int) -> Path:
+    """A copy of cohort ``base`` where a share ``missing`` of the train and val studies lose one modality
+    (half the image, half the report); the test split is left whole, so every condition is scored on the
+    very same test studies. cohort.json gets the new missingness and a fingerprint of the changed table."""
+    import hashlib
+    import json
+    import shutil
+
+    if (dst / "cohort.json").is_file():
+        return dst
+    shutil.copytree(base, dst)
+    with open(base / "cohort.csv", newline="", encoding="utf-8") as f:
+        rd = csv.DictReader(f)
+        fields, rows = rd.fieldnames, list(rd)
+    rng = np.random.default_rng(seed)
+    for r in rows:
+        if r["split"] == "test" or rng.random() >= missing:
+            continue
+        if rng.random() < 0.5:
+            r.update(image_present="0", image_paths="[]", n_images="0")
+        else:
+            r.update(report_present="0", report="")
+    with open(dst / "cohort.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    info = json.loads((base / "cohort.json").read_text())
+
+    def pattern(r):
+        return {("1", "1"): "both", ("1", "0"): "image_only", ("0", "1"): "report_only"}[(r["image_present"], r["report_present"])]
+
+    info["missingness"] = {k: sum(pattern(r) == k for r in rows) for k in ("both", "image_only", "report_only")}
+    for split, s in info["splits"].items():
+        s["missingness"] = {k: sum(pattern(r) == k for r in rows if r["split"] == split)
+                            for k in ("both", "image_only", "report_only")}
+    digest = hashlib.sha256(info["fingerprint"]["sha256"].encode() + (dst / "cohort.csv").read_bytes()).hexdigest()
+    info["fingerprint"] = {"sha256": digest, "mode": f"derived: {missing:.0%} of train/val hidden (synthetic-fusion study)"}
+    (dst / "cohort.json").write_text(json.dumps(info, indent=2))
+    return dst
+
+
+def question_2(out: Path, seeds: list[int], studies: int) -> None:
+    cells: dict[str, dict[str, list]] = {}
+    for seed in seeds:
+        base, _ = cohort(out, f"q2-s{seed}-m0", SynthSpec(studies=studies, seed=seed, size=64, missing_image=0,
+                                                           missing_report=0, lateral=0))
+        for miss in (0.0, 0.2, 0.5):
+            coh = base if miss == 0 else hide_in_training(base, out / "data" / f"q2-s{seed}-m{int(miss * 100)}" / "cohort",
+                                                          miss, seed)
+            conds = {f"attention, {int(miss * 100)}% missing, no dropout": ["model.fusion.modality_dropout=0.0"],
+                     f"attention, {int(miss * 100)}% missing, dropout 0.3": ["model.fusion.modality_dropout=0.3"]}
+            if miss == 0.0:
+                conds["dedicated image-only model"] = ["model.fusion.kind=image_only"]
+                conds["dedicated text-only model"] = ["model.fusion.kind=text_only"]
+            for name, ov in conds.items():
+                best = train(out, coh, f"q2-s{seed}-m{int(miss * 100)}-" + name.split(", ")[-1].replace(" ", "_")
+                             .replace("%", "") + ("" if "dedicated" not in name else name.split()[1]), ov, seed)
+                y, p, _, rows = model_predictions(best, coh)
+                assert all(r["image_present"] and r["report_present"] for r in rows), "test split must be whole"
+                c = cells.setdefault(name, {"both": [], "image only": [], "report only": []})
+                if "image-only" not in name:
+                    _, pt, _, _ = model_predictions(best, coh, hide="image")
+                    c["report only"].append(auroc(y[:, 0], pt[:, 0]))
+                if "text-only" not in name:
+                    _, pi, _, _ = model_predictions(best, coh, hide="report")
+                    c["image only"].append(auroc(y[:, 0], pi[:, 0]))
+                if "dedicated" not in name:
+                    c["both"].append(auroc(y[:, 0], p[:, 0]))
+    print(f"{studies} studies per seed; training missingness applied to train/val only; the same whole test studies for "
+          f"every row, scored as they are or with one modality hidden; "
+          f"AUROC mean ± sd over seeds {seeds}")
+    print(table(["model (training missingness, modality dropout)", "both", "image only", "report only"],
+                [[k, *(mean_sd(v[c]) if v[c] else "-" for c in ("both", "image only", "report only"))]
+                 for k, v in cells.items()]), flush=True)
+
+
+def question_3(out: Path, seeds: list[int], studies: int) -> None:
+    conds = {"bce unweighted": ["loss.name=bce", "loss.class_weights=none"],
+             "bce effective weights": ["loss.name=bce", "loss.class_weights=effective"],
+             "focal + effective weights (default)": ["loss.name=focal", "loss.class_weights=effective"],
+             "logit adjusted": ["loss.name=logit_adjusted", "loss.class_weights=none"],
+             "balanced sampler + bce": ["loss.name=bce", "loss.class_weights=none", "loss.sampler=balanced"]}
+    rows = []
+    for prev in (0.2, 0.05, 0.01):
+        acc = {c: {"auprc": [], "rec": []} for c in conds}
+        npos = []
+        for seed in seeds:
+            coh, _ = cohort(out, f"q3-s{seed}-p{prev}", SynthSpec(studies=studies, seed=seed, size=64, prevalence=prev,
+                                                                   lateral=0))
+            for c, ov in conds.items():
+                y, p, _, _ = model_predictions(train(out, coh, f"q3-s{seed}-p{prev}-{c.split(' (')[0].replace(' ', '_').replace('+', 'and')}", ov, seed), coh)
+                acc[c]["auprc"].append(auprc(y[:, 0], p[:, 0]))
+                acc[c]["rec"].append(recall_at_specificity(y[:, 0], p[:, 0], 0.9))
+            npos.append(int(y[:, 0].sum()))
+        for c in conds:
+            rows.append([f"{prev:.0%}", f"{np.mean(npos):.0f}", c, mean_sd(acc[c]["auprc"]), mean_sd(acc[c]["rec"])])
+    print(f"{studies} studies per seed; mean ± sd over seeds {seeds}")
+    print(table(["prevalence", "test positives", "loss / sampler", "AUPRC", "recall @ spec 0.90"], rows), flush=True)
+
+
+def question_4(out: Path, seed: int, studies: int, n: int = 30) -> None:
+    import torch
+
+    from clinfuse.config import Config
+    from clinfuse.data.dataset import StudyDataset
+    from clinfuse.explain.attributions import StudyInput, explain_study
+    from clinfuse.models.model import load_model
+
+    coh, truth = cohort(out, f"q1-s{seed}", q1_spec(studies, seed))
+    best = train(out, coh, f"q1-s{seed}-attention", ["model.fusion.kind=attention"], seed)
+    model, meta, tok = load_model(best)
+    rnd, _, _ = load_model(best)
+    torch.manual_seed(123)
+    for m in rnd.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    rnd.eval()
+    rows, info = split_rows(coh, "test")
+    t = truth_for(coh, truth, rows)
+    pick = [i for i, r in enumerate(t) if int(r["image_cue_pneumonia"]) > 0 and int(r["has_image"])][:n]
+    ds = StudyDataset([rows[i] for i in pick], info, Config.model_validate(meta["config"]), tok)
+    zy, zx = FINDINGS[0].zone
+    res = {}
+    for method in ("ig", "gradcam", "occlusion"):
+        for which, mdl in (("trained", model), ("randomised", rnd)):
+            shares = []
+            for i in range(len(ds)):
+                x = StudyInput.from_item(ds[i])
+                a = explain_study(mdl, x, task="binary", tokenizer=tok, image_method=method, steps=32).image_map
+                a = np.abs(np.asarray(a, float)).squeeze()
+                h, w = a.shape
+                yy, xx = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]
+                region = (yy - zy) ** 2 + (xx - zx) ** 2 < 0.15 ** 2
+                shares.append(a[region].sum() / max(a.sum(), 1e-12))
+            res[(method, which)] = shares
+    area = float(np.pi * 0.15 ** 2)
+    print(f"{len(pick)} test studies with a planted opacity (faint or dense); region: a disc of radius 0.15 image widths "
+          f"around the planted centre = {area:.1%} of the image (the share a uniform map would give)")
+    print(table(["method", "trained: mass in region", "randomised: mass in region", "pointing hits (trained)"],
+                [[m, mean_sd(res[(m, 'trained')]), mean_sd(res[(m, 'randomised')]),
+                  f"{sum(s > area for s in res[(m, 'trained')])}/{len(pick)}"] for m in ("ig", "gradcam", "occlusion")]),
+          flush=True)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("runs/synthetic-fusion"))
+    ap.add_argument("--questions", nargs="+", type=int, default=[1, 2, 3, 4], choices=[1, 2, 3, 4])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--studies", type=int, default=1200)
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    for q in args.questions:
+        print(f"\n## Question {q}", flush=True)
+        t = time.time()
+        if q == 1:
+            question_1(args.out, args.seeds, args.studies)
+        elif q == 2:
+            question_2(args.out, args.seeds, args.studies)
+        elif q == 3:
+            question_3(args.out, args.seeds[:1], args.studies * 2)
+        else:
+            question_4(args.out, args.seeds[0], args.studies)
+        print(f"(question {q}: {time.time() - t:.0f} s)", flush=True)
+    print(f"\nseeds {args.seeds}; total {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
