@@ -249,11 +249,18 @@ class FusionConfig(_Strict):
         "vector (the absent modality still gets zero attention); 'none': nothing added.")
     modality_dropout: float = Field(
         0.0, ge=0, lt=1, description="During training, hide a present modality at this rate (never both).")
+    aux_weight: float = Field(
+        0.0, ge=0, le=10, description="Weight of an auxiliary loss on one linear head per modality (attention "
+        "and concat only; heads used in training only), so that each encoder stays predictive on its own "
+        "when the other modality is missing. 0: off.")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "FusionConfig":
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        if self.aux_weight > 0 and self.kind not in ("attention", "concat"):
+            raise ValueError(f"aux_weight applies to kind 'attention' or 'concat', not {self.kind!r} "
+                             "(its modalities already have a head each); set aux_weight: 0")
         return self
 
 

@@ -30,7 +30,9 @@ class FusionModel(nn.Module):
 
     Forward inputs follow the batch contract (``../shared/DESIGN.md``): ``image [B, C, *spatial]``,
     ``image_present [B]``, ``input_ids``/``attention_mask [B, K, L]``, ``text_present [B]``.
-    Returns ``{"logits": [B, n_outputs], "modality_weights": [B, 2]}``.
+    Returns ``{"logits": [B, n_outputs], "modality_weights": [B, 2]}``, plus ``"aux_logits": [B, 2,
+    n_outputs]`` and ``"present": [B, 2]`` (after modality dropout) when ``fusion.aux_weight > 0``: one
+    linear head per modality on its own features, for the trainer's auxiliary loss.
     """
 
     def __init__(self, cfg: Config, n_outputs: int, text_hf_config):
@@ -46,6 +48,7 @@ class FusionModel(nn.Module):
         if f.kind in FUSIONS:
             self.fusion = FUSIONS[f.kind](f)
             self.head = nn.Sequential(nn.Dropout(f.dropout), nn.Linear(d, n_outputs))
+            self.aux_heads = nn.ModuleList([nn.Linear(d, n_outputs) for _ in range(2)]) if f.aux_weight > 0 else None
         else:  # mean_logits, image_only, text_only: one head per modality + a prior for rows with none
             self.heads = nn.ModuleList([nn.Sequential(nn.Dropout(f.dropout), nn.Linear(d, n_outputs))
                                         for _ in range(2)])
@@ -95,6 +98,9 @@ class FusionModel(nn.Module):
         if self.kind in FUSIONS:
             fused, weights = self.fusion(feats, present)
             logits = self.head(fused)
+            if self.aux_heads is not None:
+                aux = torch.stack([self.aux_heads[m](feats[:, m]) for m in range(2)], dim=1)  # [B, 2, C]
+                return {"logits": logits, "modality_weights": weights, "aux_logits": aux, "present": present}
         else:
             per = torch.stack([self.heads[m](feats[:, m]) for m in range(2)], dim=1)  # [B, 2, C]
             weights = _presence_weights(present)

@@ -99,6 +99,19 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
+def aux_loss(loss_fn, out: dict, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over the two modalities of the loss of each one's own head on the rows where it is present.
+
+    A modality absent from the whole batch adds a zero that still touches its head, so every parameter
+    is in the graph (DistributedDataParallel needs that)."""
+    terms = []
+    for m in range(2):
+        rows = out["present"][:, m]
+        aux = out["aux_logits"][:, m]
+        terms.append(loss_fn(aux[rows], labels[rows]) if rows.any() else aux.sum() * 0.0)
+    return torch.stack(terms).mean()
+
+
 def _forward(model, batch: dict) -> dict:
     return model(batch["image"], batch["image_present"], batch["input_ids"], batch["attention_mask"],
                  batch["text_present"])
@@ -346,8 +359,10 @@ def train(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *, resume: b
             sync = ddp_model.no_sync() if distributed and not boundary else _null()
             with sync:
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits = _forward(ddp_model, batch)["logits"]
-                loss = loss_fn(logits, batch["label"])
+                    res = _forward(ddp_model, batch)
+                loss = loss_fn(res["logits"], batch["label"])
+                if "aux_logits" in res:
+                    loss = loss + cfg.model.fusion.aux_weight * aux_loss(loss_fn, res, batch["label"])
                 scaler.scale(loss / t.accumulate).backward()
             loss_sum += float(loss.detach())
             n_loss += 1

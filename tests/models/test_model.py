@@ -164,3 +164,35 @@ def test_save_and_load_gives_identical_predictions(tmp_path):
     assert tok2.tokenize("clear lungs") == tok.tokenize("clear lungs")
     with pytest.raises(ValueError, match="not a clinfuse model"):
         load_model(tmp_path)
+
+
+def test_aux_heads_score_each_modality_from_its_own_features_only():
+    from clinfuse.training.losses import build_loss
+    from clinfuse.training.trainer import aux_loss
+
+    m = _model(aux_weight=1.0).eval()
+    tok, b = _batch(4, [(1, 1)])
+    out = m(*b)
+    assert out["aux_logits"].shape == (4, 2, 3) and out["present"].all()
+    other_text = list(b)
+    other_text[2] = torch.flip(b[2], [0])                 # change every report: the image head must not move
+    assert torch.equal(m(*other_text)["aux_logits"][:, 0], out["aux_logits"][:, 0])
+    assert not torch.equal(m(*other_text)["aux_logits"][:, 1], out["aux_logits"][:, 1])
+
+    m.train()
+    _, b = _batch(4, [(0, 1)])                              # no image in the batch at all
+    out = m(*b)
+    y = torch.tensor([[1.0, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1]])
+    loss = aux_loss(build_loss(_cfg(aux_weight=1.0).loss, "multilabel", y, 3), out, y)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert m.aux_heads[0].weight.grad is not None and m.aux_heads[0].weight.grad.abs().sum() == 0
+    assert m.aux_heads[1].weight.grad.abs().sum() > 0
+
+
+def test_aux_weight_needs_a_fused_kind():
+    from clinfuse.config import ConfigError
+
+    with pytest.raises((ValueError, ConfigError), match="aux_weight"):
+        _cfg("mean_logits", aux_weight=0.5)
+    assert _cfg("concat", aux_weight=0.5).model.fusion.aux_weight == 0.5

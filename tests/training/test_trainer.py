@@ -98,6 +98,21 @@ def test_baselines_train(cohort, tmp_path, kind):
     assert r.epochs_done == 1 and (tmp_path / kind / "last/model.json").is_file()
 
 
+def test_auxiliary_unimodal_loss_trains_and_its_heads_reload(cohort, tmp_path):
+    data = _cfg(epochs=2).model_dump(mode="json")
+    data["model"]["fusion"]["aux_weight"] = 0.5
+    r = train(cohort, config_from_dict(data), tmp_path / "aux", progress=False)
+    assert r.epochs_done == 2
+    plain = train(cohort, _cfg(epochs=2), tmp_path / "plain", progress=False)
+    assert [h["train_loss"] for h in r.history] != [h["train_loss"] for h in plain.history]  # the term counts
+    model, meta, _ = load_model(tmp_path / "aux" / "best")
+    assert meta["config"]["model"]["fusion"]["aux_weight"] == 0.5 and model.aux_heads is not None
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "aux" / "best" / "model.safetensors"))
+    assert torch.equal(saved["aux_heads.0.weight"], model.aux_heads[0].weight.detach())
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_gloo_identical_weights(cohort, tmp_path):
     cfg_file = tmp_path / "cfg.yaml"
