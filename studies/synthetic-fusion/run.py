@@ -2,8 +2,9 @@
 
 On cohorts from `clinfuse synth` (the Bayes-optimal answer is known from truth.csv):
   1. image-only vs text-only vs concatenation vs attention fusion, next to the Bayes optimum;
-  2. missing modality: training missingness 0/20/50%, with and without modality dropout, scored on
-     both / image only / report only (the other modality hidden), against dedicated unimodal models;
+  2. missing modality: training missingness 0/20/50%, with and without modality dropout (and with the
+     auxiliary unimodal loss), scored on both / image only / report only (the other modality hidden),
+     against dedicated unimodal models;
   3. imbalance at 20%, 5% and 1% prevalence: each loss/sampler option, AUPRC and recall at 90% specificity;
   4. explanations: share of image attribution mass inside the planted opacity (pointing game) for IG,
      Grad-CAM and Occlusion, trained vs randomised model.
@@ -133,8 +134,28 @@ def hide_in_training(base: Path, dst: Path, missing: float, seed: int) -> Path:
     return dst
 
 
+def aux_head_scores(best: Path, coh: Path, modality: int) -> np.ndarray:
+    """Test-split scores of a model's auxiliary head for one modality (0 image, 1 report) on its own."""
+    import torch
+
+    from clinfuse.config import Config
+    from clinfuse.data.dataset import StudyDataset
+    from clinfuse.models.model import load_model
+
+    model, meta, tok = load_model(best)
+    rows, info = split_rows(coh, "test")
+    loader = torch.utils.data.DataLoader(StudyDataset(rows, info, Config.model_validate(meta["config"]), tok), batch_size=128)
+    scores = []
+    with torch.no_grad():
+        for b in loader:
+            o = model(b["image"], b["image_present"], b["input_ids"], b["attention_mask"], b["text_present"])
+            scores.append(o["aux_logits"][:, modality, 0])
+    return torch.cat(scores).numpy()
+
+
 def question_2(out: Path, seeds: list[int], studies: int) -> None:
     cells: dict[str, dict[str, list]] = {}
+    heads: dict[str, dict[str, list]] = {}
     for seed in seeds:
         base, _ = cohort(out, f"q2-s{seed}-m0", SynthSpec(studies=studies, seed=seed, size=64, missing_image=0,
                                                            missing_report=0, lateral=0))
@@ -142,7 +163,9 @@ def question_2(out: Path, seeds: list[int], studies: int) -> None:
             coh = base if miss == 0 else hide_in_training(base, out / "data" / f"q2-s{seed}-m{int(miss * 100)}" / "cohort",
                                                           miss, seed)
             conds = {f"attention, {int(miss * 100)}% missing, no dropout": ["model.fusion.modality_dropout=0.0"],
-                     f"attention, {int(miss * 100)}% missing, dropout 0.3": ["model.fusion.modality_dropout=0.3"]}
+                     f"attention, {int(miss * 100)}% missing, dropout 0.3": ["model.fusion.modality_dropout=0.3"],
+                     f"attention, {int(miss * 100)}% missing, dropout 0.3 + aux 0.5": [
+                         "model.fusion.modality_dropout=0.3", "model.fusion.aux_weight=0.5"]}
             if miss == 0.0:
                 conds["dedicated image-only model"] = ["model.fusion.kind=image_only"]
                 conds["dedicated text-only model"] = ["model.fusion.kind=text_only"]
@@ -160,12 +183,19 @@ def question_2(out: Path, seeds: list[int], studies: int) -> None:
                     c["image only"].append(auroc(y[:, 0], pi[:, 0]))
                 if "dedicated" not in name:
                     c["both"].append(auroc(y[:, 0], p[:, 0]))
+                if "aux" in name:
+                    heads.setdefault(name, {"image": [], "report": []})
+                    for m, key in ((0, "image"), (1, "report")):
+                        heads[name][key].append(auroc(y[:, 0], aux_head_scores(best, coh, m)))
     print(f"{studies} studies per seed; training missingness applied to train/val only; the same whole test studies for "
           f"every row, scored as they are or with one modality hidden; "
           f"AUROC mean ± sd over seeds {seeds}")
     print(table(["model (training missingness, modality dropout)", "both", "image only", "report only"],
                 [[k, *(mean_sd(v[c]) if v[c] else "-" for c in ("both", "image only", "report only"))]
                  for k, v in cells.items()]), flush=True)
+    print("\nthe auxiliary heads alone (each modality's encoder and its linear head, as trained inside the fused model):")
+    print(table(["model", "image head AUROC", "report head AUROC"],
+                [[k, mean_sd(v["image"]), mean_sd(v["report"])] for k, v in heads.items()]), flush=True)
 
 
 def question_3(out: Path, seeds: list[int], studies: int) -> None:
@@ -192,7 +222,7 @@ def question_3(out: Path, seeds: list[int], studies: int) -> None:
     print(table(["prevalence", "test positives", "loss / sampler", "AUPRC", "recall @ spec 0.90"], rows), flush=True)
 
 
-def question_4(out: Path, seed: int, studies: int, n: int = 30) -> None:
+def question_4(out: Path, seeds: list[int], studies: int, n: int = 30) -> None:
     import torch
 
     from clinfuse.config import Config
@@ -200,39 +230,42 @@ def question_4(out: Path, seed: int, studies: int, n: int = 30) -> None:
     from clinfuse.explain.attributions import StudyInput, explain_study
     from clinfuse.models.model import load_model
 
-    coh, truth = cohort(out, f"q1-s{seed}", q1_spec(studies, seed))
-    best = train(out, coh, f"q1-s{seed}-attention", ["model.fusion.kind=attention"], seed)
-    model, meta, tok = load_model(best)
-    rnd, _, _ = load_model(best)
-    torch.manual_seed(123)
-    for m in rnd.modules():
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
-    rnd.eval()
-    rows, info = split_rows(coh, "test")
-    t = truth_for(coh, truth, rows)
-    pick = [i for i, r in enumerate(t) if int(r["image_cue_pneumonia"]) > 0 and int(r["has_image"])][:n]
-    ds = StudyDataset([rows[i] for i in pick], info, Config.model_validate(meta["config"]), tok)
     zy, zx = FINDINGS[0].zone
-    res = {}
-    for method in ("ig", "gradcam", "occlusion"):
-        for which, mdl in (("trained", model), ("randomised", rnd)):
-            shares = []
-            for i in range(len(ds)):
-                x = StudyInput.from_item(ds[i])
-                a = explain_study(mdl, x, task="binary", tokenizer=tok, image_method=method, steps=32).image_map
-                a = np.abs(np.asarray(a, float)).squeeze()
-                h, w = a.shape
-                yy, xx = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]
-                region = (yy - zy) ** 2 + (xx - zx) ** 2 < 0.15 ** 2
-                shares.append(a[region].sum() / max(a.sum(), 1e-12))
-            res[(method, which)] = shares
+    res: dict[tuple[str, str], list[float]] = {}
+    total = 0
+    for seed in seeds:
+        coh, truth = cohort(out, f"q1-s{seed}", q1_spec(studies, seed))
+        best = train(out, coh, f"q1-s{seed}-attention", ["model.fusion.kind=attention"], seed)
+        model, meta, tok = load_model(best)
+        rnd, _, _ = load_model(best)
+        torch.manual_seed(123 + seed)
+        for m in rnd.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        rnd.eval()
+        rows, info = split_rows(coh, "test")
+        t = truth_for(coh, truth, rows)
+        pick = [i for i, r in enumerate(t) if int(r["image_cue_pneumonia"]) > 0 and int(r["has_image"])][:n]
+        total += len(pick)
+        ds = StudyDataset([rows[i] for i in pick], info, Config.model_validate(meta["config"]), tok)
+        for method in ("ig", "gradcam", "occlusion"):
+            for which, mdl in (("trained", model), ("randomised", rnd)):
+                shares = res.setdefault((method, which), [])
+                for i in range(len(ds)):
+                    x = StudyInput.from_item(ds[i])
+                    a = explain_study(mdl, x, task="binary", tokenizer=tok, image_method=method, steps=32).image_map
+                    a = np.abs(np.asarray(a, float)).squeeze()
+                    h, w = a.shape
+                    yy, xx = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]
+                    region = (yy - zy) ** 2 + (xx - zx) ** 2 < 0.15 ** 2
+                    shares.append(a[region].sum() / max(a.sum(), 1e-12))
     area = float(np.pi * 0.15 ** 2)
-    print(f"{len(pick)} test studies with a planted opacity (faint or dense); region: a disc of radius 0.15 image widths "
-          f"around the planted centre = {area:.1%} of the image (the share a uniform map would give)")
+    print(f"{total} test studies with a planted opacity (faint or dense; up to {n} per seed, seeds {seeds}); region: a disc "
+          f"of radius 0.15 image widths around the planted centre = {area:.1%} of the image (the share a uniform map "
+          f"would give); mean ± sd over studies")
     print(table(["method", "trained: mass in region", "randomised: mass in region", "pointing hits (trained)"],
                 [[m, mean_sd(res[(m, 'trained')]), mean_sd(res[(m, 'randomised')]),
-                  f"{sum(s > area for s in res[(m, 'trained')])}/{len(pick)}"] for m in ("ig", "gradcam", "occlusion")]),
+                  f"{sum(s > area for s in res[(m, 'trained')])}/{total}"] for m in ("ig", "gradcam", "occlusion")]),
           flush=True)
 
 
@@ -252,9 +285,9 @@ def main(argv=None) -> None:
         elif q == 2:
             question_2(args.out, args.seeds, args.studies)
         elif q == 3:
-            question_3(args.out, args.seeds[:1], args.studies * 2)
+            question_3(args.out, args.seeds, args.studies * 2)
         else:
-            question_4(args.out, args.seeds[0], args.studies)
+            question_4(args.out, args.seeds, args.studies)
         print(f"(question {q}: {time.time() - t:.0f} s)", flush=True)
     print(f"\nseeds {args.seeds}; total {time.time() - t0:.0f} s")
 
