@@ -18,6 +18,8 @@ from .metrics import auprc, auprc_ties_random, auroc
 
 __all__ = ["bayes_comparison", "format_bayes_table"]
 
+SMALL_SUBSET = 30  # studies; below this a subset's ratio to the Bayes AUROC is flagged as noise
+
 
 def _read(path: Path) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as f:
@@ -74,7 +76,12 @@ def format_bayes_table(rows: list[dict]) -> str:
     head = (f"{'subset':<30} {'n':>5} {'pos':>4} {'AUROC':>7} {'Bayes':>7} {'% of Bayes':>10} "
             f"{'AUPRC':>7} {'Bayes':>7}")
     lines = [head, "-" * len(head)]
+    small = False
     for r in rows:
+        mark = "*" if r["n"] < SMALL_SUBSET else " "
+        small |= mark == "*"
         lines.append(f"{r['subset']:<30} {r['n']:>5} {r['positives']:>4} {r['model_auroc']:>7.3f} {r['bayes_auroc']:>7.3f} "
-                     f"{100 * r['auroc_ratio']:>9.1f}% {r['model_auprc']:>7.3f} {r['bayes_auprc']:>7.3f}")
+                     f"{100 * r['auroc_ratio']:>9.1f}%{mark}{r['model_auprc']:>7.3f} {r['bayes_auprc']:>7.3f}")
+    if small:
+        lines.append(f"* fewer than {SMALL_SUBSET} studies: the ratio is mostly sampling noise (it can exceed 100%)")
     return "\n".join(lines)

@@ -124,3 +124,16 @@ def test_auprc_with_ties_in_random_order_matches_enumeration_of_every_order():
     assert average_precision_score(y, p) < want - 0.02     # sklearn's one step per block understates it
     q = np.array([0.9, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1])        # no ties: the plain value
     assert auprc_ties_random(y, q) == average_precision_score(y, q)
+
+
+def test_bayes_table_flags_small_subsets_as_noise():
+    from clinfuse.evaluation.bayes import format_bayes_table
+
+    row = {"subset": "all", "n": 93, "positives": 34, "model_auroc": 0.8, "bayes_auroc": 0.82, "auroc_ratio": 0.8 / 0.82,
+           "model_auprc": 0.7, "bayes_auprc": 0.75}
+    big = format_bayes_table([row])
+    assert "*" not in big and "97.6%" in big
+    small = format_bayes_table([row, {**row, "subset": "image only", "n": 8, "auroc_ratio": 1.43}])
+    lines = small.splitlines()
+    assert "143.0%*" in lines[3] and lines[-1].startswith("* fewer than 30 studies")
+    assert len(lines[2]) == len(lines[3])                  # the flag does not shift the columns
