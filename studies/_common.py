@@ -14,7 +14,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from clinfuse.config import Config  # noqa: E402
 from clinfuse.data.cohort import read_cohort  # noqa: E402
 from clinfuse.evaluation.metrics import auprc, auprc_ties_random, auroc, bootstrap_ci, recall_at_specificity  # noqa: E402
 from clinfuse.models.model import load_model, probabilities  # noqa: E402
@@ -34,17 +33,12 @@ def labels_of(rows: list[dict], info: dict) -> np.ndarray:
 
 def model_predictions(model_dir: Path, cohort: Path, split: str = "test", hide: str | None = None):
     """(y [N, K], p [N, K], patient ids, rows) for a saved model on a split, with its stored temperature."""
-    import torch
-
-    from clinfuse.data.dataset import StudyDataset
-    from clinfuse.training.trainer import run_inference
+    from clinfuse.evaluation.evaluate import predict_split
 
     model, meta, tok = load_model(model_dir)
-    cfg = Config.model_validate(meta["config"])
-    rows, info = split_rows(cohort, split)
-    loader = torch.utils.data.DataLoader(StudyDataset(rows, info, cfg, tok), batch_size=64)
-    out = run_inference(model, loader, torch.device("cpu"), hide=hide)
-    p = probabilities(torch.from_numpy(out["logits"]), meta["task"], float(meta.get("temperature", 1.0))).numpy()
+    rows, _ = split_rows(cohort, split)
+    out = predict_split(model, meta, tok, cohort, split, batch_size=64, hide=hide, rows=rows)
+    p = probabilities(out["logits"], meta["task"], meta.get("temperature", 1.0)).numpy()
     y = out["labels"].reshape(len(p), -1).astype(int)
     return y, p, [r["patient_id"] for r in rows], rows
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from .metrics import auprc, auprc_ties_random, auroc
 
-__all__ = ["bayes_comparison", "format_bayes_table"]
+__all__ = ["bayes_comparison", "format_bayes_table", "truth_rows"]
 
 SMALL_SUBSET = 30  # studies; below this a subset's ratio to the Bayes AUROC is flagged as noise
 
@@ -24,6 +24,15 @@ SMALL_SUBSET = 30  # studies; below this a subset's ratio to the Bayes AUROC is 
 def _read(path: Path) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
+
+
+def truth_rows(truth_csv: str | Path, cohort_dir: str | Path, study_ids) -> list[dict]:
+    """The ``truth.csv`` row of each cohort study id, joined through ``private/key_map.csv``."""
+    key_rows = _read(Path(cohort_dir) / "private" / "key_map.csv")
+    key_col = [c for c in key_rows[0] if c != "study_id"][0]
+    key_of = {r["study_id"]: r[key_col] for r in key_rows}
+    truth = {r[key_col]: r for r in _read(Path(truth_csv))}
+    return [truth[key_of[s]] for s in study_ids]
 
 
 def bayes_comparison(truth_csv: str | Path, cohort_dir: str | Path, predictions: dict, output: str = "label") -> list[dict]:
@@ -36,11 +45,7 @@ def bayes_comparison(truth_csv: str | Path, cohort_dir: str | Path, predictions:
             "p_image_hidden": [...], "p_report_hidden": [...]}`` on the test split.
         output: the truth column suffix (``label`` for binary exports).
     """
-    key_rows = _read(Path(cohort_dir) / "private" / "key_map.csv")
-    key_col = [c for c in key_rows[0] if c != "study_id"][0]
-    key_of = {r["study_id"]: r[key_col] for r in key_rows}
-    truth = {r[key_col]: r for r in _read(Path(truth_csv))}
-    t = [truth[key_of[s]] for s in predictions["study_id"]]
+    t = truth_rows(truth_csv, cohort_dir, predictions["study_id"])
     y = np.asarray(predictions["y"]).astype(int)
     p = np.asarray(predictions["p"], float)
     ip = np.asarray(predictions["image_present"], bool)

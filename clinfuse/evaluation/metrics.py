@@ -153,7 +153,8 @@ def bootstrap_ci(y, p, fn, n: int = 1000, seed: int = 0, groups=None) -> tuple[f
     rng = np.random.default_rng(seed)
     if groups is not None:
         _, inverse = np.unique(np.asarray(groups), return_inverse=True)
-        members = [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)]
+        order = np.argsort(inverse, kind="stable")  # each cluster's rows, in row order
+        members = np.split(order, np.cumsum(np.bincount(inverse))[:-1])
     vals = []
     for _ in range(n):
         if groups is None:

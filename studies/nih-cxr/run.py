@@ -147,11 +147,8 @@ def flip_view(rows: list[dict]) -> list[dict]:
 
 
 def question_2(ctx: Path, img: Path, out: Path, n_boot: int, epochs: int) -> None:
-    import torch
-
-    from clinfuse.data.dataset import StudyDataset
+    from clinfuse.evaluation.evaluate import predict_split
     from clinfuse.models.model import load_model, probabilities
-    from clinfuse.training.trainer import run_inference
 
     best = train_model(ctx, "resnet18+context", ["model.image.name=resnet18", "model.fusion.kind=attention",
                                                   f"train.epochs={epochs}"], out)
@@ -161,11 +158,8 @@ def question_2(ctx: Path, img: Path, out: Path, n_boot: int, epochs: int) -> Non
     t = float(meta.get("temperature", 1.0))
 
     def predict(rows, hide=None):
-        from clinfuse.config import Config
-
-        ds = StudyDataset(rows, info, Config.model_validate(meta["config"]), tok)
-        o = run_inference(model, torch.utils.data.DataLoader(ds, batch_size=64), torch.device("cpu"), hide=hide)
-        return probabilities(torch.from_numpy(o["logits"]), "binary", t).numpy(), o
+        o = predict_split(model, meta, tok, ctx, "test", batch_size=64, hide=hide, rows=rows)
+        return probabilities(o["logits"], "binary", t).numpy(), o
 
     y = labels_of(te, info)
     g = [r["patient_id"] for r in te]

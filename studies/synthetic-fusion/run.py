@@ -32,6 +32,7 @@ from _common import auprc, auprc_ties_random, auroc, model_predictions, recall_a
 from clinfuse.config import load_config  # noqa: E402
 from clinfuse.data.cohort import build_cohort  # noqa: E402
 from clinfuse.data.synth import FINDINGS, SynthSpec, synthesize  # noqa: E402
+from clinfuse.evaluation.bayes import truth_rows  # noqa: E402
 from clinfuse.pipeline import train_and_audit  # noqa: E402
 
 
@@ -54,13 +55,7 @@ def train(out: Path, coh: Path, name: str, overrides: list[str], seed: int) -> P
 
 
 def truth_for(coh: Path, truth_csv: Path, rows: list[dict]) -> list[dict]:
-    with open(coh / "private" / "key_map.csv", newline="") as f:
-        km = list(csv.DictReader(f))
-    key = [c for c in km[0] if c != "study_id"][0]
-    key_of = {r["study_id"]: r[key] for r in km}
-    with open(truth_csv, newline="") as f:
-        truth = {r[key]: r for r in csv.DictReader(f)}
-    return [truth[key_of[r["study_id"]]] for r in rows]
+    return truth_rows(truth_csv, coh, [r["study_id"] for r in rows])
 
 
 def mean_sd(v) -> str:
