@@ -80,6 +80,7 @@ def modality_shapley(model, x: StudyInput, target: int, task: str, temperature: 
     """Exact Shapley value of each present modality for the target probability (4 forward passes, batched).
 
     v(S) is the model's probability with only the modalities in S shown. An absent modality's value is 0.
+    Also returned: the four v(S) (``v_both``, ``v_image_only``, ``v_report_only``, ``v_none``).
     """
     flags = [(1, 1), (1, 0), (0, 1), (0, 0)]  # both, image only, report only, none
     n = len(flags)
@@ -91,7 +92,8 @@ def modality_shapley(model, x: StudyInput, target: int, task: str, temperature: 
     v_both, v_img, v_txt, v_none = v
     phi_img = 0.5 * ((v_img - v_none) + (v_both - v_txt))
     phi_txt = 0.5 * ((v_txt - v_none) + (v_both - v_img))
-    return {"image": float(phi_img), "report": float(phi_txt), "v_none": float(v_none), "v_both": float(v_both)}
+    return {"image": float(phi_img), "report": float(phi_txt), "v_none": float(v_none), "v_both": float(v_both),
+            "v_image_only": float(v_img), "v_report_only": float(v_txt)}
 
 
 def merge_wordpieces(tokenizer, ids: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor):

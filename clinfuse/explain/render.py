@@ -44,6 +44,16 @@ def overlay_png(image: np.ndarray, amap: np.ndarray, method: str, title: str) ->
     return buf.getvalue()
 
 
+def _without_html(exp: dict) -> str:
+    """The explained probability with each modality hidden in turn (both present only)."""
+    w = exp["modalities"].get("p_without") or {}
+    if w.get("image") is None:
+        return ""
+    t = exp["explained_output"]
+    return (f";<br>p({html.escape(t)}) {exp['probabilities'][t]:.3f} with both, {w['report']:.3f} without the report, "
+            f"{w['image']:.3f} without the image: how far this prediction depends on each")
+
+
 def _word_html(tokens: list[tuple[str, float]]) -> str:
     if not tokens:
         return "<p><em>no report</em></p>"
@@ -93,7 +103,7 @@ explained output: <b>{html.escape(exp['explained_output'])}</b>; operating point
 <table><tr><th>output</th><th>probability</th><th>predicted</th></tr>{probs}</table>
 <h3>Modalities</h3><p>attention weight: image {mod['attention']['image']:.2f}, report {mod['attention']['report']:.2f};
 Shapley value on the probability: image {mod['shapley']['image']:+.3f}, report {mod['shapley']['report']:+.3f}
-(share: image {mod['share']['image']:.0%}, report {mod['share']['report']:.0%})</p>
+(share: image {mod['share']['image']:.0%}, report {mod['share']['report']:.0%}){_without_html(exp)}</p>
 <div class="cols"><div><h3>Image ({html.escape(str(exp['image'].get('method')))})</h3>{img_html}</div>
 <div><h3>Report</h3><p>red: words that raised the explained output, blue: words that lowered it</p>{_word_html([tuple(t) for t in exp['report']['words']])}</div></div>
 <h3>How far to trust these maps</h3><ul>{''.join(faith) or '<li>nothing to measure</li>'}</ul>

@@ -42,6 +42,7 @@ def explain_rows(model_dir: str | Path, rows: list[dict], info: dict, out_dir: s
         ft = text_deletion(model, x, a, meta["task"], tok, t)
         sh = a.shapley
         tot = abs(sh["image"]) + abs(sh["report"])
+        both = bool(x.image_present[0]) and bool(x.text_present[0])
         exp = {
             "format": EXPLANATION_FORMAT,
             "study_id": item["study_id"],
@@ -56,6 +57,10 @@ def explain_rows(model_dir: str | Path, rows: list[dict], info: dict, out_dir: s
                 "attention": {"image": a.attention_weights[0], "report": a.attention_weights[1]},
                 "shapley": {"image": sh["image"], "report": sh["report"]},
                 "share": {"image": abs(sh["image"]) / tot if tot else 0.0, "report": abs(sh["report"]) / tot if tot else 0.0},
+                # the explained probability with one present modality hidden and the other kept: how far this
+                # prediction depends on it (the Shapley value also averages in its effect when shown alone)
+                "p_without": {"image": sh["v_report_only"] if both else None,
+                              "report": sh["v_image_only"] if both else None},
             },
             "image": {"method": a.image_method, "file": "image_attribution.npy" if a.image_map is not None else None,
                       "overlay": "overlay.png" if a.image_map is not None else None, "faithfulness": fi},

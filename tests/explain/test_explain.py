@@ -122,6 +122,12 @@ def test_completeness_and_shapley_efficiency_on_the_real_model(trained):
         sh = a.shapley
         assert sh["image"] + sh["report"] == pytest.approx(sh["v_both"] - sh["v_none"], abs=1e-9)
         assert sh["v_both"] == pytest.approx(a.probabilities[0], abs=1e-6)  # batch of 4 vs batch of 1 in float32
+        off = torch.zeros_like(x.image_present)
+        with torch.no_grad():  # v(image only) is the model with the report hidden, and the other way round
+            img_only = model(x.image, x.image_present, x.input_ids, x.attention_mask, off)["logits"][0, 0]
+            txt_only = model(x.image, off, x.input_ids, x.attention_mask, x.text_present)["logits"][0, 0]
+        assert sh["v_image_only"] == pytest.approx(float(torch.sigmoid(img_only.double())), abs=1e-6)
+        assert sh["v_report_only"] == pytest.approx(float(torch.sigmoid(txt_only.double())), abs=1e-6)
 
 
 def test_default_steps_keep_the_convergence_delta_small(trained):
@@ -254,6 +260,10 @@ def test_explain_one_study_given_as_files(trained, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     e = json.loads((tmp_path / "one/s-input/explanation.json").read_text())
     assert e["modalities"]["present"] == {"image": True, "report": True}
+    w, sh = e["modalities"]["p_without"], e["modalities"]["shapley"]
+    # exact for two modalities: phi(report) - phi(image) = p(without image) - p(without report)
+    assert sh["report"] - sh["image"] == pytest.approx(w["image"] - w["report"], abs=1e-9)
+    assert "without the report" in (tmp_path / "one/s-input/explanation.html").read_text()
     words = [w for w, _ in e["report"]["words"]]
     assert "pneumonia" in words and "indication" in words
     assert (tmp_path / "one/s-input/overlay.png").is_file()
