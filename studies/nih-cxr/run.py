@@ -181,6 +181,29 @@ def question_2(ctx: Path, img: Path, out: Path, n_boot: int, epochs: int) -> Non
           f"mean |p(both) - p(image hidden)| = {np.abs(p_both - p_txt).mean():.3f}")
     print(f"flipping only the view word: AP->PA mean change in p {d[v == 'AP'].mean():+.3f}, "
           f"PA->AP {d[v == 'PA'].mean():+.3f}; decisions changed at the stored threshold: {crossed:.1%}", flush=True)
+    shortcut_in_explanations(best, te, info, v, out)
+
+
+def shortcut_in_explanations(best: Path, te: list[dict], info: dict, v: np.ndarray, out: Path, n: int = 60) -> None:
+    """What the explanations a reviewer sees say about the view: the context's Shapley share, and how much of
+    the Grad-CAM map lies in the image border (markers, collimation, shoulders) rather than the chest, by view."""
+    from clinfuse.explain.run import explain_rows
+
+    d = out / "explanations-fused-gradcam"
+    es = explain_rows(best, te[:n], info, d, method="gradcam", progress=False)
+    share = np.array([e["modalities"]["share"]["report"] for e in es])
+    border = []
+    for e in es:
+        a = np.abs(np.load(d / e["study_id"] / e["image"]["file"]).astype(float)).squeeze()
+        h, w = a.shape
+        bh, bw = round(0.15 * h), round(0.15 * w)
+        border.append(1 - a[bh:h - bh, bw:w - bw].sum() / max(a.sum(), 1e-12))
+    border, vv = np.array(border), v[:len(es)]
+    rows = [[view, str(int((vv == view).sum())), f"{share[vv == view].mean():.3f}", f"{border[vv == view].mean():.3f}"]
+            for view in ("AP", "PA")]
+    print(f"explanations of the fused model on the first {len(es)} test images (Grad-CAM; border = outer 15% of each side, "
+          f"{1 - 0.7 ** 2:.0%} of the area)")
+    print(table(["view", "images", "context Shapley share", "Grad-CAM mass in the border"], rows), flush=True)
 
 
 def question_3(img: Path, out: Path, n: int = 30) -> None:
