@@ -23,6 +23,7 @@ BENCHMARKS = {
     "ingest": [],
     "train_throughput": [],
     "explain_cost": [],
+    "phi_guard": [],
 }
 
 

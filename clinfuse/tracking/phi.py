@@ -37,6 +37,11 @@ def _variants(kind: str, value: str) -> set[str]:
 class PhiGuard:
     """Screens text and files for identifying values.
 
+    Every variant of every identifier goes into one Aho-Corasick automaton (``pyahocorasick``), so a
+    text is screened in one pass whatever the number of identifiers: the work per character is
+    constant, and the only Python-level work is one boundary check per actual occurrence of an
+    identifier (identifiers that share a prefix, as accession numbers do, cost nothing extra).
+
     Args:
         identifiers: kind -> values (as in ``private/identifiers.json``).
     """
@@ -47,11 +52,15 @@ class PhiGuard:
             for v in values:
                 for x in _variants(kind, str(v)):
                     self.kind_of.setdefault(x.lower(), kind)
-        # Index by the first _MIN_LEN characters: a text is screened in linear time by its n-grams, then
-        # a C-speed substring test runs only for identifiers whose prefix occurs in it.
-        self._by_prefix: dict[str, list[str]] = {}
-        for x in sorted(self.kind_of, key=len, reverse=True):
-            self._by_prefix.setdefault(x[:_MIN_LEN], []).append(x)
+        self._automaton = None
+        if self.kind_of:
+            import ahocorasick
+
+            a = ahocorasick.Automaton()
+            for ident, kind in self.kind_of.items():
+                a.add_word(ident, (ident, kind, ident.isdigit()))
+            a.make_automaton()
+            self._automaton = a
 
     @classmethod
     def from_cohort(cls, cohort_dir: str | Path) -> "PhiGuard":
@@ -63,14 +72,14 @@ class PhiGuard:
 
     def find(self, text: str) -> str | None:
         """The kind of the first identifier found in `text` (case-insensitive), or None."""
-        if not self._by_prefix or not text or len(text) < _MIN_LEN:
+        if self._automaton is None or not text or len(text) < _MIN_LEN:
             return None
         low = text.lower()
-        grams = {low[i : i + _MIN_LEN] for i in range(len(low) - _MIN_LEN + 1)}
-        for prefix in grams.intersection(self._by_prefix):
-            for ident in self._by_prefix[prefix]:
-                if ident in low and (not ident.isdigit() or _digits_alone(ident, low)):
-                    return self.kind_of[ident]
+        n = len(low)
+        # iter() reports every occurrence, overlapping ones included, by the index of its last character
+        for end, (ident, kind, numeric) in self._automaton.iter(low):
+            if not numeric or _digits_alone(low, end - len(ident) + 1, end + 1, n):
+                return kind
         return None
 
     def check(self, where: str, *texts) -> None:
@@ -93,10 +102,10 @@ class PhiGuard:
             self.check(where or f"artifact '{f.name}'", _screenable_text(f))
 
 
-def _digits_alone(ident: str, text: str) -> bool:
+def _digits_alone(text: str, start: int, end: int, n: int) -> bool:
     """A numeric identifier counts only where no digit touches it: patient 12345 is not in 1123456
     (a parameter count, a timestamp), but it is in 'MRN12345' and 'id=12345'."""
-    return re.search(rf"(?<!\d){ident}(?!\d)", text) is not None
+    return (start == 0 or not text[start - 1].isdecimal()) and (end == n or not text[end].isdecimal())
 
 
 def _screenable_text(f: Path) -> str:

@@ -1,7 +1,5 @@
 """The PHI guard on its own: variants, large texts, binary files."""
 
-import time
-
 import pytest
 import torch
 
@@ -22,12 +20,64 @@ def test_variants_and_case():
     assert PhiGuard(None).find("KAZUMIR") is None
 
 
-def test_large_text_is_screened_in_linear_time():
-    g = PhiGuard({**IDS, "accession": [f"ACC{i:09d}" for i in range(5000)]})
-    text = "lorem ipsum " * 200_000 + " acc000004999"
-    t = time.perf_counter()
-    assert g.find(text) == "accession"
-    assert time.perf_counter() - t < 5.0
+class _CountingAutomaton:
+    """Wraps the guard's automaton to count passes over the text and the occurrences it reports."""
+
+    def __init__(self, inner):
+        self.inner, self.passes, self.reported = inner, 0, 0
+
+    def iter(self, text):
+        self.passes += 1
+        for hit in self.inner.iter(text):
+            self.reported += 1
+            yield hit
+
+
+def _shared_prefix_guard(n: int) -> PhiGuard:
+    return PhiGuard({**IDS, "accession": [f"ACC{i:09d}" for i in range(n)]})
+
+
+@pytest.mark.parametrize("n_ids", [50, 5000, 50000])
+def test_screening_work_does_not_grow_with_the_number_of_identifiers(n_ids):
+    """One pass over the text; Python-level work only per real occurrence, however many identifiers
+    share the prefix of a near miss (the prefix index it replaced ran one substring search over the
+    whole text per identifier under a matching prefix: 5,000 searches here)."""
+    g = _shared_prefix_guard(n_ids)
+    counter = g._automaton = _CountingAutomaton(g._automaton)
+    near_misses = " ".join(f"acc{i:09d}x1" for i in range(n_ids, n_ids + 200))  # acc00.. but not an id
+    text = ("lorem ipsum acc00 " * 2000) + near_misses + " accession 123"
+    assert g.find(text) is None
+    assert counter.passes == 1 and counter.reported == 0
+    # a real identifier at the end is found with exactly one reported occurrence
+    assert g.find(text + f" ACC{n_ids - 1:09d}") == "accession"
+    assert counter.passes == 2 and counter.reported == 1
+
+
+def _reference_hits(guard: PhiGuard, text: str) -> list[str]:
+    """The rule stated plainly (every identifier, one regex each): the oracle for the automaton."""
+    import re
+
+    low = text.lower()
+    hits = [ident for ident in guard.kind_of
+            if (re.search(rf"(?<!\d){re.escape(ident)}(?!\d)", low) if ident.isdigit() else ident in low)]
+    return hits
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_alphabet = st.sampled_from(list("0123456789abcAB^ -./"))
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(ids=st.lists(st.text(_alphabet, min_size=5, max_size=9), min_size=1, max_size=6),
+       text=st.lists(st.one_of(st.text(_alphabet, max_size=12), st.integers(0, 5)), max_size=10))
+def test_automaton_agrees_with_the_plain_rule(ids, text):
+    """Case-insensitive substring match; a numeric identifier only where no digit touches it."""
+    g = PhiGuard({"accession": ids})
+    # build texts that embed identifiers (by index) between random fragments
+    s = "".join(ids[x % len(ids)] if isinstance(x, int) else x for x in text)
+    hits = _reference_hits(g, s)
+    assert (g.find(s) is not None) == bool(hits), (ids, s)
 
 
 def test_binary_files_screen_their_headers(tmp_path):
