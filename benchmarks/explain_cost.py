@@ -21,13 +21,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from clinfuse.config import Config, config_from_dict, load_config  # noqa: E402
+from clinfuse.config import config_from_dict, load_config  # noqa: E402
 from clinfuse.data.cohort import build_cohort, read_cohort  # noqa: E402
-from clinfuse.data.dataset import StudyDataset  # noqa: E402
 from clinfuse.data.synth import SynthSpec, synthesize  # noqa: E402
 from clinfuse.explain.attributions import StudyInput, explain_study, modality_shapley  # noqa: E402
 from clinfuse.explain.faithfulness import image_deletion, text_deletion  # noqa: E402
-from clinfuse.models.model import load_model  # noqa: E402
+from clinfuse.inference import Model  # noqa: E402
 from clinfuse.training.trainer import train  # noqa: E402
 
 
@@ -55,13 +54,12 @@ def main(argv=None) -> None:
         data["train"]["epochs"] = 2
         train(d / "c", config_from_dict(data), d / "run", progress=False)
         args.model, args.cohort = str(d / "run/best"), str(d / "c")
-    model, meta, tok = load_model(args.model)
-    cfg = Config.model_validate(meta["config"])
+    m = Model.load(args.model)
+    model, tok, cfg, task = m.network, m.tokenizer, m.config, m.task
     rows, info = read_cohort(args.cohort)
     both = [r for r in rows if r["image_present"] and r["report_present"]][: args.studies]
-    ds = StudyDataset(both, info, cfg, tok)
+    ds = m.dataset(both)
     xs = [StudyInput.from_item(ds[i]) for i in range(len(ds))]
-    task = meta["task"]
 
     def each(fn):
         return lambda: [fn(x) for x in xs]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import load_config
+from .errors import ClinfuseError
 
 _EPILOG = "Run `clinfuse <command> --help` for the options of one command. Docs: docs/index.md"
 
@@ -108,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
         "intervals, sensitivity, specificity, PPV, NPV, F1, balanced accuracy, ECE, Brier; per missingness "
         "pattern and with each modality hidden on purpose. Writes metrics.json and plots/ to --out.",
     )
-    e.add_argument("--model", metavar="URI_OR_DIR", required=True,
-                   help="model folder (e.g. RUN/best) or MLflow URI (models:/clinfuse-fusion/3)")
+    e.add_argument("--model", metavar="REF", required=True,
+                   help="model folder, training run folder (takes best/), or MLflow URI (models:/clinfuse-fusion/3, "
+                   "models:/NAME@ALIAS, runs:/RUN_ID/model)")
     e.add_argument("--tracking-uri", metavar="URI", help="MLflow store for a models:/ URI (default as for train)")
     e.add_argument("--cohort", metavar="DIR", required=True, help="cohort folder")
     e.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to score (default test)")
@@ -123,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         "modalities, and deletion-curve faithfulness against random orders. One folder per study under --out "
         "(explanation.json, image_attribution.npy, overlay.png, explanation.html); logged to the model's MLflow run.",
     )
-    x.add_argument("--model", metavar="URI_OR_DIR", required=True, help="model folder or MLflow URI (models:/NAME/VERSION)")
+    x.add_argument("--model", metavar="REF", required=True,
+                   help="model folder, training run folder (takes best/), or MLflow URI (models:/NAME/VERSION)")
     src = x.add_mutually_exclusive_group(required=True)
     src.add_argument("--cohort", metavar="DIR", help="explain studies of a cohort split")
     src.add_argument("--dicom", metavar="PATH", nargs="+", help="explain one study given as DICOM file(s) (with --report)")
@@ -139,13 +142,22 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--no-mlflow", action="store_true", help="do not log the explanations to MLflow")
     x.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
-    pr = sub.add_parser("predict", help="probabilities for many studies as CSV, fast, no attributions",
-                        description="Predict a cohort split: calibrated probabilities, predictions at the stored "
-                        "operating point and modality weights, one CSV row per study.")
-    pr.add_argument("--model", metavar="URI_OR_DIR", required=True, help="model folder or MLflow URI")
-    pr.add_argument("--cohort", metavar="DIR", required=True, help="cohort folder")
+    pr = sub.add_parser("predict", help="probabilities for a cohort split or one study, as CSV",
+                        description="Predict a cohort split (--cohort) or one study given as DICOM file(s) and a "
+                        "report (--dicom, --report): calibrated probabilities, decisions at the stored operating "
+                        "points, modality weights, the probability with each modality hidden (p_without) and a "
+                        "status per study; a study that cannot be read gets status 'error' and its reason.")
+    pr.add_argument("--model", metavar="REF", required=True,
+                    help="model folder, training run folder (takes best/), or MLflow URI (models:/NAME/VERSION, "
+                    "models:/NAME@ALIAS, runs:/RUN_ID/model)")
+    prs = pr.add_mutually_exclusive_group(required=True)
+    prs.add_argument("--cohort", metavar="DIR", help="cohort folder")
+    prs.add_argument("--dicom", metavar="PATH", nargs="+", help="one study given as DICOM file(s)")
+    pr.add_argument("--report", metavar="FILE", help="the study's report text (with --dicom)")
+    pr.add_argument("--study-id", default="study", help="name of the study given by --dicom (default: study)")
     pr.add_argument("--split", default="test", choices=["train", "val", "test", "all"], help="split (default test)")
-    pr.add_argument("--out", metavar="FILE", default="predictions.csv", help="CSV file (default predictions.csv)")
+    pr.add_argument("--out", metavar="FILE", default="predictions.csv",
+                    help="CSV file (default predictions.csv; '-' with --dicom: print only)")
     pr.add_argument("--tracking-uri", metavar="URI", help="MLflow store for a models:/ URI")
 
     dm = sub.add_parser(
@@ -171,27 +183,50 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _explain(args) -> int:
+    from .inference import Model
     from .pipeline import explain_and_log
 
     if args.dicom and not args.report:
         print("clinfuse explain: note: no --report given; explaining the image alone", file=sys.stderr)
-    res = explain_and_log(args.model, args.out, cohort_dir=args.cohort, split=args.split, limit=args.limit or None,
+    model = Model.load(args.model, tracking_uri=args.tracking_uri)
+    res = explain_and_log(model, args.out, cohort_dir=args.cohort, split=args.split, limit=args.limit or None,
                           dicom=args.dicom, report=args.report, method=args.method, steps=args.steps,
-                          target=args.target, tracking_uri=args.tracking_uri, log_to_mlflow=not args.no_mlflow,
-                          progress=not args.no_progress)
-    from .explain.run import summary_line
-
+                          target=args.target, log_to_mlflow=not args.no_mlflow, progress=not args.no_progress)
     for e in res:
-        print(summary_line(e))
+        print(e.summary())
     print(f"\n{len(res)} explanation(s) in {args.out}/<study_id>/explanation.html")
     return 0
 
 
 def _predict(args) -> int:
-    from .pipeline import predict_csv
+    from .inference import Model, Study
 
-    n = predict_csv(args.model, args.cohort, args.out, args.split, args.tracking_uri)
-    print(f"{n} predictions written to {args.out}")
+    model = Model.load(args.model, tracking_uri=args.tracking_uri)
+    if args.cohort:
+        from .pipeline import predict_csv
+
+        n = predict_csv(model, args.cohort, args.out, args.split)
+        print(f"{n} predictions written to {args.out}")
+        return 0
+    report = None
+    if args.report:
+        from .pipeline import _read_report_file
+
+        report = _read_report_file(args.report, model)
+    preds = model.predict([Study(list(args.dicom or []), report, args.study_id)])
+    frame = preds.to_frame()
+    if args.out != "-":
+        frame.to_csv(args.out, index=False, float_format="%.6f")
+    p = preds[0]
+    if not p.ok:
+        print(f"clinfuse predict: {p.study_id}: {p.reason}", file=sys.stderr)
+        return 1
+    for n in model.output_names:
+        print(f"{n}: p = {p.probabilities[n]:.4f}  decision {'positive' if p.decisions[n] else 'negative'} "
+              f"(operating point {model.thresholds[model.output_names.index(n)]:.3f})")
+    print(f"modality weights: image {p.modality_weights['image']:.2f}, report {p.modality_weights['report']:.2f}")
+    if args.out != "-":
+        print(f"written to {args.out}")
     return 0
 
 
@@ -225,20 +260,14 @@ def _ui(args) -> int:
 
 def _evaluate(args) -> int:
     from .evaluation.evaluate import evaluate, format_table
+    from .inference import Model
 
-    model_dir = args.model
-    if not Path(args.model).is_dir():
-        from .tracking.mlflow_tracker import resolve_model
-
-        model_dir = str(resolve_model(args.model, args.tracking_uri))
-    out = args.out or (str(Path(args.model) / f"eval-{args.split}") if Path(args.model).is_dir()
-                       else f"eval-{args.split}")
+    model = Model.load(args.model, tracking_uri=args.tracking_uri)
+    out = args.out or (str(model.dir / f"eval-{args.split}") if Path(args.model).is_dir() else f"eval-{args.split}")
     cfg = None
     if args.bootstrap is not None:
-        from .config import EvalConfig
-
-        cfg = EvalConfig(bootstrap=args.bootstrap)
-    result = evaluate(model_dir, args.cohort, args.split, out, cfg)
+        cfg = model.config.eval.model_copy(update={"bootstrap": args.bootstrap})
+    result = evaluate(model, args.cohort, args.split, out, cfg)
     print(format_table(result))
     print(f"\nmetrics.json and plots written to {out}")
     return 0
@@ -281,7 +310,7 @@ def _train(args) -> int:
 
 
 def _cohort_build(args) -> int:
-    from .data.cohort import build_cohort
+    from .data.cohort import build_cohort, format_summary
 
     overrides = list(args.overrides)
     for flag, key in (("key", "cohort.key"), ("reports_key", "cohort.reports.key_column"),
@@ -302,30 +331,8 @@ def _cohort_build(args) -> int:
     return 0
 
 
-def format_summary(info: dict) -> str:
-    """The `cohort inspect` table."""
-    c = info["counts"]
-    lines = [f"cohort  key={info['key']}  task={info['task']}  classes={', '.join(info['classes'])}",
-             f"studies {c['studies']}  patients {c['patients']}  images {c['images']}  "
-             f"quarantined {c['quarantined']}  fingerprint {info['fingerprint']['sha256'][:16]}",
-             ""]
-    classes = list(next(iter(info["splits"].values()))["prevalence"])
-    head = f"{'split':<6} {'studies':>7} {'patients':>8} {'both':>6} {'img only':>8} {'rep only':>8}  " + \
-        "  ".join(f"{c[:12]:>12}" for c in classes)
-    lines += [head, "-" * len(head)]
-    for name, s in info["splits"].items():
-        m = s["missingness"]
-        prev = "  ".join(f"{(v if v is not None else float('nan')):>12.3f}" for v in s["prevalence"].values())
-        lines.append(f"{name:<6} {s['studies']:>7} {s['patients']:>8} {m['both']:>6} {m['image_only']:>8} "
-                     f"{m['report_only']:>8}  {prev}")
-    lines.append("(prevalence columns: share of studies with that class)")
-    if info.get("quarantine_reasons"):
-        lines += ["", "set aside:"] + [f"  {n:>5}  {r}" for r, n in info["quarantine_reasons"].items()]
-    return "\n".join(lines)
-
-
 def _cohort_inspect(args) -> int:
-    from .data.cohort import read_cohort
+    from .data.cohort import format_summary, read_cohort
 
     _, info = read_cohort(args.dir)
     print(json.dumps(info, indent=2) if args.json else format_summary(info))
@@ -350,7 +357,10 @@ def _synth(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: ``clinfuse <command> ...``. Returns the exit status (errors print one line, status 2)."""
+    """Entry point: ``clinfuse <command> ...``. Returns the exit status.
+
+    A :class:`clinfuse.errors.ClinfuseError` (bad input, config or reference) prints one line and
+    gives status 2; any other exception is a bug and shows its traceback."""
     args = build_parser().parse_args(argv)
     handlers = {("cohort", "build"): _cohort_build, ("cohort", "inspect"): _cohort_inspect, ("synth", None): _synth,
                 ("train", None): _train, ("evaluate", None): _evaluate, ("ui", None): _ui,
@@ -358,8 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     handler = handlers[(args.command, getattr(args, "cohort_command", None))]
     try:
         return handler(args)
-    except ValueError as e:  # ConfigError, CohortInputError, DicomReadError, TrainingError: one line, status 2
-        print(f"clinfuse {args.command}: error: {e}", file=sys.stderr)
+    except ClinfuseError as e:  # ConfigError, CohortInputError, DicomReadError, TrainingError, ModelLoadError, ...
+        print(f"clinfuse {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
 

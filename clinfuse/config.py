@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from .errors import ClinfuseError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
@@ -41,7 +42,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(ClinfuseError):
     """A configuration that cannot be used; the message names the file, the key path and the fix."""
 
 
@@ -199,16 +200,16 @@ class CohortConfig(_Strict):
         return [e.lower() for e in v]
 
 
-IMAGE_ENCODER_NAMES = ("densenet121", "densenet_tiny", "resnet18", "resnet10", "efficientnet-b0", "vit")
-FUSION_KINDS = ("attention", "concat", "mean_logits", "image_only", "text_only")
 LOSS_NAMES = ("bce", "ce", "focal", "logit_adjusted")
 
 
 class ImageEncoderConfig(_Strict):
     """The MONAI image encoder."""
 
-    name: Literal["densenet121", "densenet_tiny", "resnet18", "resnet10", "efficientnet-b0", "vit"] = Field(
-        "densenet121", description="MONAI network (see `clinfuse.models.list_image_encoders()`).")
+    name: str = Field(
+        "densenet121", description="A registered image encoder: densenet121, densenet_tiny, resnet18, resnet10, "
+        "efficientnet-b0, vit, or one added with `clinfuse.models.register_image_encoder` "
+        "(`clinfuse.models.list_image_encoders()` lists them; checked when the model is built).")
     spatial_dims: Literal[2, 3] = Field(2, description="2 for radiographs, 3 for CT/MR volumes.")
     in_channels: int = Field(1, ge=1, le=4, description="Input channels (1 for grey; must match cohort.dicom.channels).")
     weights: str | None = Field(
@@ -238,9 +239,11 @@ class TextEncoderConfig(_Strict):
 class FusionConfig(_Strict):
     """How the modalities are combined."""
 
-    kind: Literal["attention", "concat", "mean_logits", "image_only", "text_only"] = Field(
-        "attention", description="'attention' (the clinfuse model) or a baseline: concatenation late fusion, "
-        "averaging of unimodal logits, or one modality alone.")
+    kind: str = Field(
+        "attention", description="A registered fusion: 'attention' (the clinfuse model) or a baseline: 'concat' "
+        "(concatenation late fusion), 'mean_logits' (averaging of unimodal logits), 'image_only', 'text_only', "
+        "or one added with `clinfuse.models.register_fusion` (`clinfuse.models.list_fusions()`; checked when "
+        "the model is built).")
     dim: int = Field(256, ge=8, description="Common width d that each encoder projects to.")
     heads: int = Field(4, ge=1, description="Attention heads (dim must be divisible by heads).")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the fused vector and in attention.")
@@ -258,9 +261,6 @@ class FusionConfig(_Strict):
     def _heads_divide(self) -> "FusionConfig":
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
-        if self.aux_weight > 0 and self.kind not in ("attention", "concat"):
-            raise ValueError(f"aux_weight applies to kind 'attention' or 'concat', not {self.kind!r} "
-                             "(its modalities already have a head each); set aux_weight: 0")
         return self
 
 

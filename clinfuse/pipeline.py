@@ -1,8 +1,9 @@
 """Compositions of the stages that the CLI, the demo and the studies share.
 
 ``train_and_audit``: train -> calibrate on validation -> evaluate on test -> MLflow (one run with
-params, tags, cohort lineage, per-epoch and test metrics, plots, the model, registered), every
-value screened by the PHI guard. This module composes; the stages hold the logic.
+params, tags, cohort lineage, per-epoch and test metrics, plots, the served model, registered), every
+value screened by the PHI guard. The trained model is one :class:`clinfuse.Model`, loaded once and
+handed from stage to stage. This module composes; the stages hold the logic.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from pathlib import Path
 
 from . import __version__
 from .config import Config, dump_config
+from .errors import ClinfuseError
 
-__all__ = ["train_and_audit", "AuditedRun", "environment_tags", "resolve_model_ref", "explain_and_log", "predict_csv",
+__all__ = ["train_and_audit", "AuditedRun", "environment_tags", "explain_and_log", "predict_csv", "log_served_model",
            "run_demo", "DemoError"]
 
 
@@ -59,11 +61,11 @@ def train_and_audit(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *,
     Raises:
         PhiError: something about to be logged holds a patient identifier (nothing of it is logged).
     """
-    from .evaluation.evaluate import evaluate
+    from .data.cohort import read_cohort
+    from .evaluation.evaluate import calibrate, evaluate
+    from .inference import Model
     from .tracking import LocalTracker, NullTracker, Trackers
     from .training.trainer import train
-
-    from .data.cohort import read_cohort
 
     rows, _ = read_cohort(cohort_dir)  # a bad cohort folder fails here, before any run is created
     out = Path(out_dir)
@@ -101,18 +103,25 @@ def train_and_audit(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *,
     try:
         result = train(cohort_dir, cfg, out, resume=resume, max_steps=max_steps, progress=progress, tracker=tracker)
         if rank == 0 and not result.interrupted and result.best_dir is not None:
+            model = Model.load(result.best_dir)
+            if any(r["split"] == "val" for r in rows):  # temperature + operating points, on validation only
+                cal = calibrate(model, cohort_dir, cfg.eval)
+                tracker.log_metrics({"temperature": cal["temperature"],
+                                     **{f"threshold_{i}": v for i, v in enumerate(cal["thresholds"])}},
+                                    step=result.global_step)
             if any(r["split"] == "test" for r in rows):
-                test = evaluate(result.best_dir, cohort_dir, "test", out / "eval-test", cfg.eval)
+                test = evaluate(model, cohort_dir, "test", out / "eval-test", cfg.eval)
                 test_metrics = test
                 if mlf is not None:
                     mlf.log_metrics(_headline(test), step=result.global_step)
                     mlf.log_artifact(out / "eval-test" / "metrics.json", "evaluation")
                     mlf.log_artifact(out / "eval-test" / "plots", "evaluation/plots")
             if mlf is not None and tc.log_model:
-                model_info = mlf.log_model(result.best_dir, tc.register_as)
+                model_info = log_served_model(mlf, model, tc.register_as)
                 mlf.set_tags({"clinfuse.model_version": str(model_info["version"] or "")})
         status = "KILLED" if result.interrupted else "FINISHED"
     finally:
+        local.close()
         if mlf is not None:
             mlf.close(status)
     return AuditedRun(result, mlf.run_id if mlf else None, mlf.uri if mlf else None, model_info, test_metrics)
@@ -140,124 +149,85 @@ def _headline(test: dict) -> dict[str, float]:
     return out
 
 
-def resolve_model_ref(model: str, tracking_uri: str | None = None) -> tuple[Path, dict]:
-    """A local model folder and how to cite it (dir, MLflow URI, version, run) from a folder or an MLflow URI."""
-    p = Path(model)
-    if p.is_dir():
-        ref = {"dir": str(p), "uri": None, "version": None, "run_id": None}
-        run_file = p.parent / "mlflow_run.json"
-        if run_file.is_file():
-            run = json.loads(run_file.read_text())
-            ref.update(run_id=run["run_id"], tracking_uri=run.get("tracking_uri"))
-        return p, ref
-    from .tracking.mlflow_tracker import resolve_model
+def log_served_model(tracker, model, register_as: str | None) -> dict:
+    """Log a :class:`clinfuse.Model`'s folder to the tracker's MLflow run as the served pyfunc
+    (DICOM + report in, predictions out; see ``clinfuse.serving``) and register it."""
+    import clinfuse
 
-    d = resolve_model(model, tracking_uri)
-    version = model.rsplit("/", 1)[-1] if model.startswith("models:/") else None
-    return d, {"dir": None, "uri": model, "version": version, "run_id": None}
+    from .serving import ENTRY, input_example, model_signature
+
+    return tracker.log_model(model.dir, register_as, python_model=ENTRY,
+                             code_paths=[str(Path(clinfuse.__file__).parent)],
+                             signature=model_signature(model.output_names), input_example=input_example())
 
 
-def explain_and_log(model: str, out_dir: str | Path, *, cohort_dir: str | Path | None = None, split: str = "test",
+def explain_and_log(model, out_dir: str | Path, *, cohort_dir: str | Path | None = None, split: str = "test",
                     limit: int | None = None, dicom: list[str] | None = None, report: str | None = None,
                     method: str | None = None, steps: int | None = None, target: str | None = None,
                     tracking_uri: str | None = None,
-                    log_to_mlflow: bool = True, progress: bool = True, log=print) -> list[dict]:
-    """Explain a cohort split or one study given as files; log the explanations to the model's MLflow run."""
-    from .explain.run import explain_cohort, explain_rows
-    from .models.model import load_model
+                    log_to_mlflow: bool = True, progress: bool = True, log=print) -> list:
+    """Explain a cohort split or one study given as files; log the explanations to the model's MLflow run.
 
-    model_dir, ref = resolve_model_ref(model, tracking_uri)
-    _, meta, _ = load_model(model_dir)
-    ecfg = Config.model_validate(meta["config"]).explain  # the model's settings unless overridden
-    method, steps = method or ecfg.image_method, steps or ecfg.steps
-    names = meta["output_names"]
-    tgt = None
-    if target is not None:
-        if target not in names:
-            raise ValueError(f"--target '{target}' is not an output of this model (outputs: {', '.join(names)})")
-        tgt = names.index(target)
-    kw = {"method": method, "steps": steps, "target": tgt, "model_ref": ref, "progress": progress}
+    Args:
+        model: a :class:`clinfuse.Model` or anything ``Model.load`` takes.
+    """
+    from .data.cohort import read_cohort
+    from .inference import Model, Study, explain_rows
+
+    m = model if isinstance(model, Model) else Model.load(model, tracking_uri=tracking_uri)
+    m._target_index(target)  # a wrong --target fails before any work
     if cohort_dir is not None:
-        results = explain_cohort(model_dir, cohort_dir, out_dir, split=split, limit=limit, **kw)
+        rows = [r for r in read_cohort(cohort_dir)[0] if r["split"] == split][: limit or None]
+        if not rows:
+            raise ClinfuseError(f"{cohort_dir}: split '{split}' has no studies")
     else:
-        results = explain_rows(model_dir, [_row_from_files(dicom or [], report, meta)], _info_from_meta(meta),
-                               out_dir, **kw)
-    if log_to_mlflow and ref.get("run_id") and cohort_dir is not None:
-        run_id = _log_to_model_run(model_dir.parent, Path(cohort_dir), [(Path(out_dir), f"explanations/{split}")])
+        rows = [m.row(Study(list(dicom or []), _read_report_file(report, m) if report else None, "s-input"))]
+    results = explain_rows(m, rows, out_dir, method=method, steps=steps, target=target, progress=progress)
+    if log_to_mlflow and m.run_id and m.tracking_uri and cohort_dir is not None:
+        run_id = _log_to_run(m.run_id, m.tracking_uri, Path(cohort_dir), [(Path(out_dir), f"explanations/{split}")])
         log(f"mlflow: explanations logged to run {run_id} under explanations/{split}")
     return results
 
 
-def _info_from_meta(meta: dict) -> dict:
-    return {"task": meta["task"], "label_columns": meta["label_columns"], "classes": meta["class_names"]}
+def _read_report_file(path: str, model) -> str:
+    from .data.reports import decode_bytes
+
+    p = Path(path)
+    if not p.is_file():
+        raise ClinfuseError(f"{p}: report file not found")
+    rc = model.config.cohort.reports
+    return decode_bytes(p.read_bytes(), rc.encoding, rc.fallback_encoding)[0]
 
 
-def _row_from_files(dicom: list[str], report: str | None, meta: dict) -> dict:
-    """A one-study cohort row from DICOM files and a report file (label unknown: 0)."""
-    from .data.reports import _make_report, decode_bytes
-
-    cfg = Config.model_validate(meta["config"])
-    text = ""
-    if report:
-        raw, _ = decode_bytes(Path(report).read_bytes(), cfg.cohort.reports.encoding, cfg.cohort.reports.fallback_encoding)
-        text = _make_report(raw, cfg.cohort.reports, report, None).text
-    for f in dicom:
-        if not Path(f).is_file():
-            raise ValueError(f"{f}: DICOM file not found")
-    row = {"study_id": "s-input", "patient_id": "p-input", "split": "test", "image_present": bool(dicom),
-           "report_present": bool(text), "modality": "", "kind": "2d", "n_images": len(dicom),
-           "image_paths": [str(Path(f).resolve()) for f in dicom], "report": text}
-    for c in meta["label_columns"]:
-        row[c] = 0
-    return row
-
-
-def predict_csv(model: str, cohort_dir: str | Path, out_csv: str | Path, split: str = "test",
-                tracking_uri: str | None = None, batch_size: int = 64) -> int:
-    """Probabilities, predictions at the stored operating point and modality weights for a split, as CSV."""
-    import csv
-
-    import numpy as np
-
+def predict_csv(model, cohort_dir: str | Path, out_csv: str | Path, split: str = "test",
+                tracking_uri: str | None = None, batch_size: int = 32) -> int:
+    """Calibrated probabilities, decisions at the stored operating points, modality weights, p_without
+    and a status per study of a cohort split, as CSV. Returns the number of rows."""
     from .data.cohort import read_cohort
-    from .evaluation.evaluate import predict_split
-    from .models.model import load_model, probabilities
+    from .inference import Model
 
-    model_dir, _ = resolve_model_ref(model, tracking_uri)
-    m, meta, tok = load_model(model_dir)
+    m = model if isinstance(model, Model) else Model.load(model, tracking_uri=tracking_uri)
     rows, _ = read_cohort(cohort_dir)
     part = [r for r in rows if split == "all" or r["split"] == split]
     if not part:
-        raise ValueError(f"{cohort_dir}: split '{split}' has no studies")
-    out = predict_split(m, meta, tok, cohort_dir, split, batch_size=batch_size, rows=part)
-    probs = probabilities(out["logits"], meta["task"], meta.get("temperature", 1.0)).numpy()
-    names, th = meta["output_names"], meta.get("thresholds", [0.5] * len(meta["output_names"]))
+        raise ClinfuseError(f"{cohort_dir}: split '{split}' has no studies")
+    frame = m.predict_rows(part, batch_size=batch_size).to_frame()
     Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
-    with open(out_csv, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["study_id"] + [f"p_{n}" for n in names] + [f"pred_{n}" for n in names] + ["w_image", "w_report"])
-        for i, sid in enumerate(out["study_id"]):
-            w.writerow([sid] + [f"{p:.6f}" for p in probs[i]] + [int(p >= t) for p, t in zip(probs[i], th)]
-                       + [f"{x:.4f}" for x in np.asarray(out["weights"][i])])
-    return len(out["study_id"])
+    frame.to_csv(out_csv, index=False, float_format="%.6f")
+    return len(frame)
 
 
 class DemoError(RuntimeError):
     """A demo stage failed; the message names the stage and the reason."""
 
 
-def _log_to_model_run(run_dir: Path, cohort_dir: Path, artifacts: list[tuple[Path, str | None]],
-                      metrics: dict | None = None) -> str | None:
-    """Add artifacts/metrics to the MLflow run recorded in ``run_dir/mlflow_run.json`` (PHI-guarded)."""
-    f = run_dir / "mlflow_run.json"
-    if not f.is_file():
-        return None
+def _log_to_run(run_id: str, tracking_uri: str, cohort_dir: Path, artifacts: list[tuple[Path, str | None]],
+                metrics: dict | None = None) -> str:
+    """Add artifacts/metrics to an existing MLflow run (PHI-guarded)."""
     from .tracking.mlflow_tracker import MlflowTracker
     from .tracking.phi import PhiGuard
 
-    run = json.loads(f.read_text())
-    t = MlflowTracker(run["tracking_uri"], "clinfuse", PhiGuard.from_cohort(cohort_dir), run_id=run["run_id"],
-                      system_metrics=False)
+    t = MlflowTracker(tracking_uri, "clinfuse", PhiGuard.from_cohort(cohort_dir), run_id=run_id, system_metrics=False)
     try:
         if metrics:
             t.log_metrics(metrics, step=0)
@@ -265,7 +235,7 @@ def _log_to_model_run(run_dir: Path, cohort_dir: Path, artifacts: list[tuple[Pat
             t.log_artifact(path, where)
     finally:
         t.close()
-    return run["run_id"]
+    return run_id
 
 
 def run_demo(out_dir: str | Path = "demo-output", config: str | Path | None = None, *, studies: int = 600,
@@ -282,6 +252,7 @@ def run_demo(out_dir: str | Path = "demo-output", config: str | Path | None = No
     from .data.synth import SynthSpec, synthesize
     from .evaluation.bayes import bayes_comparison, format_bayes_table
     from .evaluation.evaluate import format_table, predict_split
+    from .inference import Model
 
     out = Path(out_dir).resolve()
     cfg_path = Path(config) if config else Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -321,7 +292,7 @@ def run_demo(out_dir: str | Path = "demo-output", config: str | Path | None = No
             f"{len(s['corrupt_files'])} broken files on purpose; fake patient names, IDs and birth dates in the DICOM")
 
     def s2():
-        from .cli import format_summary
+        from .data.cohort import format_summary
 
         c = build_cohort(out / "export/dicom", out / "export/reports.csv", out / "export/labels.csv", out / "cohort",
                          cfg, progress=progress)
@@ -335,14 +306,11 @@ def run_demo(out_dir: str | Path = "demo-output", config: str | Path | None = No
         log(format_table(r.test_metrics))
 
     def s4():
-        from .models.model import load_model, probabilities
-
-        model, meta, tok = load_model(out / "run/best")
-        t = float(meta.get("temperature", 1.0))
+        model = state["model"] = Model.load(out / "run")
         preds = {}
         for hide, key in ((None, "p"), ("image", "p_image_hidden"), ("report", "p_report_hidden")):
-            o = predict_split(model, meta, tok, out / "cohort", "test", hide=hide)
-            preds[key] = probabilities(o["logits"][:, 0], "binary", t).numpy()
+            o = predict_split(model, out / "cohort", "test", hide=hide)
+            preds[key] = model.probabilities(o["logits"])[:, 0]
             if hide is None:
                 preds.update(study_id=o["study_id"], y=o["labels"][:, 0], image_present=o["image_present"],
                              text_present=o["text_present"])
@@ -351,18 +319,16 @@ def run_demo(out_dir: str | Path = "demo-output", config: str | Path | None = No
         (out / "run/bayes.json").write_text(json.dumps(rows, indent=2))
         headline = rows[0]
         state["bayes"] = rows
-        _log_to_model_run(out / "run", out / "cohort", [(out / "run/bayes.json", "evaluation")],
-                          {"test_bayes_auroc": headline["bayes_auroc"], "test_auroc_ratio_to_bayes": headline["auroc_ratio"]})
+        _log_to_run(model.run_id, model.tracking_uri, out / "cohort", [(out / "run/bayes.json", "evaluation")],
+                    {"test_bayes_auroc": headline["bayes_auroc"], "test_auroc_ratio_to_bayes": headline["auroc_ratio"]})
         log(f"   the model reaches {100 * headline['auroc_ratio']:.1f}% of the Bayes-optimal AUROC on the test split "
             f"({headline['positives']} positives of {headline['n']}: a small test split, expect a few points of noise)")
 
     def s5():
-        res = explain_and_log(str(out / "run/best"), out / "explanations", cohort_dir=out / "cohort", split="test",
+        res = explain_and_log(state["model"], out / "explanations", cohort_dir=out / "cohort", split="test",
                               limit=explain_n, progress=progress, log=lambda m: log("   " + m))
-        from .explain.run import summary_line
-
         for e in res:
-            log("   " + summary_line(e))
+            log("   " + e.summary())
         state["explanations"] = [e["study_id"] for e in res]
 
     for i, fn in enumerate((s1, s2, s3, s4, s5), start=1):

@@ -16,7 +16,7 @@ if str(ROOT) not in sys.path:
 
 from clinfuse.data.cohort import read_cohort  # noqa: E402
 from clinfuse.evaluation.metrics import auprc, auprc_ties_random, auroc, bootstrap_ci, recall_at_specificity  # noqa: E402
-from clinfuse.models.model import load_model, probabilities  # noqa: E402
+from clinfuse.inference import Model  # noqa: E402
 
 
 def split_rows(cohort: Path, split: str) -> tuple[list[dict], dict]:
@@ -35,10 +35,10 @@ def model_predictions(model_dir: Path, cohort: Path, split: str = "test", hide: 
     """(y [N, K], p [N, K], patient ids, rows) for a saved model on a split, with its stored temperature."""
     from clinfuse.evaluation.evaluate import predict_split
 
-    model, meta, tok = load_model(model_dir)
+    model = Model.load(model_dir)
     rows, _ = split_rows(cohort, split)
-    out = predict_split(model, meta, tok, cohort, split, batch_size=64, hide=hide, rows=rows)
-    p = probabilities(out["logits"], meta["task"], meta.get("temperature", 1.0)).numpy()
+    out = predict_split(model, cohort, split, batch_size=64, hide=hide, rows=rows)
+    p = model.probabilities(out["logits"])
     y = out["labels"].reshape(len(p), -1).astype(int)
     return y, p, [r["patient_id"] for r in rows], rows
 

@@ -34,7 +34,8 @@ from .quarantine import CohortInputError, QuarantineEntry, reason_category, writ
 from .reports import load_reports
 from .studies import DicomHeader, group_studies, scan_dicom, select_images
 
-__all__ = ["build_cohort", "assign_splits", "read_cohort", "CohortSummary", "COHORT_COLUMNS", "SPLITS"]
+__all__ = ["build_cohort", "assign_splits", "read_cohort", "format_summary", "CohortSummary", "COHORT_COLUMNS",
+           "SPLITS"]
 
 SPLITS = ("train", "val", "test")
 COHORT_COLUMNS = ["study_id", "patient_id", "split", "image_present", "report_present", "modality", "kind",
@@ -364,3 +365,25 @@ def read_cohort(cohort_dir: str | Path) -> tuple[list[dict], dict]:
                 r[c] = int(r[c])
             rows.append(r)
     return rows, info
+
+
+def format_summary(info: dict) -> str:
+    """The `cohort inspect` table."""
+    c = info["counts"]
+    lines = [f"cohort  key={info['key']}  task={info['task']}  classes={', '.join(info['classes'])}",
+             f"studies {c['studies']}  patients {c['patients']}  images {c['images']}  "
+             f"quarantined {c['quarantined']}  fingerprint {info['fingerprint']['sha256'][:16]}",
+             ""]
+    classes = list(next(iter(info["splits"].values()))["prevalence"])
+    head = f"{'split':<6} {'studies':>7} {'patients':>8} {'both':>6} {'img only':>8} {'rep only':>8}  " + \
+        "  ".join(f"{c[:12]:>12}" for c in classes)
+    lines += [head, "-" * len(head)]
+    for name, s in info["splits"].items():
+        m = s["missingness"]
+        prev = "  ".join(f"{(v if v is not None else float('nan')):>12.3f}" for v in s["prevalence"].values())
+        lines.append(f"{name:<6} {s['studies']:>7} {s['patients']:>8} {m['both']:>6} {m['image_only']:>8} "
+                     f"{m['report_only']:>8}  {prev}")
+    lines.append("(prevalence columns: share of studies with that class)")
+    if info.get("quarantine_reasons"):
+        lines += ["", "set aside:"] + [f"  {n:>5}  {r}" for r, n in info["quarantine_reasons"].items()]
+    return "\n".join(lines)

@@ -16,12 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ClinfuseError
+
 __all__ = ["image_to_dicom", "ConversionError"]
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 
-class ConversionError(ValueError):
+class ConversionError(ClinfuseError):
     """An image file cannot be converted (unreadable, not grey or RGB, empty)."""
 
 

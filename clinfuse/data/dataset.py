@@ -24,11 +24,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import Config
-from .dicom import read_dicom
-from .studies import load_volume
+from ..config import Config, DicomConfig
+from ..errors import StudyInputError
+from .dicom import DicomReadError, dcmread_robust, read_dicom
+from .studies import _header_from, load_volume, select_images
+from .tokens import empty_tokens, tokenize_reports
 
-__all__ = ["StudyDataset", "label_tensor", "n_outputs_for", "output_names_for"]
+__all__ = ["StudyDataset", "label_tensor", "n_outputs_for", "output_names_for", "study_transform", "image_item",
+           "GREY_PHOTOMETRICS"]
+
+GREY_PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2")
 
 
 def n_outputs_for(info: dict) -> int:
@@ -59,12 +64,18 @@ def _transform_base():
 
 
 class _LoadStudyImage(_transform_base()):
-    """Dict transform: read the study's image (2D: first chosen view; 3D: the volume)."""
+    """Dict transform: read the study's image (2D: first chosen view; 3D: the volume).
 
-    def __init__(self, cfg: Config):
+    The item holds ``image_paths`` (file paths, or labels for in-memory files) and optionally
+    ``image_data`` (the files' bytes, one per path, or None). With `photometrics`, an image of another
+    PhotometricInterpretation is refused (the model object's check; the training dataset reads all).
+    """
+
+    def __init__(self, cfg: Config, photometrics: tuple[str, ...] | None = None):
         self.dicom = cfg.cohort.dicom
         self.channels = cfg.model.image.in_channels
         self.spatial_dims = cfg.model.image.spatial_dims
+        self.photometrics = photometrics
 
     def __call__(self, item: dict) -> dict:
         item = dict(item)
@@ -72,24 +83,103 @@ class _LoadStudyImage(_transform_base()):
             item["image"] = None
             return item
         window = (self.dicom.window_center, self.dicom.window_width) if self.dicom.voi == "window" else None
-        paths = item["image_paths"]
+        paths, data = item["image_paths"], item.get("image_data") or [None] * len(item["image_paths"])
         if self.spatial_dims == 3:
-            vol, _ = _volume_from_paths(paths, self.dicom)
+            vol, _ = _volume_from_paths(paths, self.dicom, data)
             arr = vol[None]  # [1, Z, H, W]
         else:
-            px = read_dicom(paths[0], voi=self.dicom.voi, window=window, channels=self.channels).pixels[0]
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # non-finite results are refused
+                img = read_dicom(paths[0], voi=self.dicom.voi, window=window, channels=self.channels, data=data[0])
+            if self.photometrics is not None and img.photometric not in self.photometrics:
+                raise DicomReadError(paths[0], f"PhotometricInterpretation {img.photometric} does not fit this model, "
+                                     f"which reads {'/'.join(self.photometrics)} images; convert the image or send "
+                                     "the grey series")
+            px = img.pixels[0]
             arr = px[None] if px.ndim == 2 else np.moveaxis(px, -1, 0)  # [C, H, W]
         item["image"] = np.ascontiguousarray(arr, dtype=np.float32)
+        item.pop("image_data", None)  # the decoded image is what is cached, not the file bytes
         return item
 
 
-def _volume_from_paths(paths: list[str], dicom_cfg):
+def _volume_from_paths(paths: list[str], dicom_cfg, data: list[bytes | None] | None = None):
     import pydicom
 
-    from .studies import _header_from
+    if data is not None and any(d is not None for d in data):  # in-memory slices: read them as files
+        import tempfile
 
+        with tempfile.TemporaryDirectory(prefix="clinfuse-volume-") as tmp:
+            files = []
+            for i, (p, d) in enumerate(zip(paths, data)):
+                f = Path(tmp) / f"{i:05d}.dcm"
+                f.write_bytes(d if d is not None else Path(p).read_bytes())
+                files.append(str(f))
+            return _volume_from_paths(files, dicom_cfg)
     headers = [_header_from(pydicom.dcmread(p, stop_before_pixels=True, force=True), p) for p in paths]
     return load_volume(headers, dicom_cfg)  # paths are already in slice order (cohort build sorted them)
+
+
+def study_transform(cfg: Config, photometrics: tuple[str, ...] | None = None):
+    """The deterministic image pipeline of one study (read DICOM -> scale to [0, 1] -> resize): the one
+    code path of the training and validation datasets and of the model object's ``preprocess``."""
+    from monai.transforms import Compose
+
+    return Compose([_LoadStudyImage(cfg, photometrics), _ScaleResize(cfg)])
+
+
+def image_item(sources: list, dicom_cfg: DicomConfig) -> dict:
+    """A study's DICOM files -> the dataset's image item, with the images the cohort builder would choose.
+
+    Args:
+        sources: file paths, bytes of files, or pydicom datasets (any mix).
+        dicom_cfg: ``cohort.dicom`` of the model's config (modalities, view policy).
+
+    Returns:
+        ``{"image_paths", "image_data", "image_present", "kind"}``; no image when `sources` is empty.
+
+    Raises:
+        StudyInputError: no source is a usable DICOM image (each reason named).
+    """
+
+    if not sources:
+        return {"image_paths": [], "image_data": [], "image_present": False, "kind": "2d"}
+    headers, data_of, problems = [], {}, []
+    for i, src in enumerate(sources):
+        label, data = _source(src, i)
+        try:
+            ds, _ = dcmread_robust(label, stop_before_pixels=True, data=data)
+            headers.append(_header_from(ds, label))
+            data_of[label] = data
+        except DicomReadError as e:
+            problems.append(f"{label}: {e.reason}")
+    chosen, kind, set_aside = select_images(headers, dicom_cfg)
+    if not chosen:
+        problems += [f"{q.source}: {q.reason}" for q in set_aside]
+        if not problems:
+            problems = [f"no {'/'.join(dicom_cfg.frontal_views)} view among {len(headers)} image(s) "
+                        "(cohort.dicom.view_policy: frontal)"]
+        raise StudyInputError("; ".join(problems))
+    paths = [h.path for h in chosen]
+    return {"image_paths": paths, "image_data": [data_of[p] for p in paths], "image_present": True, "kind": kind}
+
+
+def _source(src, i: int) -> tuple[str, bytes | None]:
+    """(label, bytes or None) of one DICOM source: a path, the bytes of a file, or a pydicom Dataset."""
+    import io
+
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return f"<dicom #{i + 1}>", bytes(src)
+    if isinstance(src, (str, Path)):
+        p = Path(src)
+        if not p.is_file():
+            raise StudyInputError(f"{p}: DICOM file not found")
+        return str(p), None
+    import pydicom
+
+    if isinstance(src, pydicom.Dataset):
+        buf = io.BytesIO()
+        pydicom.dcmwrite(buf, src, enforce_file_format=False)
+        return f"<dataset #{i + 1}>", buf.getvalue()
+    raise StudyInputError(f"DICOM source #{i + 1}: a {type(src).__name__} is neither a path, bytes nor a pydicom Dataset")
 
 
 class StudyDataset(torch.utils.data.Dataset):
@@ -102,14 +192,13 @@ class StudyDataset(torch.utils.data.Dataset):
         tokenizer: the text encoder's tokenizer (None for image-only models).
         cache_dir: folder for the disk cache (``data.cache='disk'``).
         progress: show a progress bar while filling the cache.
+        photometrics: refuse images of any other PhotometricInterpretation (default: read all).
     """
 
     def __init__(self, rows: list[dict], info: dict, cfg: Config, tokenizer=None,
-                 cache_dir: str | Path | None = None, progress: bool = False):
+                 cache_dir: str | Path | None = None, progress: bool = False,
+                 photometrics: tuple[str, ...] | None = None):
         from monai.data import CacheDataset, Dataset, PersistentDataset
-        from monai.transforms import Compose
-
-        from ..models.text import tokenize_reports
 
         self.rows, self.info, self.cfg = rows, info, cfg
         self.labels = label_tensor(rows, info)
@@ -118,15 +207,14 @@ class StudyDataset(torch.utils.data.Dataset):
         if tokenizer is not None:
             self.input_ids, self.attention_mask = tokenize_reports(tokenizer, texts, tcfg)
         else:
-            k = 1 if tcfg.long_text == "truncate" else tcfg.max_chunks
-            self.input_ids = torch.zeros(len(rows), k, tcfg.max_length, dtype=torch.long)
-            self.attention_mask = torch.zeros_like(self.input_ids)
+            self.input_ids, self.attention_mask = empty_tokens(len(rows), tcfg)
         self.text_present = torch.tensor([bool(r["report_present"]) and bool(t.strip()) for r, t in zip(rows, texts)])
         self.image_present = torch.tensor([bool(r["image_present"]) for r in rows])
         self.image_shape = (cfg.model.image.in_channels, *cfg.data.image_size)
 
-        det = Compose([_LoadStudyImage(cfg), _ScaleResize(cfg)])
-        items = [{"image_paths": r["image_paths"], "image_present": bool(r["image_present"])} for r in rows]
+        det = study_transform(cfg, photometrics)
+        items = [{"image_paths": r["image_paths"], "image_present": bool(r["image_present"]),
+                  **({"image_data": r["image_data"]} if r.get("image_data") else {})} for r in rows]
         mode = cfg.data.cache
         if mode == "memory":
             import sys

@@ -28,13 +28,15 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from ..errors import ClinfuseError
+
 __all__ = ["DicomImage", "DicomReadError", "read_dicom", "dcmread_robust", "decoder_report", "to_channels"]
 
 # Transfer syntaxes that need a decoder beyond numpy; the hint says what to install.
 _CODEC_HINT = "pip install 'clinfuse[codecs]'"
 
 
-class DicomReadError(ValueError):
+class DicomReadError(ClinfuseError):
     """A DICOM file that cannot be used, with the file and the reason."""
 
     def __init__(self, path: str | Path, reason: str):
@@ -331,6 +333,9 @@ def read_dicom(
         out = arr.astype(np.float32)
         if voi != "none":
             out = out / 255.0 if int(ds.get("BitsStored", 8)) <= 8 else out / float(out.max() or 1)
+    if not np.isfinite(out).all():
+        raise DicomReadError(path, "non-finite pixel values (NaN or infinity) after the modality and VOI "
+                             "transforms; check RescaleSlope, RescaleIntercept and the window of the file")
     out = to_channels(out, channels)
     spacing = None
     ps = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")

@@ -6,10 +6,12 @@ import csv
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..errors import ClinfuseError
+
 __all__ = ["QuarantineEntry", "CohortInputError", "KeyedRecords", "write_quarantine", "reason_category"]
 
 
-class CohortInputError(ValueError):
+class CohortInputError(ClinfuseError):
     """An input that makes the whole build impossible (no DICOM found, key column missing, ...)."""
 
 

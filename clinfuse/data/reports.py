@@ -12,7 +12,8 @@ from pathlib import Path
 from ..config import ReportConfig
 from .quarantine import CohortInputError, KeyedRecords, QuarantineEntry
 
-__all__ = ["Report", "ReportTable", "decode_bytes", "split_sections", "model_text", "clean_text", "load_reports"]
+__all__ = ["Report", "ReportTable", "decode_bytes", "split_sections", "model_text", "clean_text", "load_reports",
+           "prepare_report"]
 
 
 @dataclass
@@ -90,6 +91,12 @@ def model_text(sections: dict[str, str], read_sections: list[str]) -> str:
     upper = {k.upper(): v for k, v in sections.items()}
     parts = [f"{name.upper()}: {upper[name.upper()]}" for name in read_sections if upper.get(name.upper())]
     return " ".join(parts)
+
+
+def prepare_report(raw: str, cfg: ReportConfig) -> str:
+    """The text the model reads from a raw report, exactly as the cohort builder makes it
+    (cleaned, split into sections, the configured sections kept with their headings)."""
+    return _make_report(raw, cfg, "", None).text
 
 
 def _make_report(raw: str, cfg: ReportConfig, source: str, patient: str | None) -> Report:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from ..errors import ClinfuseError
 
 __all__ = ["SynthSpec", "synthesize", "FINDINGS", "P_IMAGE", "P_TEXT", "posterior"]
 
@@ -224,13 +225,13 @@ def synthesize(out_dir: str | Path, spec: SynthSpec | None = None, progress: boo
     findings = _findings(spec)
     k = len(findings)
     if not 0 < spec.prevalence < 1 or (spec.task == "multiclass" and spec.prevalence * k >= 1):
-        raise ValueError(f"prevalence {spec.prevalence} is out of range for task '{spec.task}' with {k} findings")
+        raise ClinfuseError(f"prevalence {spec.prevalence} is out of range for task '{spec.task}' with {k} findings")
     for name in ("missing_image", "missing_report", "lateral", "monochrome1"):
         v = getattr(spec, name)
         if not 0 <= v <= 1:
-            raise ValueError(f"{name} must be in [0, 1], got {v}")
+            raise ClinfuseError(f"{name} must be in [0, 1], got {v}")
     if spec.studies < 1 or spec.size < 32:
-        raise ValueError("need studies >= 1 and size >= 32")
+        raise ClinfuseError("need studies >= 1 and size >= 32")
     out = Path(out_dir)
     (out / "dicom").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(spec.seed)

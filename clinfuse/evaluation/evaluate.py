@@ -1,9 +1,10 @@
-"""Evaluating a saved model on a cohort split: calibration and operating points from validation,
+"""Evaluating a model on a cohort split: calibration and operating points from validation,
 metrics overall and per missingness pattern, with a modality hidden on purpose, plots, metrics.json.
 
-``calibrate(model_dir, cohort_dir, cfg)`` fits the temperature and the operating points on the
-validation split and writes them into ``model.json`` (the trainer calls it on ``best/``).
-``evaluate(...)`` uses what is stored and never re-fits on the split it scores.
+``calibrate(model, cohort_dir, cfg)`` fits the temperature and the operating points on the
+validation split and stores them with the model (the pipeline calls it on ``best/`` after training).
+``evaluate(model, ...)`` uses what is stored and never re-fits on the split it scores. Both take a
+:class:`clinfuse.Model` (or anything ``Model.load`` takes).
 """
 
 from __future__ import annotations
@@ -12,13 +13,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
-
-from ..config import Config, EvalConfig
+from ..config import EvalConfig
 from ..data.cohort import read_cohort
-from ..data.dataset import StudyDataset
-from ..models.model import load_model, probabilities
-from ..training.trainer import run_inference
+from ..errors import ClinfuseError
+from ..inference import Model, predict_rows
+from ..models.model import probabilities
 from .metrics import choose_threshold, fit_temperature, multi_report
 
 __all__ = ["calibrate", "evaluate", "predict_split", "PATTERNS"]
@@ -26,55 +25,50 @@ __all__ = ["calibrate", "evaluate", "predict_split", "PATTERNS"]
 PATTERNS = ("both", "image_only", "report_only")
 
 
-def _probs(logits: np.ndarray, task: str, temperature: float) -> np.ndarray:
-    return probabilities(logits, task, temperature).numpy()
-
-
 def _labels(out: dict, task: str) -> np.ndarray:
     return out["labels"] if task == "multiclass" else out["labels"].reshape(len(out["labels"]), -1)
 
 
-def predict_split(model, meta: dict, tokenizer, cohort_dir, split: str, batch_size: int = 32,
-                  device: torch.device | None = None, hide: str | None = None, rows=None) -> dict:
-    """Raw model outputs on one split of a cohort (see ``run_inference``)."""
-    cfg = Config.model_validate(meta["config"])
+def _as_model(model) -> Model:
+    return model if isinstance(model, Model) else Model.load(model)
+
+
+def predict_split(model, cohort_dir, split: str, batch_size: int = 32, hide: str | None = None, rows=None) -> dict:
+    """Raw model outputs on one split of a cohort (or on `rows`), see ``clinfuse.inference.run_inference``."""
+    model = _as_model(model)
     if rows is None:
-        all_rows, info = read_cohort(cohort_dir)
-        rows = [r for r in all_rows if r["split"] == split]
-    else:
-        _, info = read_cohort(cohort_dir)
-    ds = StudyDataset(rows, info, cfg, tokenizer)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
-    return run_inference(model, loader, device or torch.device("cpu"), hide=hide)
+        rows = [r for r in read_cohort(cohort_dir)[0] if r["split"] == split]
+    return predict_rows(model, rows, batch_size=batch_size, hide=hide)
 
 
-def calibrate(model_dir: str | Path, cohort_dir: str | Path, cfg: EvalConfig | None = None) -> dict:
-    """Fit temperature and operating points on the validation split; store them in model.json.
+def calibrate(model, cohort_dir: str | Path, cfg: EvalConfig | None = None) -> dict:
+    """Fit temperature and operating points on the validation split; store them with the model.
 
     Returns the stored values. Without validation studies the defaults (T = 1, threshold 0.5) stay.
     """
-    model, meta, tok = load_model(model_dir)
-    cfg = cfg or Config.model_validate(meta["config"]).eval
+    model = _as_model(model)
+    cfg = cfg or model.config.eval
     rows, _ = read_cohort(cohort_dir)
     val = [r for r in rows if r["split"] == "val"]
-    task = meta["task"]
-    values = {"temperature": 1.0, "thresholds": [0.5] * len(meta["output_names"]),
+    task = model.task
+    values = {"temperature": 1.0, "thresholds": [0.5] * len(model.output_names),
               "operating_point": {"method": cfg.operating_point, "target": cfg.target, "fitted_on": "val",
                                   "n_val": len(val)}}
     if val:
-        out = predict_split(model, meta, tok, cohort_dir, "val", rows=val)
+        out = predict_rows(model, val)
         y = _labels(out, task)
         if cfg.calibrate:
             values["temperature"] = fit_temperature(out["logits"], y, task)
-        probs = _probs(out["logits"], task, values["temperature"])
+        probs = probabilities_at(out["logits"], task, values["temperature"])
         onehot = np.eye(probs.shape[1], dtype=int)[y] if task == "multiclass" else y
         values["thresholds"] = [choose_threshold(onehot[:, k], probs[:, k], cfg.operating_point, cfg.target)
                                 for k in range(probs.shape[1])]
-    meta_path = Path(model_dir) / "model.json"
-    stored = json.loads(meta_path.read_text())
-    stored.update(values)
-    meta_path.write_text(json.dumps(stored, indent=2))
+    model.set_calibration(values["temperature"], values["thresholds"], values["operating_point"])
     return values
+
+
+def probabilities_at(logits: np.ndarray, task: str, temperature: float) -> np.ndarray:
+    return probabilities(logits, task, temperature).numpy()
 
 
 def _pattern_mask(out: dict, pattern: str) -> np.ndarray:
@@ -82,7 +76,7 @@ def _pattern_mask(out: dict, pattern: str) -> np.ndarray:
     return {"both": ip & tp, "image_only": ip & ~tp, "report_only": ~ip & tp}[pattern]
 
 
-def evaluate(model_dir: str | Path, cohort_dir: str | Path, split: str = "test", out_dir: str | Path | None = None,
+def evaluate(model, cohort_dir: str | Path, split: str = "test", out_dir: str | Path | None = None,
              cfg: EvalConfig | None = None, plots: bool = True) -> dict:
     """Score a saved model on a split with the stored temperature and thresholds.
 
@@ -90,23 +84,23 @@ def evaluate(model_dir: str | Path, cohort_dir: str | Path, split: str = "test",
     as they are), ``hidden`` (studies with both modalities, scored with the image or the report
     hidden on purpose), the temperature, thresholds and model/cohort identifiers.
     """
-    model, meta, tok = load_model(model_dir)
-    cfg = cfg or Config.model_validate(meta["config"]).eval
-    task, names = meta["task"], meta["output_names"]
-    t, thresholds = float(meta.get("temperature", 1.0)), list(meta.get("thresholds", [0.5] * len(names)))
+    model = _as_model(model)
+    cfg = cfg or model.config.eval
+    task, names = model.task, model.output_names
+    t, thresholds = model.temperature, model.thresholds
     rows, info = read_cohort(cohort_dir)
     part = [r for r in rows if r["split"] == split]
     if not part:
-        raise ValueError(f"{cohort_dir}: split '{split}' has no studies")
+        raise ClinfuseError(f"{cohort_dir}: split '{split}' has no studies")
     kw = {"bins": cfg.ece_bins, "seed": cfg.seed}
-    full = predict_split(model, meta, tok, cohort_dir, split, rows=part)
+    full = predict_rows(model, part)
     groups = [r["patient_id"] for r in part] if cfg.bootstrap_unit == "patient" else None
     y = _labels(full, task)
-    probs = _probs(full["logits"], task, t)
+    probs = model.probabilities(full["logits"])
     result = {"split": split, "n": len(part), "task": task, "outputs": names, "temperature": t,
-              "thresholds": thresholds, "operating_point": meta.get("operating_point"),
+              "thresholds": thresholds, "operating_point": model.operating_point,
               "cohort_fingerprint": info["fingerprint"]["sha256"],
-              "model_cohort_fingerprint": meta.get("cohort_fingerprint"),
+              "model_cohort_fingerprint": model.cohort_fingerprint,
               "bootstrap_unit": cfg.bootstrap_unit,
               "overall": multi_report(y, probs, task, names, thresholds, n_boot=cfg.bootstrap, groups=groups, **kw),
               "by_pattern": {}, "hidden": {}}
@@ -120,8 +114,8 @@ def evaluate(model_dir: str | Path, cohort_dir: str | Path, split: str = "test",
         result["hidden"]["none (both shown)"] = {"n": int(both.sum()), **multi_report(
             y[both], probs[both], task, names, thresholds, **kw)}
         for hide, label in (("image", "image hidden (report only)"), ("report", "report hidden (image only)")):
-            o = predict_split(model, meta, tok, cohort_dir, split, rows=part, hide=hide)
-            pr = _probs(o["logits"], task, t)
+            o = predict_rows(model, part, hide=hide)
+            pr = model.probabilities(o["logits"])
             result["hidden"][label] = {"n": int(both.sum()), **multi_report(y[both], pr[both], task, names,
                                                                              thresholds, **kw)}
     result["mean_modality_weights"] = {p: full["weights"][_pattern_mask(full, p)].mean(0).round(4).tolist()

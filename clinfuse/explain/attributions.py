@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..models.model import probabilities as _probs
+from ..errors import ClinfuseError
 
 __all__ = ["StudyInput", "Attribution", "explain_study", "merge_wordpieces", "modality_shapley", "gradcam_layer"]
 
@@ -133,7 +134,7 @@ def gradcam_layer(model) -> nn.Module:
     for name in ("layer4", "layer3", "_blocks"):
         if hasattr(net, name):
             return getattr(net, name)
-    raise ValueError(f"Grad-CAM needs a convolutional encoder; '{type(net).__name__}' has no known last block")
+    raise ClinfuseError(f"Grad-CAM needs a convolutional encoder; '{type(net).__name__}' has no known last block")
 
 
 def explain_study(model, x: StudyInput, *, task: str, tokenizer=None, target: int | None = None,

@@ -71,17 +71,30 @@ def write_explanation(out_dir: Path, exp: dict, image: np.ndarray | None, amap: 
     """Write the files of one study's explanation; returns their names."""
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []
-    png_b64 = ""
-    if amap is not None and image is not None:
+    png = overlay_of(exp, image, amap)
+    if png is not None:
         np.save(out_dir / "image_attribution.npy", amap.astype(np.float32))
-        target = exp["explained_output"]
-        png = overlay_png(image, amap, exp["image"]["method"],
-                          f"{exp['study_id']}: p({target}) = {exp['probabilities'][target]:.3f}")
         (out_dir / "overlay.png").write_bytes(png)
-        png_b64 = base64.b64encode(png).decode()
         files += ["image_attribution.npy", "overlay.png"]
     (out_dir / "explanation.json").write_text(json.dumps(exp, indent=2))
     files.append("explanation.json")
+    (out_dir / "explanation.html").write_text(explanation_html(exp, png), encoding="utf-8")
+    files.append("explanation.html")
+    return files
+
+
+def overlay_of(exp: dict, image: np.ndarray | None, amap: np.ndarray | None) -> bytes | None:
+    """The overlay PNG of an explanation's image map (None without an image or a map)."""
+    if amap is None or image is None:
+        return None
+    target = exp["explained_output"]
+    return overlay_png(image, amap, exp["image"]["method"],
+                       f"{exp['study_id']}: p({target}) = {exp['probabilities'][target]:.3f}")
+
+
+def explanation_html(exp: dict, png: bytes | None) -> str:
+    """The self-contained HTML page of one explanation (the overlay inlined)."""
+    png_b64 = base64.b64encode(png).decode() if png else ""
     probs = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.3f}</td><td>{'yes' if exp['predicted'][k] else 'no'}</td>"
                     f"</tr>" for k, v in exp["probabilities"].items())
     mod = exp["modalities"]
@@ -109,6 +122,4 @@ Shapley value on the probability: image {mod['shapley']['image']:+.3f}, report {
 <h3>How far to trust these maps</h3><ul>{''.join(faith) or '<li>nothing to measure</li>'}</ul>
 <p style="font-size:small">Integrated Gradients convergence delta: {exp['convergence_delta']}. A heatmap shows where the model's
 output is sensitive, not where disease is; see docs/explanations.md.</p></body></html>"""
-    (out_dir / "explanation.html").write_text(page, encoding="utf-8")
-    files.append("explanation.html")
-    return files
+    return page

@@ -1,7 +1,11 @@
 """Late fusion of per-modality features: attention (the clinfuse model) and the baselines.
 
-Every fusion maps features ``[B, M, d]`` and presence flags ``[B, M]`` (M = 2: image, report) to a
-fused vector ``[B, d]`` (or logits, for ``mean_logits``) and per-modality weights ``[B, M]``.
+Every fusion kind is registered by name (``register_fusion``; ``list_fusions()`` lists them) and
+chosen by ``model.fusion.kind``. A *fused* kind maps features ``[B, M, d]`` and presence flags
+``[B, M]`` (M = 2: image, report) to a fused vector ``[B, d]`` and per-modality weights ``[B, M]``,
+and the model puts one head on the fused vector. A *late* kind (``late = True``) has no parameters
+of its own: the model puts one head on each modality's features and averages the logits of the
+present ones; ``uses`` says which modalities it reads at all (``image_only``, ``text_only``).
 """
 
 from __future__ import annotations
@@ -10,10 +14,43 @@ import torch
 from torch import nn
 
 from ..config import FusionConfig
+from ..errors import ClinfuseError
 
-__all__ = ["AttentionFusion", "ConcatFusion", "pattern_index", "FUSIONS"]
+__all__ = ["AttentionFusion", "ConcatFusion", "LateFusion", "pattern_index", "FUSIONS", "register_fusion",
+           "list_fusions", "fusion_class"]
 
 N_MODALITIES = 2
+FUSIONS: dict[str, type[nn.Module]] = {}
+
+
+def register_fusion(name: str):
+    """Class decorator: register a fusion kind under `name` (``model.fusion.kind``).
+
+    The class is built as ``cls(cfg: FusionConfig)``; a fused kind has ``forward(feats, present) ->
+    (fused [B, d], weights [B, M])``; a late kind sets ``late = True`` (and ``uses``)."""
+
+    def deco(cls):
+        FUSIONS[name] = cls
+        return cls
+
+    return deco
+
+
+def list_fusions() -> list[str]:
+    """Names accepted by ``model.fusion.kind``."""
+    return sorted(FUSIONS)
+
+
+def fusion_class(kind: str) -> type[nn.Module]:
+    """The registered class of a fusion kind.
+
+    Raises:
+        ClinfuseError: no such kind (the message lists the registered ones).
+    """
+    if kind not in FUSIONS:
+        raise ClinfuseError(f"model.fusion.kind {kind!r} is not a registered fusion; registered: "
+                            f"{', '.join(list_fusions())} (add one with clinfuse.models.register_fusion)")
+    return FUSIONS[kind]
 
 
 def pattern_index(present: torch.Tensor) -> torch.Tensor:
@@ -21,6 +58,7 @@ def pattern_index(present: torch.Tensor) -> torch.Tensor:
     return present[:, 0].long() + 2 * present[:, 1].long()
 
 
+@register_fusion("attention")
 class AttentionFusion(nn.Module):
     """One learned query attends over one token per modality, masked by presence.
 
@@ -59,6 +97,7 @@ class AttentionFusion(nn.Module):
         return fused, weights
 
 
+@register_fusion("concat")
 class ConcatFusion(nn.Module):
     """Baseline: concatenate the (zeroed-if-absent) features and the presence flags, then an MLP."""
 
@@ -79,4 +118,31 @@ def _presence_weights(present: torch.Tensor) -> torch.Tensor:
     return p / p.sum(1, keepdim=True).clamp(min=1.0)
 
 
-FUSIONS = {"attention": AttentionFusion, "concat": ConcatFusion}
+
+class LateFusion(nn.Module):
+    """Late kinds: the model averages per-modality heads' logits over the present modalities it uses."""
+
+    late = True
+    uses = (True, True)
+
+    def __init__(self, cfg: FusionConfig):
+        super().__init__()
+
+
+@register_fusion("mean_logits")
+class MeanLogits(LateFusion):
+    """Baseline: the mean of the unimodal heads' logits over the present modalities."""
+
+
+@register_fusion("image_only")
+class ImageOnly(LateFusion):
+    """Baseline: the image alone (the report is never read)."""
+
+    uses = (True, False)
+
+
+@register_fusion("text_only")
+class TextOnly(LateFusion):
+    """Baseline: the report alone (the image is never read)."""
+
+    uses = (False, True)

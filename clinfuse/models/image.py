@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..config import ImageEncoderConfig
+from ..errors import ClinfuseError
 
 __all__ = ["ImageEncoder", "list_image_encoders", "register_image_encoder"]
 
@@ -106,7 +107,8 @@ class ImageEncoder(nn.Module):
     def __init__(self, cfg: ImageEncoderConfig, out_dim: int, image_size: tuple[int, ...]):
         super().__init__()
         if cfg.name not in _REGISTRY:
-            raise ValueError(f"unknown image encoder '{cfg.name}'; available: {', '.join(list_image_encoders())}")
+            raise ClinfuseError(f"model.image.name {cfg.name!r} is not a registered image encoder; registered: "
+                                f"{', '.join(list_image_encoders())} (add one with clinfuse.models.register_image_encoder)")
         self.net = _REGISTRY[cfg.name](cfg, out_dim, tuple(image_size))
         self.out_dim = out_dim
 
@@ -120,7 +122,7 @@ class ImageEncoder(nn.Module):
         """
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: image encoder weights not found")
+            raise ClinfuseError(f"{path}: image encoder weights not found (model.image.weights)")
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
@@ -132,6 +134,6 @@ class ImageEncoder(nn.Module):
         usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
         skipped = sorted(set(state) - set(usable))
         if not usable:
-            raise ValueError(f"{path}: no parameter matches the '{type(self.net).__name__}' encoder")
+            raise ClinfuseError(f"{path}: no parameter matches the '{type(self.net).__name__}' encoder")
         self.net.load_state_dict(usable, strict=False)
         return skipped

@@ -16,7 +16,8 @@ from torch import nn
 
 from .. import __version__
 from ..config import Config
-from .fusion import FUSIONS, _presence_weights
+from ..errors import ClinfuseError, ModelLoadError
+from .fusion import _presence_weights, fusion_class
 from .image import ImageEncoder
 from .text import TextEncoder
 
@@ -42,14 +43,19 @@ class FusionModel(nn.Module):
         self.modality_dropout = f.modality_dropout
         self.n_outputs = n_outputs
         self.dim = d = f.dim
-        self.image_encoder = ImageEncoder(cfg.model.image, d, tuple(cfg.data.image_size)) \
-            if f.kind != "text_only" else None
-        self.text_encoder = TextEncoder(cfg.model.text, d, text_hf_config) if f.kind != "image_only" else None
-        if f.kind in FUSIONS:
-            self.fusion = FUSIONS[f.kind](f)
+        fusion = fusion_class(f.kind)
+        self.late = bool(getattr(fusion, "late", False))
+        self.uses = tuple(getattr(fusion, "uses", (True, True)))
+        if self.late and f.aux_weight > 0:
+            raise ClinfuseError(f"model.fusion.aux_weight applies to fused kinds (e.g. 'attention', 'concat'), not "
+                                f"{f.kind!r}, whose modalities already have a head each; set aux_weight: 0")
+        self.image_encoder = ImageEncoder(cfg.model.image, d, tuple(cfg.data.image_size)) if self.uses[0] else None
+        self.text_encoder = TextEncoder(cfg.model.text, d, text_hf_config) if self.uses[1] else None
+        self.fusion = fusion(f)
+        if not self.late:
             self.head = nn.Sequential(nn.Dropout(f.dropout), nn.Linear(d, n_outputs))
             self.aux_heads = nn.ModuleList([nn.Linear(d, n_outputs) for _ in range(2)]) if f.aux_weight > 0 else None
-        else:  # mean_logits, image_only, text_only: one head per modality + a prior for rows with none
+        else:  # one head per modality + a prior for rows with none (the late kind has no parameters)
             self.heads = nn.ModuleList([nn.Sequential(nn.Dropout(f.dropout), nn.Linear(d, n_outputs))
                                         for _ in range(2)])
             self.prior = nn.Parameter(torch.zeros(n_outputs))
@@ -67,10 +73,8 @@ class FusionModel(nn.Module):
     def encode(self, image, image_present, input_ids, attention_mask, text_present, inputs_embeds=None):
         """Per-modality features ``[B, 2, d]`` and presence ``[B, 2]`` (encoders run on present rows only)."""
         present = torch.stack([image_present.bool(), text_present.bool()], dim=1)
-        if self.kind == "image_only":
-            present = present & torch.tensor([True, False], device=present.device)
-        elif self.kind == "text_only":
-            present = present & torch.tensor([False, True], device=present.device)
+        if not all(self.uses):
+            present = present & torch.tensor(self.uses, device=present.device)
         present = self._hide_modalities(present)
         b = present.shape[0]
         feats = []
@@ -95,18 +99,26 @@ class FusionModel(nn.Module):
 
     def forward(self, image, image_present, input_ids, attention_mask, text_present, inputs_embeds=None):
         feats, present = self.encode(image, image_present, input_ids, attention_mask, text_present, inputs_embeds)
-        if self.kind in FUSIONS:
+        out = self.fuse(feats, present)
+        if not self.late and self.aux_heads is not None:
+            out["aux_logits"] = torch.stack([self.aux_heads[m](feats[:, m]) for m in range(2)], dim=1)  # [B, 2, C]
+            out["present"] = present
+        return out
+
+    def fuse(self, feats: torch.Tensor, present: torch.Tensor) -> dict:
+        """Logits and modality weights from per-modality features ``[B, 2, d]`` and presence ``[B, 2]``.
+
+        Inference calls it once per presence pattern on features encoded once: the probability with a
+        modality hidden costs one fusion, not another pass through the encoders.
+        """
+        if not self.late:
             fused, weights = self.fusion(feats, present)
-            logits = self.head(fused)
-            if self.aux_heads is not None:
-                aux = torch.stack([self.aux_heads[m](feats[:, m]) for m in range(2)], dim=1)  # [B, 2, C]
-                return {"logits": logits, "modality_weights": weights, "aux_logits": aux, "present": present}
-        else:
-            per = torch.stack([self.heads[m](feats[:, m]) for m in range(2)], dim=1)  # [B, 2, C]
-            weights = _presence_weights(present)
-            logits = (per * weights[..., None]).sum(1)
-            none = ~present.any(1)
-            logits = torch.where(none[:, None], self.prior.expand_as(logits), logits)
+            return {"logits": self.head(fused), "modality_weights": weights}
+        per = torch.stack([self.heads[m](feats[:, m]) for m in range(2)], dim=1)  # [B, 2, C]
+        weights = _presence_weights(present)
+        logits = (per * weights[..., None]).sum(1)
+        none = ~present.any(1)
+        logits = torch.where(none[:, None], self.prior.expand_as(logits), logits)
         return {"logits": logits, "modality_weights": weights}
 
 
@@ -151,17 +163,17 @@ def load_model(model_dir: str | Path, map_location: str = "cpu") -> tuple[Fusion
         (model in eval mode, meta from model.json, tokenizer or None)
 
     Raises:
-        ValueError: the folder is not a clinfuse model.
+        ModelLoadError: the folder is not a clinfuse model.
     """
     from safetensors.torch import load_model as st_load
     from transformers import AutoConfig, AutoTokenizer
 
     d = Path(model_dir)
     if not (d / "model.json").is_file() or not (d / "model.safetensors").is_file():
-        raise ValueError(f"{d}: not a clinfuse model folder (needs model.json and model.safetensors)")
+        raise ModelLoadError(f"{d}: not a clinfuse model folder (needs model.json and model.safetensors)")
     meta = json.loads((d / "model.json").read_text())
     if meta.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{d}/model.json: format {meta.get('format')!r}, expected {MODEL_FORMAT!r}")
+        raise ModelLoadError(f"{d}/model.json: format {meta.get('format')!r}, expected {MODEL_FORMAT!r}")
     cfg = Config.model_validate(meta["config"])
     text_cfg, tokenizer = None, None
     if (d / "text" / "config.json").is_file():

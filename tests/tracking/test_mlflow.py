@@ -13,7 +13,6 @@ import pytest
 
 from clinfuse.pipeline import train_and_audit
 from clinfuse.tracking.phi import PhiError, PhiGuard
-from clinfuse.tracking.pyfunc import encode_image
 
 from ..conftest import synthetic_cohort, tiny_config
 
@@ -55,22 +54,27 @@ def test_run_holds_params_metrics_tags_dataset_and_artifacts(audited):
     assert any("mlflow: run" in line for line in lines)
 
 
+def _request_studies(d, n_images: int = 3):
+    """DICOM files of the export as bytes, with and without reports, in the served model's columns."""
+    files = [f for f in sorted((d / "c-export" / "dicom").rglob("*.dcm")) if "broken" not in f.name][:n_images]
+    return pd.DataFrame({"study_id": ["both", "report-only", "image-only", "both-2"],
+                         "dicom": [[files[0].read_bytes()], [], [files[1].read_bytes()], [files[2].read_bytes()]],
+                         "report": ["INDICATION: fever, concern for pneumonia.", "FINDINGS: heart size is normal.", None,
+                                    "FINDINGS: opacity in the right lower lobe."]})
+
+
 def test_registered_model_reloads_in_a_fresh_process_with_identical_predictions(audited, tmp_path):
+    """The registered pyfunc takes DICOM bytes and report text and gives what Model.predict gives."""
+    from clinfuse.inference import Model
+
     d, run, uri, _ = audited
     assert run.model["registered_name"] == "cxr-test" and str(run.model["version"]) == "1"
-    rng = np.random.default_rng(0)
-    df = pd.DataFrame({"image": [encode_image(rng.random((1, 32, 32), dtype=np.float32)), b"",
-                                 encode_image(rng.random((1, 32, 32), dtype=np.float32))],
-                       "report": ["INDICATION: fever, concern for pneumonia.", "FINDINGS: heart size is normal.", ""]})
+    df = _request_studies(d)
     df.to_pickle(tmp_path / "in.pkl")
-    from clinfuse.tracking.pyfunc import ClinfusePyfunc
-
-    class Ctx:
-        artifacts = {"model_dir": str(run.result.best_dir)}
-
-    direct = ClinfusePyfunc()
-    direct.load_context(Ctx())
-    expected = direct.predict(None, df)
+    model = Model.load(d / "run")
+    expected = model.predict([{"study_id": r.study_id, "images": list(r.dicom), "report": r.report}
+                              for r in df.itertuples()]).to_frame()
+    assert (expected["status"] == "ok").all()
     code = (
         "import sys, mlflow, pandas as pd\n"
         f"mlflow.set_tracking_uri({uri!r}); mlflow.set_registry_uri({uri!r})\n"
@@ -83,8 +87,11 @@ def test_registered_model_reloads_in_a_fresh_process_with_identical_predictions(
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     got = pd.read_pickle(tmp_path / "out.pkl")
-    pd.testing.assert_frame_equal(got, expected)
+    pd.testing.assert_frame_equal(got, expected, atol=1e-6, rtol=0)
     assert got.loc[1, "w_image"] == 0 and got.loc[2, "w_report"] == 0
+    # a models:/ reference loads the same model object, with its version and run
+    m2 = Model.load("models:/cxr-test/1", tracking_uri=uri)
+    assert m2.version == "1" and m2.run_id == run.run_id and m2.output_names == model.output_names
 
 
 def test_no_identifier_anywhere_in_the_store(audited):

@@ -57,9 +57,10 @@ def test_trains_saves_and_reloads(cohort, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     epochs = [x for x in lines if "epoch" in x]
     assert [x["epoch"] for x in epochs] == [1, 2] and all("val_auroc" in x and "lr_text" in x for x in epochs)
-    assert "temperature" in lines[-1] and "threshold_0" in lines[-1]  # calibration on validation, at the end
     model, meta, tok = load_model(tmp_path / "run/best")
     assert meta["output_names"] == ["positive"] and meta["task"] == "binary" and tok is not None
+    # calibration is not the trainer's: the pipeline fits it on validation afterwards (tests/evaluation)
+    assert not any("temperature" in x for x in lines) and meta["temperature"] == 1.0
     # the state file loads without running code
     st = torch.load(tmp_path / "run/state.pt", weights_only=True)
     assert st["epoch"] == 2 and st["batch"] == 0
@@ -152,7 +153,7 @@ def test_early_stopping_and_accumulation(cohort, tmp_path, monkeypatch):
 def test_inference_with_a_modality_hidden(cohort, tmp_path):
     from clinfuse.data.cohort import read_cohort
     from clinfuse.data.dataset import StudyDataset
-    from clinfuse.training.trainer import run_inference
+    from clinfuse.inference import Model, run_inference
 
     train(cohort, _cfg(epochs=1), tmp_path / "r", progress=False)
     model, meta, tok = load_model(tmp_path / "r/best")
@@ -169,6 +170,14 @@ def test_inference_with_a_modality_hidden(cohort, tmp_path):
     assert (no_img["logits"][both] != full["logits"][both]).any()
     only_txt = ~full["image_present"] & full["text_present"]
     assert torch.allclose(torch.from_numpy(no_img["logits"][only_txt]), torch.from_numpy(full["logits"][only_txt]))
+    # the model object encodes once and fuses per pattern: the same logits as hiding before encoding
+    m = Model.load(tmp_path / "r")
+    batch = next(iter(loader))
+    out = m.forward_batch(batch)
+    n = len(batch["study_id"])
+    torch.testing.assert_close(out["logits"], torch.from_numpy(full["logits"][:n]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["logits_without_image"], torch.from_numpy(no_img["logits"][:n]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["logits_without_report"], torch.from_numpy(no_txt["logits"][:n]), atol=1e-5, rtol=1e-5)
 
 
 def test_mixed_precision_choice(monkeypatch):
