@@ -24,6 +24,7 @@ BENCHMARKS = {
     "train_throughput": [],
     "explain_cost": [],
     "phi_guard": [],
+    "serve": [],
 }
 
 

@@ -78,6 +78,9 @@ class DicomConfig(_Strict):
         description="Decode every selected image during the build so that truncated or "
         "undecodable files are quarantined there, not during training.",
     )
+    max_file_mb: float = Field(
+        2048, gt=0, description="Files larger than this are set aside unread (a chest radiograph is a few "
+        "to a few hundred MB; a multi-GB file is a mistake or an attack on memory).")
 
     @model_validator(mode="after")
     def _window_needs_values(self) -> "DicomConfig":
@@ -275,7 +278,8 @@ class ModelConfig(_Strict):
 class DataConfig(_Strict):
     """How cohort rows become tensors."""
 
-    image_size: list[int] = Field([224, 224], description="Resize target: [H, W] (2D) or [D, H, W] (3D).")
+    image_size: list[int] = Field([224, 224], description="Resize target: [H, W] (2D) or [D, H, W] (3D); each "
+                                  "value at least 8.")
     intensity: Literal["percentile", "minmax"] = Field(
         "percentile", description="Scale intensities to [0, 1]: by the 0.5/99.5 percentiles, or min-max.")
     augment: bool = Field(True, description="Random affine, contrast and noise augmentation on the training split.")
@@ -286,6 +290,13 @@ class DataConfig(_Strict):
         "memory", description="Cache decoded, resized images: in memory (CacheDataset), on disk "
         "(PersistentDataset under the run folder), or not at all.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+
+    @field_validator("image_size")
+    @classmethod
+    def _positive_size(cls, v: list[int]) -> list[int]:
+        if len(v) not in (2, 3) or any(x < 8 or x > 4096 for x in v):
+            raise ValueError(f"image_size {v} must be 2 or 3 values, each from 8 to 4096 pixels")
+        return v
 
 
 class LossConfig(_Strict):

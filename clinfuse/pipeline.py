@@ -65,11 +65,18 @@ def train_and_audit(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *,
     from .evaluation.evaluate import calibrate, evaluate
     from .inference import Model
     from .tracking import LocalTracker, NullTracker, Trackers
-    from .training.trainer import train
+    from .training.trainer import check_resumable, train
 
     rows, _ = read_cohort(cohort_dir)  # a bad cohort folder fails here, before any run is created
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        check_resumable(out)  # a finished run is refused before anything is logged or registered again
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write-test").touch()
+        (out / ".write-test").unlink()
+    except OSError as e:
+        raise ClinfuseError(f"{out}: cannot write the run folder ({e.strerror or e}); choose another --out") from None
     rank = int(os.environ.get("RANK", 0))
     tc = cfg.tracking
     mlf = None

@@ -150,8 +150,11 @@ def build_cohort(
         raise CohortInputError("need at least one of --dicom and --reports")
     out = Path(out_dir)
     private = out / "private"
-    private.mkdir(parents=True, exist_ok=True)
-    os.chmod(private, 0o700)
+    try:
+        private.mkdir(parents=True, exist_ok=True)
+        os.chmod(private, 0o700)
+    except OSError as e:
+        raise CohortInputError(f"{out}: cannot write the cohort folder ({e.strerror or e}); choose another --out") from None
     key = cfg.key
     quarantine: list[QuarantineEntry] = []
     warnings: list[str] = []
@@ -204,6 +207,7 @@ def build_cohort(
             continue
         selected, kind, q = select_images(files, cfg.dicom) if files else ([], "2d", [])
         quarantine += q
+        n_unreadable = 0
         if cfg.dicom.verify_pixels and selected:
             good = []
             for h in selected:
@@ -212,12 +216,13 @@ def build_cohort(
                     good.append(h)
                 except DicomReadError as e:
                     quarantine.append(QuarantineEntry("dicom", h.path, e.reason))
+                    n_unreadable += 1
             if kind == "3d" and len(good) != len(selected):
                 for h in good:
                     quarantine.append(QuarantineEntry("dicom", h.path, "another slice of its series is unreadable"))
                 good = []
             selected = good
-        if files and not selected and not q:
+        if files and not selected and not q and not n_unreadable:
             quarantine.append(QuarantineEntry("study", files[0].path, "no image of the study was selected "
                                               f"(views {sorted({h.view or '?' for h in files})}, policy "
                                               f"'{cfg.dicom.view_policy}')"))
@@ -260,6 +265,12 @@ def build_cohort(
             identifiers["patient_id"].add(pid)
 
     if not rows:
+        if not label_table.labels:
+            reasons = Counter(q.reason for q in label_table.quarantine).most_common(2)
+            raise CohortInputError(
+                f"{labels}: none of its {label_table.n_records} label rows is usable"
+                + (f" ({'; '.join(f'{n}x {r}' for r, n in reasons)})" if reasons else "")
+                + "; check --label-columns, --task and --classes")
         raise CohortInputError(
             f"no study could be joined: {len(studies)} image studies, {len(reports_by_key)} reports and "
             f"{len(label_table.labels)} labels share no {key}; check --key and the key columns"

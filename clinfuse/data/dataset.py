@@ -88,8 +88,7 @@ class _LoadStudyImage(_transform_base()):
             vol, _ = _volume_from_paths(paths, self.dicom, data)
             arr = vol[None]  # [1, Z, H, W]
         else:
-            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # non-finite results are refused
-                img = read_dicom(paths[0], voi=self.dicom.voi, window=window, channels=self.channels, data=data[0])
+            img = read_dicom(paths[0], voi=self.dicom.voi, window=window, channels=self.channels, data=data[0])
             if self.photometrics is not None and img.photometric not in self.photometrics:
                 raise DicomReadError(paths[0], f"PhotometricInterpretation {img.photometric} does not fit this model, "
                                      f"which reads {'/'.join(self.photometrics)} images; convert the image or send "
@@ -162,6 +161,14 @@ def image_item(sources: list, dicom_cfg: DicomConfig) -> dict:
     return {"image_paths": paths, "image_data": [data_of[p] for p in paths], "image_present": True, "kind": kind}
 
 
+def _read_bounded(p: Path, limit_mb: float = 2048) -> bytes:
+    """The bytes of a file, read once (header and pixels are parsed from them)."""
+    size = p.stat().st_size
+    if size > limit_mb * 2**20:
+        raise StudyInputError(f"{p}: file of {size / 2**20:,.0f} MB is too large to be a study's image")
+    return p.read_bytes()
+
+
 def _source(src, i: int) -> tuple[str, bytes | None]:
     """(label, bytes or None) of one DICOM source: a path, the bytes of a file, or a pydicom Dataset."""
     import io
@@ -172,7 +179,7 @@ def _source(src, i: int) -> tuple[str, bytes | None]:
         p = Path(src)
         if not p.is_file():
             raise StudyInputError(f"{p}: DICOM file not found")
-        return str(p), None
+        return str(p), _read_bounded(p)
     import pydicom
 
     if isinstance(src, pydicom.Dataset):

@@ -270,6 +270,10 @@ def read_dicom(
 ) -> DicomImage:
     """Read one DICOM file into float32 pixels (see the module doc for orientation and scale).
 
+    Any failure is a :class:`DicomReadError` naming the file: a header value that pydicom cannot
+    convert (a RescaleSlope of 'abc', a WindowWidth of 0, a one-value PixelSpacing, an empty VOI LUT)
+    included, so that one bad file never stops a batch.
+
     Args:
         path: the file.
         voi: 'none' keeps modality units; 'file' applies the file's VOI LUT/window; 'window' applies
@@ -285,6 +289,16 @@ def read_dicom(
         >>> img = read_dicom("chest.dcm", voi="file")
         >>> img.pixels.shape   # (1, rows, cols)
     """
+    try:
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # non-finite results are refused below
+            return _read_dicom(path, voi, window, channels, data)
+    except DicomReadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - pydicom's own errors on a bad header value, named with the file
+        raise DicomReadError(path, f"cannot interpret the pixels: {type(e).__name__}: {_first_line(e)}") from None
+
+
+def _read_dicom(path, voi, window, channels, data) -> DicomImage:
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, apply_windowing
 
     ds, notes = dcmread_robust(path, data=data)

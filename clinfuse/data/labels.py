@@ -84,6 +84,9 @@ def load_labels(path: str | Path, key_column: str, cfg: LabelConfig) -> LabelTab
         raise CohortInputError(f"{path}: labels file not found")
     text, warn = decode_bytes(path.read_bytes())
     warnings = [f"{path}: {warn}"] if warn else []
+    from .reports import _allow_long_fields
+
+    _allow_long_fields()
     reader = csv.DictReader(io.StringIO(text, newline=""))
     cols = reader.fieldnames or []
     if key_column not in cols:

@@ -120,6 +120,13 @@ def _records_from_file(path: Path, key_column: str, cfg: ReportConfig, warnings:
             except json.JSONDecodeError as e:
                 yield f"{path}:line {i}", None, f"invalid JSON ({e.msg})", None
                 continue
+            if not isinstance(rec, dict):
+                yield f"{path}:line {i}", None, f"a JSON {type(rec).__name__ if rec is not None else 'null'}, " \
+                    "not an object with the key and the report", None
+                continue
+            if not isinstance(rec.get(cfg.text_column, ""), (str, type(None))):
+                yield f"{path}:line {i}", None, f"'{cfg.text_column}' is a {type(rec[cfg.text_column]).__name__}, not text", None
+                continue
             if key_column not in rec:
                 raise CohortInputError(
                     f"{path}: line {i} has no key '{key_column}' (keys: {', '.join(rec)}); "
@@ -129,6 +136,7 @@ def _records_from_file(path: Path, key_column: str, cfg: ReportConfig, warnings:
                 rec.get(cfg.patient_column) if cfg.patient_column else None
         return
     reader = csv.DictReader(io.StringIO(text, newline=""))
+    _allow_long_fields()
     cols = reader.fieldnames or []
     for needed, flag in ((key_column, "--reports-key / cohort.reports.key_column"),
                          (cfg.text_column, "--report-column / cohort.reports.text_column")):
@@ -137,6 +145,14 @@ def _records_from_file(path: Path, key_column: str, cfg: ReportConfig, warnings:
     for i, row in enumerate(reader, start=2):
         yield f"{path}:row {i}", (row.get(key_column) or "").strip(), row.get(cfg.text_column), \
             (row.get(cfg.patient_column) or None) if cfg.patient_column else None
+
+
+def _allow_long_fields() -> None:
+    """Python's csv module refuses fields over 128 kB by default; a long report or a pasted cell is not
+    an error of the file, so the limit is raised to what a file in memory can hold."""
+    import sys
+
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 
 def load_reports(path: str | Path, key_column: str, cfg: ReportConfig) -> ReportTable:
@@ -153,13 +169,23 @@ def load_reports(path: str | Path, key_column: str, cfg: ReportConfig) -> Report
     if not path.exists():
         raise CohortInputError(f"{path}: reports not found; pass a CSV, a JSON-lines file or a folder of .txt files")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        candidates = sorted(path.rglob("*.txt"))
+        files = [p for p in candidates if p.is_file()]
+        for p in candidates:
+            if not p.is_file():  # a folder, a dangling link or a FIFO named *.txt
+                what = "a dangling link" if p.is_symlink() and not p.exists() else \
+                    "a folder" if p.is_dir() else "not a regular file"
+                quarantine.append(QuarantineEntry("report", str(p), f"{what} named *.txt; skipped"))
         if not files:
             raise CohortInputError(f"{path}: no .txt report files found (expected <key>.txt)")
 
         def records():
             for f in files:
-                text, warn = decode_bytes(f.read_bytes(), cfg.encoding, cfg.fallback_encoding)
+                try:
+                    text, warn = decode_bytes(f.read_bytes(), cfg.encoding, cfg.fallback_encoding)
+                except OSError as e:
+                    yield str(f), None, f"cannot read file: {e.strerror or e}", None
+                    continue
                 if warn:
                     warnings.append(f"{f}: {warn}")
                 yield str(f), f.stem, text, None

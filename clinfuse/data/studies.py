@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -106,9 +107,24 @@ def _header_fields(ds, path: str) -> DicomHeader:
     )
 
 
-def _iter_files(root: Path, extensions: list[str]):
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+def _iter_files(root: Path, extensions: list[str], problems: list[QuarantineEntry]):
+    """Candidate files under `root` (sorted, hidden ones skipped). Folders that cannot be listed and
+    folders that are symbolic links (not followed: they could loop or leave the export) are named in
+    `problems`, so their images are never lost in silence."""
+    def unreadable(err: OSError) -> None:
+        problems.append(QuarantineEntry("dicom", str(err.filename), f"cannot list folder: {err.strerror or err}"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
+        keep = []
+        for d in sorted(dirnames):
+            if d.startswith("."):
+                continue
+            if (Path(dirpath) / d).is_symlink():
+                problems.append(QuarantineEntry("dicom", str(Path(dirpath) / d), "folder is a symbolic link; not "
+                                                "followed (point --dicom at its target, or copy it in)"))
+                continue
+            keep.append(d)
+        dirnames[:] = keep
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
@@ -128,18 +144,27 @@ def scan_dicom(root: str | Path, cfg: CohortConfig, progress: bool = True) -> Sc
     if not root.is_dir():
         raise CohortInputError(f"{root}: DICOM folder not found")
     files, skipped = [], 0
-    for p, wanted in _iter_files(root, cfg.dicom_extensions):
+    quarantine: list[QuarantineEntry] = []
+    for p, wanted in _iter_files(root, cfg.dicom_extensions, quarantine):
         if wanted:
             files.append(p)
         else:
             skipped += 1
     headers: list[DicomHeader] = []
-    quarantine: list[QuarantineEntry] = []
+    limit = int(cfg.dicom.max_file_mb * 2**20)
     digests: dict[str, str] = {}
     for p in tqdm(files, desc="scan DICOM", unit="file", disable=None if progress else True):
         rel = p.relative_to(root).as_posix()
         try:
-            size = p.stat().st_size
+            st = p.stat()  # follows a file link: a link to /dev/zero is a character device, not a file
+            if not stat.S_ISREG(st.st_mode):
+                quarantine.append(QuarantineEntry("dicom", str(p), "not a regular file (a FIFO, device or socket)"))
+                continue
+            size = st.st_size
+            if size > limit:
+                quarantine.append(QuarantineEntry("dicom", str(p), f"file of {size / 2**20:,.0f} MB exceeds "
+                                                  f"cohort.dicom.max_file_mb = {cfg.dicom.max_file_mb:g}"))
+                continue
             with open(p, "rb") as fh:
                 data = fh.read() if cfg.fingerprint == "content" else fh.read(_HEADER_BYTES)
         except OSError as e:
@@ -158,6 +183,11 @@ def scan_dicom(root: str | Path, cfg: CohortConfig, progress: bool = True) -> Sc
         except DicomReadError as e:
             digests[rel] = hashlib.sha256(data).hexdigest()
             quarantine.append(QuarantineEntry("dicom", str(p), e.reason))
+            continue
+        except Exception as e:  # noqa: BLE001 - a header value pydicom cannot convert stops this file only
+            digests[rel] = hashlib.sha256(data).hexdigest()
+            quarantine.append(QuarantineEntry("dicom", str(p), f"unreadable DICOM header: {type(e).__name__}: "
+                                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]))
             continue
         # content: every byte; header: the first block and the size (blind to later pixel-only edits)
         digests[rel] = hashlib.sha256(data + (b"" if cfg.fingerprint == "content" else str(size).encode())).hexdigest()

@@ -29,7 +29,7 @@ MODEL_FORMAT = "clinfuse-model/1"
 class FusionModel(nn.Module):
     """Image + report -> logits and per-modality weights.
 
-    Forward inputs follow the batch contract (``../shared/DESIGN.md``): ``image [B, C, *spatial]``,
+    Forward inputs follow the batch contract (docs/concepts.md): ``image [B, C, *spatial]``,
     ``image_present [B]``, ``input_ids``/``attention_mask [B, K, L]``, ``text_present [B]``.
     Returns ``{"logits": [B, n_outputs], "modality_weights": [B, 2]}``, plus ``"aux_logits": [B, 2,
     n_outputs]`` and ``"present": [B, 2]`` (after modality dropout) when ``fusion.aux_weight > 0``: one

@@ -39,6 +39,29 @@ def unreachable_reason(uri: str, timeout: float = 3.0) -> str | None:
         return f"MLflow server {uri} is unreachable ({getattr(e, 'reason', e)})"
 
 
+@contextmanager
+def store_lock(uri: str):
+    """For an embedded SQLite store, an exclusive lock on a file beside it for the block; nothing for a server.
+
+    Several trainings started at once on a new store otherwise race to create its tables ("table
+    evaluation_datasets already exists") and its experiment; under the lock the first one does it
+    and the others find it done.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".clinfuse-lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _artifact_root(uri: str, experiment: str) -> str | None:
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])
@@ -113,17 +136,21 @@ class MlflowTracker:
         logging.getLogger("alembic").setLevel(logging.WARNING)
         logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
         self.uri = resolve_tracking_uri(tracking_uri)
-        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        with store_lock(self.uri):  # the client's first use creates the tables: once, not by every process at once
+            self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+            self.client.search_experiments(max_results=1)
         self.guard = guard or PhiGuard()
         if run_id:  # reopen an existing run in its own experiment
             self.run_id = run_id
-            self.experiment_id = self.client.get_run(run_id).info.experiment_id
+            with store_lock(self.uri):
+                self.experiment_id = self.client.get_run(run_id).info.experiment_id
             self.client.update_run(run_id, status="RUNNING")
         else:
             self.guard.check("the experiment name", experiment)
-            exp = self.client.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(
-                experiment, artifact_location=_artifact_root(self.uri, experiment))
+            with store_lock(self.uri):  # two processes must not both create the experiment
+                exp = self.client.get_experiment_by_name(experiment)
+                exp_id = exp.experiment_id if exp else self.client.create_experiment(
+                    experiment, artifact_location=_artifact_root(self.uri, experiment))
             self.experiment_id = exp_id
             if run_name:
                 self.guard.check("the run name", run_name)

@@ -39,7 +39,7 @@ from ..tracking import LocalTracker, NullTracker
 from .losses import build_loss
 from .sampler import EpochSampler, balanced_weights
 
-__all__ = ["train", "TrainResult", "TrainingError"]
+__all__ = ["train", "TrainResult", "TrainingError", "check_resumable"]
 
 
 class TrainingError(ClinfuseError):
@@ -60,6 +60,26 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------- environment
+
+
+def check_resumable(out: Path) -> None:
+    """Refuse --resume of a run folder with nothing to resume, or whose training already ended.
+
+    Raises:
+        TrainingError: saying which, and changing nothing.
+    """
+    out = Path(out)
+    if not (out / "state.pt").is_file():
+        raise TrainingError(f"{out}: nothing to resume (no state.pt); run without --resume")
+    res = out / "result.json"
+    if res.is_file():
+        try:
+            done = not json.loads(res.read_text()).get("interrupted", False)
+        except (OSError, ValueError):
+            done = False
+        if done:
+            raise TrainingError(f"{out}: this training already finished (result.json); nothing to resume and "
+                                "nothing was changed. Train into a new --out to train again")
 
 
 def _dist_env() -> tuple[int, int, int]:
@@ -212,8 +232,8 @@ def train(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *, resume: b
     distributed = world > 1
     out = Path(out_dir)
     state_file = out / "state.pt"
-    if resume and not state_file.is_file():
-        raise TrainingError(f"{out}: nothing to resume (no state.pt); run without --resume")
+    if resume:
+        check_resumable(out)
     device = _device(cfg, local_rank)
     if distributed and not torch.distributed.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -334,6 +354,11 @@ def train(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *, resume: b
                 loss = loss_fn(res["logits"], batch["label"])
                 if "aux_logits" in res:
                     loss = loss + cfg.model.fusion.aux_weight * aux_loss(loss_fn, res, batch["label"])
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"epoch {epoch + 1}, batch {i + 1}: the loss is {float(loss.detach())} (not finite); training stopped "
+                        "with no model saved from this epoch. Check the inputs (a non-finite pixel or label) and "
+                        "lower the learning rates (train.lr_*) or turn on train.grad_clip")
                 scaler.scale(loss / t.accumulate).backward()
             loss_sum += float(loss.detach())
             n_loss += 1
@@ -378,6 +403,10 @@ def train(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *, resume: b
             metrics["val_seconds"] = time.perf_counter() - tv
         history.append(metrics)
         tracker.log_metrics(metrics, step=global_step)
+        if progress and is_main and not _tty():  # a log file (CI, a scheduler, nohup) sees one line per epoch
+            vals = "  ".join(f"{k} {metrics[k]:.4f}" for k in ("train_loss", "val_loss", "val_auroc") if k in metrics)
+            print(f"train: epoch {epoch + 1}/{t.epochs}  {vals}  ({secs:.0f} s, {metrics['studies_per_second']:.1f} "
+                  "studies/s)", flush=True)
         val_summary = {k: metrics[k] for k in ("val_loss", "val_auroc") if k in metrics}
         if score > best:
             best, bad_epochs = score, 0
@@ -401,12 +430,18 @@ def train(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *, resume: b
     if own_tracker:
         tracker.close()
     if distributed:
-        # This ending avoids ranks aborting at exit under torchrun (see ../shared/NOTES.md).
+        # This ending avoids ranks aborting at exit under torchrun (docs/training.md, "torchrun").
         del ddp_model, optimizer, loader, sampler
         gc.collect()
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return result
+
+
+def _tty() -> bool:
+    import sys
+
+    return sys.stderr.isatty()
 
 
 class _null:

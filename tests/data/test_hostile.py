@@ -1,0 +1,161 @@
+"""Hostile inputs (the hardening issue): every one is set aside or refused with the file and the reason,
+and the rest of the build goes on."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+
+from clinfuse.config import ConfigError, config_from_dict, load_config
+from clinfuse.data.cohort import build_cohort, read_cohort
+from clinfuse.data.quarantine import CohortInputError
+from clinfuse.data.reports import load_reports
+from clinfuse.data.synth import SynthSpec, synthesize
+
+from ..conftest import REPO
+
+
+def _mutate(f, **values):
+    """Set header values, invalid ones too: a string is written as the element's raw bytes (pydicom
+    itself refuses to write 'abc' as a DS)."""
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    ds = pydicom.dcmread(f)
+    for k, v in values.items():
+        if isinstance(v, str):
+            t = Tag(tag_for_keyword(k))
+            raw = (v + " " * (len(v) % 2)).encode()
+            ds._dict[t] = RawDataElement(t, dictionary_VR(t), len(raw), raw, 0, False, True)
+        else:
+            setattr(ds, k, v)
+    ds.save_as(f)
+
+
+@pytest.fixture(scope="module")
+def hostile_export(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hostile")
+    synthesize(d / "e", SynthSpec(studies=40, seed=9, size=40, lateral=0, missing_image=0), progress=False)
+    files = sorted((d / "e" / "dicom").rglob("*.dcm"))
+    bad = {}
+    edits = [("RescaleSlope", "abc"), ("WindowCenter", "abc"), ("WindowWidth", "0"), ("PixelSpacing", ["0.5"]),
+             ("RescaleSlope", "1e39")]
+    for i, (k, v) in enumerate(edits):
+        with _quiet():
+            _mutate(files[i], **{k: v})
+        bad[str(files[i])] = f"{k}={v}"
+    ds = pydicom.dcmread(files[5])
+    ds.file_meta.TransferSyntaxUID = "1.2.3.4.5"  # not a transfer syntax
+    ds.save_as(files[5], enforce_file_format=False)
+    bad[str(files[5])] = "unknown transfer syntax"
+    ds = pydicom.dcmread(files[6])
+    ds.VOILUTSequence = Sequence([Dataset()])
+    ds.save_as(files[6])
+    bad[str(files[6])] = "empty VOI LUT item"
+    fifo = d / "e" / "dicom" / "pipe.dcm"
+    os.mkfifo(fifo)
+    bad[str(fifo)] = "FIFO"
+    study_dir = files[7].parent
+    (d / "elsewhere").mkdir()
+    os.replace(study_dir, d / "elsewhere" / study_dir.name)
+    os.symlink(d / "elsewhere" / study_dir.name, study_dir)
+    bad[str(study_dir)] = "symlinked folder"
+    return d, bad
+
+
+class _quiet:
+    def __enter__(self):
+        import warnings
+
+        self.w = warnings.catch_warnings()
+        self.w.__enter__()
+        warnings.simplefilter("ignore")
+
+    def __exit__(self, *a):
+        return self.w.__exit__(*a)
+
+
+def test_hostile_files_are_set_aside_with_reasons_and_the_build_goes_on(hostile_export, tmp_path):
+    d, bad = hostile_export
+    cfg = load_config(REPO / "configs" / "tiny.yaml")  # voi: file, so the window values are used
+    s = build_cohort(d / "e/dicom", d / "e/reports.csv", d / "e/labels.csv", tmp_path / "c", cfg, progress=False)
+    with open(tmp_path / "c" / "quarantine.csv", newline="") as f:
+        q = {r["source"]: r["reason"] for r in csv.DictReader(f)}
+    missing = [f"{what} ({src})" for src, what in bad.items() if src not in q]
+    assert not missing, f"not set aside: {missing}; quarantine: {q}"
+    assert all(q[src] for src in bad)
+    assert "symbolic link" in q[[s for s, w in bad.items() if w == "symlinked folder"][0]]
+    assert "not a regular file" in q[[s for s, w in bad.items() if w == "FIFO"][0]]
+    assert "non-finite" in q[[s for s, w in bad.items() if w == "RescaleSlope=1e39"][0]]
+    rows, info = read_cohort(tmp_path / "c")
+    assert s.n_studies == len(rows) > 25  # the other studies are all there
+    # a study whose only image was set aside keeps its report, and says why in the quarantine
+    used = {p for r in rows for p in r["image_paths"]}
+    assert not used & set(bad)
+
+
+def test_oversized_files_are_refused_unread(hostile_export, tmp_path):
+    d, _ = hostile_export
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["cohort.dicom.max_file_mb=0.001"])
+    with pytest.raises(CohortInputError, match="no DICOM found"):
+        build_cohort(d / "e/dicom", None, d / "e/labels.csv", tmp_path / "c", cfg, progress=False)
+
+
+def test_report_files_of_every_bad_shape(tmp_path):
+    cfg = load_config(None).cohort.reports
+    big = tmp_path / "big.csv"
+    with open(big, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["StudyInstanceUID", "report"])
+        w.writerow(["1.2.3", "FINDINGS: " + "clear " * 900_000])  # 5 MB in one cell
+        w.writerow(["1.2.4", "FINDINGS: small effusion."])
+    t = load_reports(big, "StudyInstanceUID", cfg)
+    assert set(t.reports) == {"1.2.3", "1.2.4"}
+    jl = tmp_path / "r.jsonl"
+    jl.write_text("null\n[1, 2]\n" + json.dumps({"StudyInstanceUID": "9", "report": 5}) + "\n"
+                  + json.dumps({"StudyInstanceUID": "7", "report": "FINDINGS: clear."}) + "\n")
+    t = load_reports(jl, "StudyInstanceUID", cfg)
+    assert set(t.reports) == {"7"} and len(t.quarantine) == 3
+    assert any("null" in q.reason for q in t.quarantine) and any("list" in q.reason for q in t.quarantine)
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    (folder / "1.2.3.txt").write_text("FINDINGS: clear.")
+    (folder / "odd.txt").mkdir()
+    os.symlink(tmp_path / "nowhere", folder / "gone.txt")
+    t = load_reports(folder, "StudyInstanceUID", cfg)
+    assert set(t.reports) == {"1.2.3"}
+    reasons = {os.path.basename(q.source): q.reason for q in t.quarantine}
+    assert "folder" in reasons["odd.txt"] and "dangling link" in reasons["gone.txt"]
+
+
+def test_an_all_empty_label_column_says_so(tmp_path, small_export):
+    labels = tmp_path / "labels.csv"
+    with open(small_export / "labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(labels, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows({**r, "label": ""} for r in rows)
+    with pytest.raises(CohortInputError, match="none of its .* label rows is usable"):
+        build_cohort(small_export / "dicom", None, labels, tmp_path / "c", progress=False)
+
+
+@pytest.mark.parametrize("size", [[0, 0], [-32, 32], [32], [5000, 5000]])
+def test_image_sizes_that_cannot_work_are_refused_by_the_config(size):
+    with pytest.raises(ConfigError, match="image_size"):
+        config_from_dict({"data": {"image_size": size}})
+
+
+def test_an_unwritable_out_is_one_line(tmp_path, small_export):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "file").write_text("x")
+    with pytest.raises(CohortInputError, match="cannot write the cohort folder"):
+        build_cohort(small_export / "dicom", None, small_export / "labels.csv", ro / "file" / "c", progress=False)

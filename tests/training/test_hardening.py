@@ -1,0 +1,84 @@
+"""Training that cannot go well stops clearly: a non-finite loss fails the run, a finished run is not
+resumed, several trainings may start at once on a new embedded store."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from clinfuse.pipeline import train_and_audit
+from clinfuse.training import trainer as tr
+from clinfuse.training.trainer import TrainingError
+
+from ..conftest import REPO, synthetic_cohort, tiny_config
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    d = tmp_path_factory.mktemp("harden")
+    return synthetic_cohort(d, studies=60, seed=4, size=32, lateral=0)
+
+
+def _cfg(uri, **train):
+    return tiny_config(train={"epochs": 1, "batch_size": 16, **train}, eval={"bootstrap": 0},
+                       tracking={"tracking_uri": uri, "experiment": "harden", "register_as": "harden"})
+
+
+def test_a_non_finite_loss_stops_training_and_fails_the_run(cohort, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    real = tr.build_loss
+
+    class Poisoned(torch.nn.Module):
+        def __init__(self, fn):
+            super().__init__()
+            self.fn = fn
+
+        def forward(self, logits, y):
+            return self.fn(logits, y) * float("nan")
+
+    def poisoned(*a, **k):
+        return Poisoned(real(*a, **k))
+
+    monkeypatch.setattr(tr, "build_loss", poisoned)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    with pytest.raises(TrainingError, match="not finite"):
+        train_and_audit(cohort, _cfg(uri), tmp_path / "run", progress=False, log=lambda m: None)
+    c = MlflowClient(uri)
+    runs = c.search_runs([c.get_experiment_by_name("harden").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert not (tmp_path / "run" / "best").exists()
+
+
+def test_resume_of_a_finished_run_says_so_and_changes_nothing(cohort, tmp_path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    train_and_audit(cohort, _cfg(uri), tmp_path / "run", progress=False, log=lambda m: None)
+    before = (tmp_path / "run" / "best" / "model.safetensors").read_bytes()
+    with pytest.raises(TrainingError, match="already finished"):
+        train_and_audit(cohort, _cfg(uri), tmp_path / "run", resume=True, progress=False, log=lambda m: None)
+    assert (tmp_path / "run" / "best" / "model.safetensors").read_bytes() == before
+    assert len(MlflowClient(uri, registry_uri=uri).search_model_versions("name='harden'")) == 1
+
+
+def test_trainings_started_at_once_on_a_new_store_all_start(tmp_path):
+    """3 processes open one new SQLite store at the same moment (it used to lose 2 of 3)."""
+    code = (
+        "import sys\n"
+        "from clinfuse.tracking.mlflow_tracker import MlflowTracker\n"
+        f"t = MlflowTracker('sqlite:///{tmp_path / 'new.db'}', 'race', system_metrics=False)\n"
+        "t.log_metrics({'x': 1.0}, step=0); t.close(); print(t.run_id)\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=REPO) for _ in range(3)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-800:] for _, e in outs]
+    from mlflow import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{tmp_path / 'new.db'}")
+    runs = c.search_runs([c.get_experiment_by_name("race").experiment_id])
+    assert len(runs) == 3 and {o.strip() for o, _ in outs} == {r.info.run_id for r in runs}
