@@ -99,3 +99,18 @@ def test_train_command_and_resume_flag(tmp_path, capsys):
     assert "epoch   2" in out and "finished" in out and "val_auroc" in out
     rc = main(["train", "--cohort", str(tmp_path / "nope"), "--out", str(run), "--no-progress"])
     assert rc == 2 and "not a cohort folder" in capsys.readouterr().err
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, tmp_path, capsys):
+    from clinfuse import cli
+
+    assert main(["evaluate", "--model", str(tmp_path / "none"), "--cohort", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error:" in err and "Traceback" not in err
+
+    def bug(args):
+        raise ValueError("an internal bug, not the user's input")
+
+    monkeypatch.setattr(cli, "_cohort_inspect", bug)
+    with pytest.raises(ValueError, match="internal bug"):
+        main(["cohort", "inspect", str(tmp_path)])

@@ -11,11 +11,12 @@ PKG = Path(__file__).resolve().parents[1] / "clinfuse"
 # a stage may import the stages listed for it (and itself); the top-level modules compose everything
 ALLOWED = {
     "errors": set(),
+    "phi": {"errors"},
     "config": {"errors"},
-    "data": {"config", "errors"},
+    "data": {"config", "errors", "phi"},
     "models": {"config", "errors"},
     "explain": {"config", "errors", "models"},
-    "tracking": {"config", "errors"},
+    "tracking": {"config", "errors", "phi"},
     "inference": {"config", "errors", "data", "models", "explain", "tracking"},
     "training": {"config", "errors", "data", "models", "inference", "tracking"},
     "evaluation": {"config", "errors", "data", "models", "inference"},

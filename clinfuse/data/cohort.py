@@ -28,6 +28,7 @@ import numpy as np
 
 from .. import __version__
 from ..config import CohortConfig, Config, dump_config
+from ..phi import PhiGuard
 from .dicom import DicomReadError, decoder_report, read_dicom
 from .labels import load_labels
 from .quarantine import CohortInputError, QuarantineEntry, reason_category, write_quarantine
@@ -275,17 +276,30 @@ def build_cohort(
             f"no study could be joined: {len(studies)} image studies, {len(reports_by_key)} reports and "
             f"{len(label_table.labels)} labels share no {key}; check --key and the key columns"
         )
+    # No identifier typed in a report (an MRN, a birth date, a name in either order, of any patient of the
+    # export) stays in the text the model reads, and so in its vocabulary or an explanation.
+    guard = PhiGuard({k: sorted(v) for k, v in identifiers.items()})
+    n_redacted = 0
+    for row in rows:
+        if row["report"]:
+            row["report"], n = guard.redact(row["report"])
+            n_redacted += n
     fractions = {"train": cfg.split.train, "val": cfg.split.val, "test": cfg.split.test}
     split_of = assign_splits(patient_of, strata, fractions, cfg.split.seed)
     for row in rows:
         row["split"] = split_of[row["study_id"]]
 
-    # ---- write
+    # ---- write: cohort.json goes first out and last in, with the digest of cohort.csv, so that a folder left
+    # by an interrupted build is never read as a cohort (read_cohort checks the digest)
+    (out / "cohort.json").unlink(missing_ok=True)
     columns = COHORT_COLUMNS + _label_header(cfg)
-    with open(out / "cohort.csv", "w", newline="", encoding="utf-8") as f:
+    tmp_csv = out / f".cohort.csv.{os.getpid()}.tmp"
+    with open(tmp_csv, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
         w.writerows(rows)
+    csv_digest = hashlib.sha256(tmp_csv.read_bytes()).hexdigest()
+    os.replace(tmp_csv, out / "cohort.csv")
     write_quarantine(quarantine, out / "quarantine.csv")
     with open(private / "key_map.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
@@ -298,7 +312,11 @@ def build_cohort(
     info = _summary(rows, quarantine, cfg, digest.hexdigest(), n_files,
                     report_table.n_records if report_table else 0, label_table.n_records,
                     n_unknown_patient, warnings)
-    (out / "cohort.json").write_text(json.dumps(info, indent=2))
+    info["counts"]["identifiers_redacted_in_reports"] = n_redacted
+    info["files"] = {"cohort.csv": csv_digest}
+    tmp = out / f".cohort.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, out / "cohort.json")
     return CohortSummary(out, len(rows), len(quarantine), info)
 
 
@@ -362,9 +380,13 @@ def read_cohort(cohort_dir: str | Path) -> tuple[list[dict], dict]:
     """
     d = Path(cohort_dir)
     if not (d / "cohort.csv").is_file() or not (d / "cohort.json").is_file():
-        raise CohortInputError(f"{d}: not a cohort folder (needs cohort.csv and cohort.json; "
-                               "make one with `clinfuse cohort build`)")
+        raise CohortInputError(f"{d}: not a cohort folder, or one whose build did not finish (needs cohort.csv "
+                               "and cohort.json; make one with `clinfuse cohort build`)")
     info = json.loads((d / "cohort.json").read_text())
+    want = (info.get("files") or {}).get("cohort.csv")
+    if want is not None and hashlib.sha256((d / "cohort.csv").read_bytes()).hexdigest() != want:
+        raise CohortInputError(f"{d}: cohort.csv does not match cohort.json (an interrupted or edited build); "
+                               "rebuild the cohort with `clinfuse cohort build`")
     rows = []
     with open(d / "cohort.csv", newline="", encoding="utf-8") as f:
         for r in csv.DictReader(f):

@@ -251,7 +251,7 @@ class Model:
     def save(self, out_dir: str | Path) -> Path:
         """Write the model folder (``model.safetensors``, ``model.json``, ``text/``) to `out_dir`."""
         hf = self.network.text_encoder.bert.config if self.network.text_encoder is not None else None
-        meta = {k: v for k, v in self.meta.items() if k not in ("format", "clinfuse_version")}
+        meta = {k: v for k, v in self.meta.items() if k not in ("format", "clinfuse_version", "weights_sha256")}
         out = save_model(self.network, out_dir, meta, self.tokenizer, hf)
         if self.dir is None:
             self.dir = out
@@ -264,9 +264,13 @@ class Model:
             values["operating_point"] = operating_point
         self.meta.update(values)
         if self.dir is not None and (self.dir / "model.json").is_file():
+            import os
+
             stored = json.loads((self.dir / "model.json").read_text())
             stored.update(values)
-            (self.dir / "model.json").write_text(json.dumps(stored, indent=2))
+            tmp = self.dir / f".model.json.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(stored, indent=2))
+            os.replace(tmp, self.dir / "model.json")
 
     # ------------------------------------------------------------------ data
     def info(self) -> dict:

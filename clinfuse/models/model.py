@@ -135,20 +135,31 @@ def build_model(cfg: Config, n_outputs: int, text_hf_config) -> FusionModel:
 
 
 def save_model(model: FusionModel, out_dir: str | Path, meta: dict, tokenizer, text_hf_config) -> Path:
-    """Write ``model.safetensors``, ``model.json`` and ``text/`` to `out_dir`. Returns the folder."""
+    """Write ``model.safetensors``, ``text/`` and, last, ``model.json`` (with the weights' SHA-256) to
+    `out_dir`; each file goes to a temporary name first and is renamed, so an interrupted save never
+    leaves a folder that loads. Returns the folder."""
+    import hashlib
+    import os
+
     from safetensors.torch import save_model as st_save
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    st_save(_unwrap(model), str(out / "model.safetensors"))
-    full = {"format": MODEL_FORMAT, "clinfuse_version": __version__, **meta}
-    (out / "model.json").write_text(json.dumps(full, indent=2))
+    (out / "model.json").unlink(missing_ok=True)  # the folder is not a model until model.json is back
+    tmp = out / f".model.safetensors.{os.getpid()}.tmp"
+    st_save(_unwrap(model), str(tmp))
+    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    os.replace(tmp, out / "model.safetensors")
     text_dir = out / "text"
     text_dir.mkdir(exist_ok=True)
     if text_hf_config is not None:
         text_hf_config.save_pretrained(text_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(text_dir)
+    full = {"format": MODEL_FORMAT, "clinfuse_version": __version__, **meta, "weights_sha256": digest}
+    tmp = out / f".model.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(full, indent=2))
+    os.replace(tmp, out / "model.json")
     return out
 
 
@@ -174,6 +185,14 @@ def load_model(model_dir: str | Path, map_location: str = "cpu") -> tuple[Fusion
     meta = json.loads((d / "model.json").read_text())
     if meta.get("format") != MODEL_FORMAT:
         raise ModelLoadError(f"{d}/model.json: format {meta.get('format')!r}, expected {MODEL_FORMAT!r}")
+    want = meta.get("weights_sha256")
+    if want is not None:
+        import hashlib
+
+        got = hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest()
+        if got != want:
+            raise ModelLoadError(f"{d}/model.safetensors does not match the checksum in model.json (the file is "
+                                 "damaged or was replaced); restore the folder or retrain")
     cfg = Config.model_validate(meta["config"])
     text_cfg, tokenizer = None, None
     if (d / "text" / "config.json").is_file():

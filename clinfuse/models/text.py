@@ -8,6 +8,7 @@ from a config; ``load_pretrained_text_weights`` is the separate, explicit step t
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 
 import torch
@@ -20,6 +21,7 @@ __all__ = ["TextEncoder", "resolve_text_source", "load_tokenizer", "build_tiny_t
            "text_config_for", "load_pretrained_text_weights"]
 
 _SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+_LONG_DIGITS = re.compile(r"\d{5}")
 
 
 def _quiet_transformers() -> None:
@@ -75,7 +77,9 @@ def build_tiny_tokenizer(corpus: list[str], max_words: int = 4000):
 
     counts = Counter(w for text in corpus for w in re.findall(r"\w+|[^\w\s]", text.lower()))
     chars = sorted({c for w in counts for c in w} | set("abcdefghijklmnopqrstuvwxyz0123456789.,:;-()/'"))
-    words = [w for w, n in counts.most_common(max_words) if n >= 2 and w not in chars]
+    # a word with a run of 5+ digits is an identifier or a measurement, never a useful token: kept out of the
+    # vocabulary (a model folder ships its vocabulary), it is read digit by digit instead
+    words = [w for w, n in counts.most_common(max_words) if n >= 2 and w not in chars and not _LONG_DIGITS.search(w)]
     tokens = _SPECIAL + chars + [f"##{c}" for c in chars] + sorted(words)
     return BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}, do_lower_case=True)
 

@@ -291,7 +291,11 @@ def train(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *, resume: b
     start_epoch, start_batch, global_step, best, bad_epochs = 0, 0, 0, -float("inf"), 0
     history: list[dict] = []
     if resume:
-        st = torch.load(state_file, map_location="cpu", weights_only=True)
+        try:
+            st = torch.load(state_file, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a truncated or damaged file: one line, nothing changed
+            raise TrainingError(f"{state_file}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                                "the checkpoint is damaged: train again into a new --out") from None
         model.load_state_dict(st["model"])
         optimizer.load_state_dict(st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])

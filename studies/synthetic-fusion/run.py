@@ -126,6 +126,7 @@ def hide_in_training(base: Path, dst: Path, missing: float, seed: int) -> Path:
                             for k in ("both", "image_only", "report_only")}
     digest = hashlib.sha256(info["fingerprint"]["sha256"].encode() + (dst / "cohort.csv").read_bytes()).hexdigest()
     info["fingerprint"] = {"sha256": digest, "mode": f"derived: {missing:.0%} of train/val hidden (synthetic-fusion study)"}
+    info["files"] = {"cohort.csv": hashlib.sha256((dst / "cohort.csv").read_bytes()).hexdigest()}  # read_cohort checks it
     (dst / "cohort.json").write_text(json.dumps(info, indent=2))
     return dst
 

@@ -159,3 +159,16 @@ def test_an_unwritable_out_is_one_line(tmp_path, small_export):
     (ro / "file").write_text("x")
     with pytest.raises(CohortInputError, match="cannot write the cohort folder"):
         build_cohort(small_export / "dicom", None, small_export / "labels.csv", ro / "file" / "c", progress=False)
+
+
+def test_a_cohort_edited_or_left_half_written_is_refused(small_export, tmp_path):
+    build_cohort(small_export / "dicom", small_export / "reports.csv", small_export / "labels.csv", tmp_path / "c",
+                 progress=False)
+    read_cohort(tmp_path / "c")
+    f = tmp_path / "c" / "cohort.csv"
+    f.write_text(f.read_text().replace(",0\n", ",1\n", 1))  # one label changed behind the build's back
+    with pytest.raises(CohortInputError, match="does not match cohort.json"):
+        read_cohort(tmp_path / "c")
+    (tmp_path / "c" / "cohort.json").unlink()  # what a rebuild killed while writing leaves
+    with pytest.raises(CohortInputError, match="did not finish"):
+        read_cohort(tmp_path / "c")

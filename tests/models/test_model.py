@@ -231,3 +231,25 @@ def test_aux_weight_needs_a_fused_kind():
     with pytest.raises(ClinfuseError, match="aux_weight"):
         _model("mean_logits", aux_weight=0.5)
     assert _model("concat", aux_weight=0.5).aux_heads is not None
+
+
+def test_damaged_weights_are_refused_by_their_checksum(tmp_path):
+    import random
+
+    from clinfuse.errors import ModelLoadError
+
+    tok = build_tiny_tokenizer(CORPUS)
+    m = _model()
+    save_model(m, tmp_path / "m", {"config": _cfg().model_dump(mode="json"), "task": "multilabel",
+                                   "output_names": ["a", "b", "c"], "class_names": ["a", "b", "c"],
+                                   "label_columns": ["a", "b", "c"]}, tok, tiny_bert_config(len(tok)))
+    good = (tmp_path / "m" / "model.safetensors").read_bytes()
+    load_model(tmp_path / "m")
+    rng = random.Random(0)
+    for _ in range(30):  # bit flips anywhere in the file, the tensors' bytes included
+        data = bytearray(good)
+        i = rng.randrange(len(data))
+        data[i] ^= 1 << rng.randrange(8)
+        (tmp_path / "m" / "model.safetensors").write_bytes(bytes(data))
+        with pytest.raises(ModelLoadError, match="checksum"):
+            load_model(tmp_path / "m")

@@ -92,6 +92,13 @@ def test_registered_model_reloads_in_a_fresh_process_with_identical_predictions(
     # a models:/ reference loads the same model object, with its version and run
     m2 = Model.load("models:/cxr-test/1", tracking_uri=uri)
     assert m2.version == "1" and m2.run_id == run.run_id and m2.output_names == model.output_names
+    from mlflow import MlflowClient
+
+    MlflowClient(uri, registry_uri=uri).set_registered_model_alias("cxr-test", "champion", "1")
+    m3 = Model.load("models:/cxr-test@champion", tracking_uri=uri)
+    assert m3.version == "1" and m3.thresholds == model.thresholds
+    m4 = Model.load(f"runs:/{run.run_id}/model", tracking_uri=uri)
+    assert m4.run_id == run.run_id and m4.thresholds == model.thresholds
 
 
 def test_no_identifier_anywhere_in_the_store(audited):

@@ -39,7 +39,8 @@ def _shared_prefix_guard(n: int) -> PhiGuard:
 
 @pytest.mark.parametrize("n_ids", [50, 5000, 50000])
 def test_screening_work_does_not_grow_with_the_number_of_identifiers(n_ids):
-    """One pass over the text; Python-level work only per real occurrence, however many identifiers
+    """One pass over each of the three views of the text (as is, normalised, words only); Python-level
+    work only per real occurrence, however many identifiers
     share the prefix of a near miss (the prefix index it replaced ran one substring search over the
     whole text per identifier under a matching prefix: 5,000 searches here)."""
     g = _shared_prefix_guard(n_ids)
@@ -47,19 +48,23 @@ def test_screening_work_does_not_grow_with_the_number_of_identifiers(n_ids):
     near_misses = " ".join(f"acc{i:09d}x1" for i in range(n_ids, n_ids + 200))  # acc00.. but not an id
     text = ("lorem ipsum acc00 " * 2000) + near_misses + " accession 123"
     assert g.find(text) is None
-    assert counter.passes == 1 and counter.reported == 0
-    # a real identifier at the end is found with exactly one reported occurrence
+    assert counter.passes == 3 and counter.reported == 0
+    # a real identifier at the end is found in the first view with exactly one reported occurrence
     assert g.find(text + f" ACC{n_ids - 1:09d}") == "accession"
-    assert counter.passes == 2 and counter.reported == 1
+    assert counter.passes == 4 and counter.reported == 1
 
 
 def _reference_hits(guard: PhiGuard, text: str) -> list[str]:
-    """The rule stated plainly (every identifier, one regex each): the oracle for the automaton."""
+    """The rule stated plainly (every identifier, one regex each, over each view): the oracle for the automaton."""
     import re
 
+    from clinfuse.phi import _normal, _words
+
     low = text.lower()
-    hits = [ident for ident in guard.kind_of
-            if (re.search(rf"(?<!\d){re.escape(ident)}(?!\d)", low) if ident.isdigit() else ident in low)]
+    hits = []
+    for view in (low, _normal(low), _words(low)):
+        hits += [ident for ident in guard.kind_of
+                 if (re.search(rf"(?<!\d){re.escape(ident)}(?!\d)", view) if ident.isdigit() else ident in view)]
     return hits
 
 
@@ -78,6 +83,28 @@ def test_automaton_agrees_with_the_plain_rule(ids, text):
     s = "".join(ids[x % len(ids)] if isinstance(x, int) else x for x in text)
     hits = _reference_hits(g, s)
     assert (g.find(s) is not None) == bool(hits), (ids, s)
+
+
+def test_evasive_forms_are_found():
+    """The forms a hostile tester typed into report text and that got past the guard before."""
+    g = PhiGuard({"patient_name": ["KIM^MIN", "KAZUMIR^VELTOR"], "patient_id": ["MRN44363330"],
+                  "accession": ["ACC131796237"], "birth_date": ["20020525"]})
+    assert g.find("patient mrn 44363330 seen") == "patient_id"
+    assert g.find("accession no. 131796237") == "accession"
+    assert g.find("born 25.05.2002") == "birth_date" and g.find("dob 2002/05/25") == "birth_date"
+    assert g.find("seen by Min Kim today") == "patient_name" and g.find("KIM, MIN") == "patient_name"
+    # split over HTML spans or JSON items, as explanations write words
+    assert g.find('<span title="+0.1">Min</span> <span title="-0.2">Kim</span>') == "patient_name"
+    assert g.find('{"words": [["min", 0.31], ["kim", -0.12]]}') == "patient_name"
+    assert g.find('[["mrn", 0.1], ["44363330", 0.2]]') == "patient_id"
+    # and nothing where there is nothing
+    assert g.find("minimal kimchi; 1443633301 parameters; 2002-05-26") is None
+    assert g.find('{"words": [["mild", 0.3], ["opacity", 0.1]], "auroc": 0.131796}') is None
+
+
+def test_a_cohort_without_its_identifier_list_is_refused(tmp_path):
+    with pytest.raises(PhiError, match="no private/identifiers.json"):
+        PhiGuard.from_cohort(tmp_path)
 
 
 def test_binary_files_screen_their_headers(tmp_path):

@@ -82,3 +82,13 @@ def test_trainings_started_at_once_on_a_new_store_all_start(tmp_path):
     c = MlflowClient(f"sqlite:///{tmp_path / 'new.db'}")
     runs = c.search_runs([c.get_experiment_by_name("race").experiment_id])
     assert len(runs) == 3 and {o.strip() for o, _ in outs} == {r.info.run_id for r in runs}
+
+
+def test_a_damaged_checkpoint_is_one_line(cohort, tmp_path):
+    cfg = tiny_config(train={"epochs": 2, "batch_size": 16}, tracking={"enabled": False})
+    r = tr.train(cohort, cfg, tmp_path / "run", max_steps=1, progress=False)
+    assert r.interrupted
+    st = tmp_path / "run" / "state.pt"
+    st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+    with pytest.raises(TrainingError, match="cannot be read"):
+        tr.train(cohort, cfg, tmp_path / "run", resume=True, progress=False)
