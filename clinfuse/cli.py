@@ -210,9 +210,9 @@ def _predict(args) -> int:
         return 0
     report = None
     if args.report:
-        from .pipeline import _read_report_file
+        from .pipeline import read_report_file
 
-        report = _read_report_file(args.report, model)
+        report = read_report_file(args.report, model)
     preds = model.predict([Study(list(args.dicom or []), report, args.study_id)])
     frame = preds.to_frame()
     if args.out != "-":

@@ -20,6 +20,7 @@ from .config import Config, dump_config
 from .errors import ClinfuseError
 
 __all__ = ["train_and_audit", "AuditedRun", "environment_tags", "explain_and_log", "predict_csv", "log_served_model",
+           "read_report_file",
            "run_demo", "DemoError"]
 
 
@@ -188,7 +189,7 @@ def explain_and_log(model, out_dir: str | Path, *, cohort_dir: str | Path | None
         if not rows:
             raise ClinfuseError(f"{cohort_dir}: split '{split}' has no studies")
     else:
-        rows = [m.row(Study(list(dicom or []), _read_report_file(report, m) if report else None, "s-input"))]
+        rows = [m.row(Study(list(dicom or []), read_report_file(report, m) if report else None, "s-input"))]
     results = explain_rows(m, rows, out_dir, method=method, steps=steps, target=target, progress=progress)
     if log_to_mlflow and m.run_id and m.tracking_uri and cohort_dir is not None:
         run_id = _log_to_run(m.run_id, m.tracking_uri, Path(cohort_dir), [(Path(out_dir), f"explanations/{split}")])
@@ -196,7 +197,7 @@ def explain_and_log(model, out_dir: str | Path, *, cohort_dir: str | Path | None
     return results
 
 
-def _read_report_file(path: str, model) -> str:
+def read_report_file(path: str, model) -> str:
     from .data.reports import decode_bytes
 
     p = Path(path)

@@ -133,3 +133,23 @@ def test_explain_returns_an_object_that_renders_and_saves(trained, tmp_path):
     assert {"explanation.json", "explanation.html", "overlay.png", "image_attribution.npy"} <= set(files)
     with pytest.raises(ClinfuseError, match="not an output"):
         model.explain(Study(report="FINDINGS: clear."), target="nonsense")
+
+
+def test_predict_cli_on_one_study_given_as_files(trained, tmp_path, capsys):
+    from clinfuse.cli import main
+
+    d, model = trained
+    rows, _ = read_cohort(d / "c")
+    r = next(r for r in rows if r["image_present"])
+    (tmp_path / "report.txt").write_text("FINDINGS: opacity in the right lower lobe.")
+    rc = main(["predict", "--model", str(d / "run"), "--dicom", *r["image_paths"], "--report",
+               str(tmp_path / "report.txt"), "--out", str(tmp_path / "p.csv")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "positive: p = " in out and "operating point" in out
+    with open(tmp_path / "p.csv", newline="") as f:
+        row = next(csv.DictReader(f))
+    want = model.predict([Study(r["image_paths"], "FINDINGS: opacity in the right lower lobe.")])[0]
+    assert row["status"] == "ok" and float(row["p_positive"]) == pytest.approx(want.probabilities["positive"], abs=1e-5)
+    (tmp_path / "bad.dcm").write_bytes(b"not dicom" * 50)
+    assert main(["predict", "--model", str(d / "run"), "--dicom", str(tmp_path / "bad.dcm"), "--out", "-"]) == 1
+    assert "bad.dcm" in capsys.readouterr().err
