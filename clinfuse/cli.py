@@ -24,9 +24,22 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse measures subcommand names one indent short, so the longest one ('reproduce') wrapped its
+    help onto a second line; count the indent they are printed at."""
+
+    def add_argument(self, action):
+        super().add_argument(action)
+        if action.help is not argparse.SUPPRESS:
+            for sub in self._iter_indented_subactions(action):
+                self._action_max_length = max(self._action_max_length,
+                                              len(self._format_action_invocation(sub)) + self._current_indent)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clinfuse",
+        formatter_class=_Formatter,
         description="Multimodal clinical decision support: DICOM + radiology reports -> cohort -> fused model.",
         epilog=_EPILOG,
     )
@@ -173,6 +186,21 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--explain", type=int, default=5, metavar="N", help="test studies to explain (default 5)")
     dm.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
+    rp = sub.add_parser(
+        "reproduce", help="retrain a logged run; say if the result is the same",
+        description="Read a logged run (run id or models:/NAME/VERSION), check that the cohort's fingerprint and the "
+        "code commit match what it logged (a mismatch is refused; --force retrains anyway and logs the warning), "
+        "retrain with the logged config, seed and torch thread count, and print the logged and the new test "
+        "metrics side by side and whether the weights are identical. The new run is tagged clinfuse.reproduces.")
+    rp.add_argument("run", metavar="RUN_REF", help="MLflow run id, or models:/NAME/VERSION of a registered model")
+    rp.add_argument("--cohort", metavar="DIR", required=True, help="the cohort folder to retrain on")
+    rp.add_argument("--out", metavar="DIR", help="run folder of the retraining (default runs/reproduce-<run id>)")
+    rp.add_argument("--tracking-uri", metavar="URI", help="MLflow store (default as for train)")
+    rp.add_argument("--force", action="store_true", help="retrain even if the cohort or the code differs (logged)")
+    rp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="change one config value (named in the output and in the new run's tags)")
+    rp.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
     u = sub.add_parser("ui", help="start the MLflow UI on the clinfuse store, print its address",
                        description="Start `mlflow ui` on the same store that training logs to.")
     u.add_argument("--tracking-uri", metavar="URI", help="store (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
@@ -309,6 +337,23 @@ def _train(args) -> int:
     return 0
 
 
+def _reproduce(args) -> int:
+    from .pipeline import reproduce
+
+    out = args.out or f"runs/reproduce-{args.run.replace('/', '_').replace(':', '')[:40]}"
+    r = reproduce(args.run, args.cohort, out, tracking_uri=args.tracking_uri, force=args.force,
+                  overrides=args.overrides, progress=not args.no_progress)
+    print(f"\n{'metric':<20} {'logged':>10} {'reproduced':>11}")
+    for k, (a, b) in r["metrics"].items():
+        fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "-"  # noqa: E731
+        print(f"{k:<20} {fmt(a):>10} {fmt(b):>11}")
+    print(f"weights identical: {'yes' if r['weights_identical'] else 'NO'} (torch threads {r['threads'] or 'default'})")
+    if r["config_changes"]:
+        print("config changed: " + "; ".join(r["config_changes"]))
+    print(f"new run {r['new_run_id']} (tag clinfuse.reproduces = {r['run_id']})")
+    return 0
+
+
 def _cohort_build(args) -> int:
     from .data.cohort import build_cohort, format_summary
 
@@ -364,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {("cohort", "build"): _cohort_build, ("cohort", "inspect"): _cohort_inspect, ("synth", None): _synth,
                 ("train", None): _train, ("evaluate", None): _evaluate, ("ui", None): _ui,
-                ("explain", None): _explain, ("predict", None): _predict, ("demo", None): _demo}
+                ("explain", None): _explain, ("predict", None): _predict, ("demo", None): _demo,
+                ("reproduce", None): _reproduce}
     handler = handlers[(args.command, getattr(args, "cohort_command", None))]
     try:
         return handler(args)

@@ -335,6 +335,13 @@ class TrainConfig(_Strict):
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
     seed: int = 0
     save_every: int = Field(0, ge=0, description="Also save a resumable state every N optimizer steps (0: each epoch).")
+    threads: int = Field(
+        0, ge=0, description="CPU threads of torch (0: torch's default, one per core). On CPU the same config, cohort, "
+        "seed and thread count give bitwise-identical weights; another thread count sums in another order and "
+        "gives other weights (docs/training.md). `clinfuse reproduce` uses the count the run recorded.")
+    deterministic: bool = Field(
+        True, description="torch.use_deterministic_algorithms (warn-only: an op without a deterministic kernel "
+        "warns instead of failing); on CUDA also CUBLAS_WORKSPACE_CONFIG=:4096:8 and cudnn.benchmark off.")
 
 
 class EvalConfig(_Strict):

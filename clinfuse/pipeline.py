@@ -20,7 +20,7 @@ from .config import Config, dump_config
 from .errors import ClinfuseError
 
 __all__ = ["train_and_audit", "AuditedRun", "environment_tags", "explain_and_log", "predict_csv", "log_served_model",
-           "read_report_file",
+           "read_report_file", "reproduce",
            "run_demo", "DemoError"]
 
 
@@ -56,7 +56,8 @@ def environment_tags(device: str) -> dict[str, str]:
 
 
 def train_and_audit(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *, resume: bool = False,
-                    max_steps: int | None = None, progress: bool = True, log=print) -> AuditedRun:
+                    max_steps: int | None = None, progress: bool = True, log=print,
+                    tags: dict | None = None) -> AuditedRun:
     """Train, calibrate, evaluate on test and record it all in MLflow (rank 0 only under torchrun).
 
     Raises:
@@ -99,7 +100,7 @@ def train_and_audit(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *,
             if not resume:
                 from .training.trainer import _device
 
-                mlf.set_tags(environment_tags(str(_device(cfg, 0))))
+                mlf.set_tags({**environment_tags(str(_device(cfg, 0))), **(tags or {})})
                 mlf.log_params(cfg.model_dump(mode="json"))
                 (out / "config.yaml").write_text(dump_config(cfg))
                 mlf.log_artifact(out / "config.yaml")
@@ -112,6 +113,8 @@ def train_and_audit(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *,
         result = train(cohort_dir, cfg, out, resume=resume, max_steps=max_steps, progress=progress, tracker=tracker)
         if rank == 0 and not result.interrupted and result.best_dir is not None:
             model = Model.load(result.best_dir)
+            if mlf is not None:
+                mlf.set_tags({"clinfuse.weights_sha256": model.meta.get("weights_sha256", "")})
             if any(r["split"] == "val" for r in rows):  # temperature + operating points, on validation only
                 cal = calibrate(model, cohort_dir, cfg.eval)
                 tracker.log_metrics({"temperature": cal["temperature"],
@@ -223,6 +226,99 @@ def predict_csv(model, cohort_dir: str | Path, out_csv: str | Path, split: str =
     Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out_csv, index=False, float_format="%.6f")
     return len(frame)
+
+
+_COMPARED = ("test_auroc", "test_auprc", "test_sensitivity", "test_specificity", "test_ece", "test_brier", "val_auroc",
+             "temperature")
+
+
+def reproduce(run_ref: str, cohort_dir: str | Path, out_dir: str | Path, *, tracking_uri: str | None = None,
+              force: bool = False, overrides: list[str] | None = None, progress: bool = True, log=print) -> dict:
+    """Retrain a logged run from what it recorded and say whether the result is the same.
+
+    Reads the run (a run id, or a ``models:/`` URI of a registered version), checks that `cohort_dir`
+    has the fingerprint and the code the commit it logged (a mismatch is refused, or with `force`
+    logged as a warning), retrains with the logged config, seed and thread count (and `overrides`,
+    each named), and logs the result as a new run tagged ``clinfuse.reproduces``.
+
+    Returns:
+        ``{"run_id", "new_run_id", "weights_identical", "metrics": {name: (logged, new)}, "config_changes",
+        "warnings"}``.
+
+    Raises:
+        ClinfuseError: the cohort or the code differs (without `force`), or the run cannot be read.
+    """
+    import torch
+
+    from .config import config_from_dict, load_config
+    from .data.cohort import read_cohort
+    from .tracking.mlflow_tracker import logged_run, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    run = logged_run(run_ref, uri)
+    logged_cfg = load_config(run["config_file"])
+    cfg = load_config(run["config_file"], list(overrides or []))
+    changes = _config_changes(logged_cfg.model_dump(mode="json"), cfg.model_dump(mode="json"))
+    _, info = read_cohort(cohort_dir)
+    problems = []
+    want_fp = run["params"].get("cohort_fingerprint")
+    if want_fp and want_fp != info["fingerprint"]["sha256"]:
+        was = run.get("dataset_profile") or {}
+        now = {"studies": info["counts"]["studies"], **{k: v["studies"] for k, v in info["splits"].items()}}
+        was_counts = {"studies": was.get("studies"), **(was.get("splits") or {})}
+        diff = ", ".join(f"{k} {was_counts.get(k)} -> {now.get(k)}" for k in now if was_counts.get(k) != now.get(k))
+        problems.append(f"the cohort is not the one the run was trained on (fingerprint {want_fp[:12]} logged, "
+                        f"{info['fingerprint']['sha256'][:12]} here; {diff or 'same counts, other content'})")
+    here = environment_tags("cpu")
+    logged_commit = run["tags"].get("mlflow.source.git.commit")
+    if logged_commit and here.get("mlflow.source.git.commit") and logged_commit != here["mlflow.source.git.commit"]:
+        problems.append(f"the code is at commit {here['mlflow.source.git.commit'][:12]}, the run was made at "
+                        f"{logged_commit[:12]} (git checkout {logged_commit[:12]})")
+    if run["tags"].get("git.dirty") == "True":
+        problems.append("the run was made from uncommitted code (git.dirty): its exact code is not recorded")
+    if problems and not force:
+        raise ClinfuseError("clinfuse reproduce refuses: " + "; ".join(problems) + "; pass --force to retrain anyway")
+    for p in problems:
+        log(f"reproduce: warning: {p}")
+    for c in changes:
+        log(f"reproduce: config differs from the logged run: {c}")
+    threads = int(run["params"].get("torch_threads") or 0)
+    data = cfg.model_dump(mode="json")
+    if not data["train"]["threads"] and threads:
+        data["train"]["threads"] = threads  # the count the run trained with: another one sums in another order
+    data["tracking"].update(tracking_uri=uri, experiment=run["experiment"], register_as=None)
+    cfg = config_from_dict(data)
+    before = torch.get_num_threads()
+    try:
+        audited = train_and_audit(cohort_dir, cfg, out_dir, progress=progress, log=log, tags={
+            "clinfuse.reproduces": run["run_id"], "clinfuse.reproduce.forced": str(bool(problems)),
+            "clinfuse.reproduce.warnings": "; ".join(problems)[:4000],
+            "clinfuse.reproduce.config_changes": "; ".join(changes)[:4000]})
+    finally:
+        torch.set_num_threads(before)
+    from .tracking.mlflow_tracker import MlflowTracker
+
+    new = logged_run(audited.run_id, uri)
+    same = bool(run["tags"].get("clinfuse.weights_sha256")) and \
+        run["tags"].get("clinfuse.weights_sha256") == new["tags"].get("clinfuse.weights_sha256")
+    metrics = {k: (run["metrics"].get(k), new["metrics"].get(k)) for k in _COMPARED
+               if k in run["metrics"] or k in new["metrics"]}
+    t = MlflowTracker(uri, run["experiment"], run_id=audited.run_id, system_metrics=False)
+    t.set_tags({"clinfuse.reproduce.weights_identical": str(same)})
+    t.close()
+    return {"run_id": run["run_id"], "new_run_id": audited.run_id, "weights_identical": same, "metrics": metrics,
+            "config_changes": changes, "warnings": problems, "threads": cfg.train.threads}
+
+
+def _config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_changes(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
 
 
 class DemoError(RuntimeError):

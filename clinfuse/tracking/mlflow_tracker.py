@@ -20,7 +20,7 @@ from .phi import PhiGuard
 from ..errors import ClinfuseError, ModelLoadError
 
 __all__ = ["MlflowTracker", "resolve_tracking_uri", "unreachable_reason", "flatten", "mlflow_uri_context", "ui_command", "resolve_model", "start_ui",
-           "describe_model_uri"]
+           "describe_model_uri", "logged_run"]
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -293,6 +293,45 @@ def resolve_model(uri_or_dir: str | Path, tracking_uri: str | None = None, dst: 
     if not found:
         raise ModelLoadError(f"{uri_or_dir}: no clinfuse model (model.json) in the downloaded artifacts")
     return found[0].parent
+
+
+def logged_run(ref: str, tracking_uri: str | None = None) -> dict:
+    """What a logged run recorded: params, tags, last metrics, experiment name, its config.yaml (downloaded)
+    and its cohort dataset's profile. `ref` is a run id or a ``models:/`` URI of a registered version.
+
+    Raises:
+        ClinfuseError: no such run, or it has no logged config.
+    """
+    import tempfile
+
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    uri = resolve_tracking_uri(tracking_uri)
+    run_id = ref
+    if ref.startswith(("models:/", "runs:/")):
+        run_id = describe_model_uri(ref, uri).get("run_id")
+        if not run_id:
+            raise ClinfuseError(f"{ref}: no such registered model version in {uri}")
+    client = MlflowClient(uri, registry_uri=uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as e:
+        raise ClinfuseError(f"{ref}: no such run in {uri} ({_first_line(e.message)})") from None
+    dst = tempfile.mkdtemp(prefix="clinfuse-run-")
+    try:
+        config_file = client.download_artifacts(run_id, "config.yaml", dst)
+    except (MlflowException, OSError):
+        raise ClinfuseError(f"{ref}: the run has no config.yaml artifact; it was not made by `clinfuse train`") from None
+    profile = None
+    if run.inputs and run.inputs.dataset_inputs:
+        try:
+            profile = json.loads(run.inputs.dataset_inputs[0].dataset.profile)
+        except (TypeError, ValueError):
+            profile = None
+    return {"run_id": run_id, "params": dict(run.data.params), "tags": dict(run.data.tags),
+            "metrics": dict(run.data.metrics), "experiment": client.get_experiment(run.info.experiment_id).name,
+            "config_file": config_file, "dataset_profile": profile, "status": run.info.status}
 
 
 def describe_model_uri(uri: str, tracking_uri: str | None = None) -> dict:

@@ -107,6 +107,23 @@ def _amp(cfg: Config, device: torch.device) -> tuple[torch.dtype | None, bool]:
     return torch.float16, True
 
 
+def _determinism(t, device: torch.device) -> None:
+    """Pin what decides the result beyond the seed: the thread count and deterministic kernels."""
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    if t.deterministic:
+        if device.type == "cuda":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def determinism_record(t) -> dict:
+    """What the run records about its determinism (params of the MLflow run)."""
+    return {"torch_threads": torch.get_num_threads(), "deterministic": bool(t.deterministic),
+            "torch_deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}
+
+
 def _seed_all(seed: int) -> None:
     import random
 
@@ -242,6 +259,7 @@ def train(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *, resume: b
         torch.distributed.init_process_group(backend=backend)
     is_main = rank == 0
     t = cfg.train
+    _determinism(t, device)
     _seed_all(t.seed)
 
     rows, info = read_cohort(cohort_dir)
@@ -318,6 +336,7 @@ def train(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *, resume: b
         tracker.log_params({"cohort_fingerprint": info["fingerprint"]["sha256"], "task": task, "n_outputs": n_out,
                             "train_studies": len(train_rows), "val_studies": len(val_rows), "world_size": world,
                             "device": str(device), "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
+                            **determinism_record(t),
                             "parameters": sum(p.numel() for p in model.parameters()),
                             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)})
 
