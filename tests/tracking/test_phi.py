@@ -102,6 +102,24 @@ def test_evasive_forms_are_found():
     assert g.find('{"words": [["mild", 0.3], ["opacity", 0.1]], "auroc": 0.131796}') is None
 
 
+def test_binary_payloads_are_not_read_as_text_but_their_metadata_is(tmp_path):
+    import base64
+
+    from PIL import Image, PngImagePlugin
+
+    g = PhiGuard({"patient_name": ["ZUTOR^ALBAN"]})
+    # a base64 image that happens to spell a name part is data, not text
+    page = '<img src="data:image/png;base64,' + base64.b64encode(b"\x00" * 30).decode() + 'zutor0nbz7xy==">'
+    assert g.find(page) is None and g.find(page + " seen by Zutor") == "patient_name"
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text("Author", "Alban Zutor")
+    Image.new("L", (8, 8)).save(tmp_path / "leak.png", pnginfo=meta)
+    with pytest.raises(PhiError, match="patient_name"):
+        g.check_file(tmp_path / "leak.png")
+    Image.new("L", (8, 8)).save(tmp_path / "clean.png")
+    g.check_file(tmp_path / "clean.png")
+
+
 def test_a_cohort_without_its_identifier_list_is_refused(tmp_path):
     with pytest.raises(PhiError, match="no private/identifiers.json"):
         PhiGuard.from_cohort(tmp_path)
