@@ -25,6 +25,7 @@ BENCHMARKS = {
     "explain_cost": [],
     "phi_guard": [],
     "serve": [],
+    "determinism": [],
 }
 
 
