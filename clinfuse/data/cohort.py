@@ -34,6 +34,7 @@ from .labels import load_labels
 from .quarantine import CohortInputError, QuarantineEntry, reason_category, write_quarantine
 from .reports import load_reports
 from .studies import DicomHeader, group_studies, scan_dicom, select_images
+from ..progress import progress as progress_of
 
 __all__ = ["build_cohort", "assign_splits", "read_cohort", "format_summary", "CohortSummary", "COHORT_COLUMNS",
            "SPLITS"]
@@ -144,7 +145,6 @@ def build_cohort(
     Example:
         >>> build_cohort("export/dicom", "export/reports.csv", "export/labels.csv", "cohort/")
     """
-    from tqdm.auto import tqdm
 
     cfg = config.cohort if isinstance(config, Config) else (config or CohortConfig())
     if dicom_dir is None and reports is None:
@@ -197,7 +197,7 @@ def build_cohort(
     patient_of: dict[str, str] = {}
     strata: dict[str, str] = {}
     n_unknown_patient = 0
-    for k in tqdm(all_keys, desc="join studies", unit="study", disable=None if progress else True):
+    for k in progress_of(all_keys, "join studies", "study", enabled=progress):
         label = label_table.labels.get(k)
         files = studies.get(k, [])
         rep = reports_by_key.get(k)

@@ -19,6 +19,7 @@ import numpy as np
 from ..config import CohortConfig, DicomConfig
 from .dicom import DicomReadError, dcmread_robust, read_dicom
 from .quarantine import CohortInputError, QuarantineEntry
+from ..progress import progress as progress_of
 
 __all__ = ["DicomHeader", "ScanResult", "scan_dicom", "group_studies", "select_images", "load_volume",
            "VOLUME_MODALITIES"]
@@ -138,7 +139,6 @@ def scan_dicom(root: str | Path, cfg: CohortConfig, progress: bool = True) -> Sc
     Raises:
         CohortInputError: `root` is missing or holds no readable DICOM file.
     """
-    from tqdm.auto import tqdm
 
     root = Path(root)
     if not root.is_dir():
@@ -153,7 +153,7 @@ def scan_dicom(root: str | Path, cfg: CohortConfig, progress: bool = True) -> Sc
     headers: list[DicomHeader] = []
     limit = int(cfg.dicom.max_file_mb * 2**20)
     digests: dict[str, str] = {}
-    for p in tqdm(files, desc="scan DICOM", unit="file", disable=None if progress else True):
+    for p in progress_of(files, "scan DICOM", "file", enabled=progress):
         rel = p.relative_to(root).as_posix()
         try:
             st = p.stat()  # follows a file link: a link to /dev/zero is a character device, not a file

@@ -29,6 +29,7 @@ from typing import Literal
 
 import numpy as np
 from ..errors import ClinfuseError
+from ..progress import progress as progress_of
 
 __all__ = ["SynthSpec", "synthesize", "FINDINGS", "P_IMAGE", "P_TEXT", "posterior"]
 
@@ -219,7 +220,6 @@ def synthesize(out_dir: str | Path, spec: SynthSpec | None = None, progress: boo
         ValueError: a spec value out of range.
     """
     from pydicom.uid import generate_uid
-    from tqdm.auto import tqdm
 
     spec = spec or SynthSpec()
     findings = _findings(spec)
@@ -254,7 +254,7 @@ def synthesize(out_dir: str | Path, spec: SynthSpec | None = None, progress: boo
         uid += 1
         return generate_uid(entropy_srcs=[f"clinfuse-synth:{spec.seed}:{tag}:{uid}"])
 
-    for i in tqdm(range(spec.studies), desc="synth", unit="study", disable=None if progress else True):
+    for i in progress_of(range(spec.studies), "synth", "study", enabled=progress):
         p = patients[owner[i]]
         if spec.task == "multiclass":
             prior = [1 - spec.prevalence * k] + [spec.prevalence] * k

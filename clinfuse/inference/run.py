@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from ..progress import progress as progress_of
 
 __all__ = ["run_inference", "explain_rows", "predict_rows", "to_device"]
 
@@ -58,13 +59,11 @@ def explain_rows(model, rows: list[dict], out_dir: str | Path, *, method: str | 
                  steps: int | None = None, target: str | int | None = None, progress: bool = True) -> list:
     """Explain cohort rows with a :class:`~clinfuse.inference.Model`; one folder per study under
     `out_dir` and an ``index.json``. Returns the explanations."""
-    from tqdm.auto import tqdm
 
     ds = model.dataset(rows)
     out = Path(out_dir)
     results = []
-    bar = tqdm(range(len(ds)), desc="explain", unit="study", disable=None if progress else True)
-    for i in bar:
+    for i in progress_of(range(len(ds)), "explain", "study", enabled=progress):
         batch = torch.utils.data.default_collate([ds[i]])
         e = model.explain_item(batch, method=method, steps=steps, target=target)
         e.save(out / e.study_id)
