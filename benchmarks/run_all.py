@@ -26,6 +26,7 @@ BENCHMARKS = {
     "phi_guard": [],
     "serve": [],
     "determinism": [],
+    "robustness": [],
 }
 
 
