@@ -62,6 +62,16 @@ class TrainResult:
 # --------------------------------------------------------------------------- environment
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def check_resumable(out: Path) -> None:
     """Refuse --resume of a run folder with nothing to resume, or whose training already ended.
 
@@ -309,6 +319,10 @@ def train(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *, resume: b
     start_epoch, start_batch, global_step, best, bad_epochs = 0, 0, 0, -float("inf"), 0
     history: list[dict] = []
     if resume:
+        want = state_file.with_suffix(".json")
+        if want.is_file() and json.loads(want.read_text()).get("sha256") != _sha256(state_file):
+            raise TrainingError(f"{state_file} does not match its checksum in state.json (damaged or replaced); "
+                                "train again into a new --out")
         try:
             st = torch.load(state_file, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - a truncated or damaged file: one line, nothing changed
@@ -350,7 +364,11 @@ def train(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *, resume: b
             st["rng_cuda"] = torch.cuda.get_rng_state(device)
         tmp = state_file.with_suffix(".tmp")
         torch.save(st, tmp)
+        digest = _sha256(tmp)
         os.replace(tmp, state_file)
+        side = state_file.with_suffix(".json.tmp")
+        side.write_text(json.dumps({"sha256": digest}))
+        os.replace(side, state_file.with_suffix(".json"))  # state.json: what loading verifies
 
     stopped_early = interrupted = False
     best_dir = out / "best" if (out / "best" / "model.json").is_file() else None

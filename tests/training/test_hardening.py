@@ -89,6 +89,13 @@ def test_a_damaged_checkpoint_is_one_line(cohort, tmp_path):
     r = tr.train(cohort, cfg, tmp_path / "run", max_steps=1, progress=False)
     assert r.interrupted
     st = tmp_path / "run" / "state.pt"
-    st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+    good = st.read_bytes()
+    data = bytearray(good)
+    data[len(data) // 2] ^= 0x10  # one bit inside the tensors: torch.load would read it silently
+    st.write_bytes(bytes(data))
+    with pytest.raises(TrainingError, match="does not match its checksum"):
+        tr.train(cohort, cfg, tmp_path / "run", resume=True, progress=False)
+    st.write_bytes(good[: len(good) // 2])
+    (tmp_path / "run" / "state.json").unlink()  # a checkpoint from before checksums, truncated
     with pytest.raises(TrainingError, match="cannot be read"):
         tr.train(cohort, cfg, tmp_path / "run", resume=True, progress=False)
