@@ -143,7 +143,7 @@ def image_item(sources: list, dicom_cfg: DicomConfig) -> dict:
         return {"image_paths": [], "image_data": [], "image_present": False, "kind": "2d"}
     headers, data_of, problems = [], {}, []
     for i, src in enumerate(sources):
-        label, data = _source(src, i)
+        label, data = _source(src, i, dicom_cfg.max_file_mb)
         try:
             ds, _ = dcmread_robust(label, stop_before_pixels=True, data=data)
             headers.append(_header_from(ds, label))
@@ -161,15 +161,16 @@ def image_item(sources: list, dicom_cfg: DicomConfig) -> dict:
     return {"image_paths": paths, "image_data": [data_of[p] for p in paths], "image_present": True, "kind": kind}
 
 
-def _read_bounded(p: Path, limit_mb: float = 2048) -> bytes:
-    """The bytes of a file, read once (header and pixels are parsed from them)."""
+def _read_bounded(p: Path, limit_mb: float) -> bytes:
+    """The bytes of a file, read once (header and pixels are parsed from them), refused over the
+    cohort build's own limit (``cohort.dicom.max_file_mb``)."""
     size = p.stat().st_size
     if size > limit_mb * 2**20:
-        raise StudyInputError(f"{p}: file of {size / 2**20:,.0f} MB is too large to be a study's image")
+        raise StudyInputError(f"{p}: file of {size / 2**20:,.0f} MB exceeds cohort.dicom.max_file_mb = {limit_mb:g}")
     return p.read_bytes()
 
 
-def _source(src, i: int) -> tuple[str, bytes | None]:
+def _source(src, i: int, limit_mb: float) -> tuple[str, bytes | None]:
     """(label, bytes or None) of one DICOM source: a path, the bytes of a file, or a pydicom Dataset."""
     import io
 
@@ -179,7 +180,7 @@ def _source(src, i: int) -> tuple[str, bytes | None]:
         p = Path(src)
         if not p.is_file():
             raise StudyInputError(f"{p}: DICOM file not found")
-        return str(p), _read_bounded(p)
+        return str(p), _read_bounded(p, limit_mb)
     import pydicom
 
     if isinstance(src, pydicom.Dataset):

@@ -59,16 +59,12 @@ def calibrate(model, cohort_dir: str | Path, cfg: EvalConfig | None = None) -> d
         y = _labels(out, task)
         if cfg.calibrate:
             values["temperature"] = fit_temperature(out["logits"], y, task)
-        probs = probabilities_at(out["logits"], task, values["temperature"])
+        probs = probabilities(out["logits"], task, values["temperature"]).numpy()
         onehot = np.eye(probs.shape[1], dtype=int)[y] if task == "multiclass" else y
         values["thresholds"] = [choose_threshold(onehot[:, k], probs[:, k], cfg.operating_point, cfg.target)
                                 for k in range(probs.shape[1])]
     model.set_calibration(values["temperature"], values["thresholds"], values["operating_point"])
     return values
-
-
-def probabilities_at(logits: np.ndarray, task: str, temperature: float) -> np.ndarray:
-    return probabilities(logits, task, temperature).numpy()
 
 
 def _pattern_mask(out: dict, pattern: str) -> np.ndarray:

@@ -329,8 +329,8 @@ class Model:
         try:
             item = self.dataset([self.row(study)], check_input=True)[0]
         except RuntimeError as e:  # MONAI wraps a transform's error
-            inner = e.__cause__
-            if isinstance(inner, ClinfuseError):
+            inner = _clinfuse_cause(e)
+            if inner is not None:
                 raise inner from None
             raise
         _check_finite(item)
@@ -464,12 +464,18 @@ def _check_finite(item: dict) -> None:
         raise StudyInputError(f"{item['study_id']}: the image holds non-finite values after scaling")
 
 
-def _reason(e: BaseException) -> str:
-    """The one-line reason of a failed read: the clinfuse error inside MONAI's "applying transform"
-    wrapper where there is one, else the exception's type and first line."""
+def _clinfuse_cause(e: BaseException) -> ClinfuseError | None:
+    """The clinfuse error an exception is or wraps (MONAI's "applying transform" RuntimeError), if any."""
     inner = e
     while inner is not None and not isinstance(inner, ClinfuseError):
         inner = inner.__cause__ or inner.__context__
+    return inner
+
+
+def _reason(e: BaseException) -> str:
+    """The one-line reason of a failed read: the clinfuse error inside MONAI's wrapper where there is
+    one, else the exception's type and first line."""
+    inner = _clinfuse_cause(e)
     if inner is not None:
         return _one_line(inner)
     return f"cannot read the image: {type(e).__name__}: {_one_line(e)[:300]}"
