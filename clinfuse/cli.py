@@ -201,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="change one config value (named in the output and in the new run's tags)")
     rp.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
+    from .pacs.commands import add_parsers as add_pacs_parsers
+
+    add_pacs_parsers(sub, _Formatter, _EPILOG)
+
     u = sub.add_parser("ui", help="start the MLflow UI on the clinfuse store, print its address",
                        description="Start `mlflow ui` on the same store that training logs to.")
     u.add_argument("--tracking-uri", metavar="URI", help="store (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
@@ -411,7 +415,12 @@ def main(argv: list[str] | None = None) -> int:
                 ("train", None): _train, ("evaluate", None): _evaluate, ("ui", None): _ui,
                 ("explain", None): _explain, ("predict", None): _predict, ("demo", None): _demo,
                 ("reproduce", None): _reproduce}
-    handler = handlers[(args.command, getattr(args, "cohort_command", None))]
+    if args.command == "pacs":
+        from .pacs.commands import HANDLERS
+
+        handler = HANDLERS[args.pacs_command]
+    else:
+        handler = handlers[(args.command, getattr(args, "cohort_command", None))]
     try:
         return handler(args)
     except ClinfuseError as e:  # ConfigError, CohortInputError, DicomReadError, TrainingError, ModelLoadError, ...

@@ -98,6 +98,11 @@ class Page:
             # a new document: wait for its load event (a change of #fragment loads nothing)
             await self._call("Runtime.evaluate", {"expression": "1"}, "Page.loadEventFired", timeout)
 
+    def set_headers(self, headers: dict[str, str]) -> None:
+        """Send these HTTP headers with every request of the page (e.g. Authorization for basic auth)."""
+        self._loop.run_until_complete(self._call("Network.enable"))
+        self._loop.run_until_complete(self._call("Network.setExtraHTTPHeaders", {"headers": headers}))
+
     def load(self, url: str, timeout: float = 60) -> None:
         self._loop.run_until_complete(self._navigate(url, timeout))
 
