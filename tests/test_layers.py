@@ -22,6 +22,7 @@ ALLOWED = {
     "training": {"config", "errors", "data", "models", "inference", "tracking"},
     "evaluation": {"config", "errors", "data", "models", "inference"},
     "serving": {"config", "errors", "inference"},
+    "pacs": {"config", "errors", "phi", "data", "inference", "tracking"},
 }
 TOP = {"pipeline", "cli", "__init__"}
 BOTTOM = {"errors", "progress"}  # import nothing of clinfuse but errors; every stage may use them  # compositions: may import any stage, and no stage may import them

@@ -190,15 +190,31 @@ class PacsClient:
         return self._call(f"retrieve instance {sop_uid}", self.client.retrieve_instance, study_uid, series_uid,
                           sop_uid, media_types=(("application/dicom", "*"),))
 
-    def store(self, datasets: list, study_uid: str) -> None:
-        """STOW-RS `datasets` into the study; raises :class:`PacsError` naming what the PACS refused."""
-        resp = self._call(f"store {len(datasets)} instance(s) into study {study_uid}", self.client.store_instances,
+    def store(self, datasets: list, study_uid: str, *, verify: bool = True) -> None:
+        """STOW-RS `datasets` into the study, then (with `verify`) check by QIDO-RS that the PACS holds
+        them: a PACS may answer a store with success and drop the instance (Orthanc does so when a
+        filter refuses it), and a result the clinician never sees must not count as delivered.
+
+        Raises:
+            PacsError: naming how many instances the PACS refused or does not hold.
+        """
+        resp = self._call(f"store {len(datasets)} instance(s) into the study", self.client.store_instances,
                           datasets, study_instance_uid=study_uid)
         failed = getattr(resp, "FailedSOPSequence", None) or []
         if failed:
             reasons = sorted({str(getattr(f, "FailureReason", "?")) for f in failed})
             raise PacsError(f"{self.url}: the PACS refused {len(failed)} of {len(datasets)} instance(s) "
                             f"(failure reason {', '.join(reasons)})")
+        if verify:
+            held = self._call("check the stored instances", self.client.search_for_instances,
+                              study_instance_uid=study_uid, get_remaining=True)
+            have = {(_values(i, SOP_UID) or [""])[0] for i in held}
+            missing = [d for d in datasets if str(d.SOPInstanceUID) not in have]
+            if missing:
+                raise PacsError(f"{self.url}: the PACS answered the store with success but does not hold "
+                                f"{len(missing)} of {len(datasets)} instance(s) ("
+                                f"{', '.join(sorted({str(d.Modality) for d in missing}))}); a filter or a rule of "
+                                "the PACS dropped them")
 
 
 def _values(item: dict, tag: str) -> list:

@@ -108,7 +108,8 @@ def run_cmd(args) -> int:
                     track=not args.no_mlflow, progress=not args.no_progress, log=lambda m: print(m, flush=True))
     print(s.line())
     print(f"results.csv, the SR/SC/FHIR copies and private/ (pseudonym -> StudyInstanceUID) in {args.out}")
-    return 0 if s.counts()["failed"] == 0 and s.counts()["store_failed"] == 0 else 1
+    c = s.counts()
+    return 0 if c["failed"] == 0 and c["store_failed"] == 0 and c["fhir_failed"] == 0 else 1
 
 
 def listen_cmd(args) -> int:

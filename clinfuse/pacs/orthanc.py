@@ -46,10 +46,13 @@ class LocalOrthanc:
         url: the DICOMweb base URL; ``rest``: Orthanc's REST root; ``user``, ``password``;
         ``aet``, ``dicom_port``: its DICOM (C-STORE/C-ECHO) endpoint; ``modalities``: DICOM peers
         it may send to (``{name: (aet, host, port)}``, given at start).
+
+    Args:
+        lua: Orthanc Lua scripts to load (the tests use one that refuses clinfuse's results).
     """
 
     def __init__(self, root: str | Path | None = None, *, modalities: dict[str, tuple[str, str, int]] | None = None,
-                 aet: str = "ORTHANC"):
+                 aet: str = "ORTHANC", lua: list[str] | None = None):
         exe = orthanc_binary()
         if exe is None:
             raise ClinfuseError("Orthanc with its DICOMweb plugin is not installed; apt-get install orthanc "
@@ -71,6 +74,7 @@ class LocalOrthanc:
             "Plugins": [DICOMWEB_PLUGIN], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "DicomModalities": {k: [a, h, p] for k, (a, h, p) in self.modalities.items()},
             "DicomCheckCalledAet": False, "StableAge": 1, "HttpTimeout": 60,
+            "LuaScripts": [str(p) for p in lua or []],
         }
         (self.root / "orthanc.json").write_text(json.dumps(cfg, indent=2))
         self._log = open(self.root / "orthanc.log", "w")

@@ -96,6 +96,7 @@ class RunSummary:
 
     def counts(self) -> dict:
         return {"studies": len(self.results), "predicted": sum(r.status == "ok" for r in self.results),
+                "fhir_failed": sum(r.fhir_posted is False for r in self.results),
                 "failed": sum(r.status != "ok" for r in self.results),
                 "stored": sum(r.stored for r in self.results),
                 "store_failed": sum(bool(r.store_error) for r in self.results),
@@ -353,7 +354,7 @@ def _post_fhir(url: str, resource: dict, verify=True) -> bool:
 
 def _write_results(out: Path, summary: RunSummary, names: list[str]) -> None:
     cols = ["study", "status", "reason"] + [f"p_{n}" for n in names] + [f"pred_{n}" for n in names] + \
-        ["used_image", "used_report", "instances_set_aside", "stored", "store_error"]
+        ["used_image", "used_report", "instances_set_aside", "stored", "store_error", "fhir_posted"]
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
@@ -361,7 +362,7 @@ def _write_results(out: Path, summary: RunSummary, names: list[str]) -> None:
             w.writerow([r.pseudonym, r.status, r.reason] + [f"{r.probabilities.get(n, float('nan')):.6f}" for n in names]
                        + [int(r.decisions[n]) if n in r.decisions else -1 for n in names]
                        + [int(bool(r.used.get("image"))), int(bool(r.used.get("report"))), len(r.problems),
-                          int(r.stored), r.store_error])
+                          int(r.stored), r.store_error, "" if r.fhir_posted is None else int(r.fhir_posted)])
     (out / "run.json").write_text(json.dumps({"format": "clinfuse-pacs-run/1", **summary.counts(),
                                               "seconds": round(summary.seconds, 3),
                                               "per_study_seconds": [r.seconds for r in summary.results]}, indent=2))

@@ -153,3 +153,41 @@ def test_study_without_report_and_an_instance_that_does_not_decode(pacs_model):
     assert "Calibrated probability" not in v and any("no result" in t for t in v["Input not read"])
     assert not fhir.get("contained")
     assert "No result" in fhir["conclusion"]
+
+
+def test_a_report_stored_as_sr_in_the_study_is_read(pacs_model):
+    """With no reports file, a text SR of the study (not clinfuse's own) is the report the model reads."""
+    from pydicom.dataset import Dataset
+
+    from clinfuse.inference import Study
+    from clinfuse.pacs.results import ModelIdentity
+    from clinfuse.pacs.run import predict_study
+
+    d, model = pacs_model
+    reports = _reports(d)
+    uid, items = next((u, v) for u, v in sorted(_studies(d).items())
+                      if u in reports and any(ds.get("ViewPosition") in ("PA", "AP") for _, ds in v))
+    sr = Dataset()
+    sr.Modality, sr.StudyInstanceUID, sr.Manufacturer = "SR", uid, "RIS"
+    item = Dataset()
+    item.ValueType, item.TextValue = "TEXT", reports[uid]
+    sr.ContentSequence = [item]
+    datasets = [ds for _, ds in items] + [sr]
+    res, _, _ = predict_study(model, ModelIdentity(model), datasets, None, "pacs-sr", explain=False)
+    ref = model.predict([Study([f for f, _ in items], reports[uid])])[0]
+    name = model.output_names[0]
+    assert res.used["report"] and res.probabilities[name] == pytest.approx(ref.probabilities[name], abs=1e-6)
+
+
+def test_model_identity_names_a_registered_model():
+    from types import SimpleNamespace
+
+    from clinfuse.pacs.results import ModelIdentity
+
+    m = SimpleNamespace(uri="models:/chest-fusion/7", version="7", dir=None, run_id="abc", output_names=["x"],
+                        thresholds=[0.3])
+    i = ModelIdentity(m)
+    assert (i.name, i.version, i.uri) == ("chest-fusion", "7", "models:/chest-fusion/7")
+    m = SimpleNamespace(uri="models:/chest-fusion@champion", version="3", dir=None, run_id=None, output_names=["x"],
+                        thresholds=[0.3])
+    assert ModelIdentity(m).name == "chest-fusion"
