@@ -27,6 +27,7 @@ BENCHMARKS = {
     "serve": [],
     "determinism": [],
     "robustness": [],
+    "pacs": [],
 }
 
 

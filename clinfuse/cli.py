@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Build or inspect a cohort.", epilog=_EPILOG)
     csub = cohort.add_subparsers(dest="cohort_command", metavar="<subcommand>", required=True)
     b = csub.add_parser(
-        "build", help="scan DICOM, join reports and labels, split by patient, write cohort.csv/json",
+        "build", help="scan DICOM, join reports + labels, split by patient",
         description="Scan a DICOM tree (headers first, pixels verified after), join reports and labels by the "
         "key, split by patient (stratified, seeded) and write cohort.csv, quarantine.csv, cohort.json, "
         "config.yaml and private/ to --out. Bad files are set aside with the reason, never fatal.",

@@ -22,13 +22,17 @@ def test_help_lists_every_command_with_one_line(capsys, monkeypatch):
         i = next(i for i, line in enumerate(lines) if line.strip().startswith(cmd + " "))
         assert len(lines[i].split(None, 1)[1]) > 10
         assert not lines[i + 1].startswith(" " * 14), f"the help of '{cmd}' wraps to a second line"
-    with pytest.raises(SystemExit):
-        main(["cohort", "--help"])
-    out = capsys.readouterr().out
-    assert "build" in out and "inspect" in out
+    for group, subs in ((["cohort"], ("build", "inspect")), (["pacs"], ("pull", "run", "listen"))):
+        with pytest.raises(SystemExit):
+            main([*group, "--help"])
+        lines = capsys.readouterr().out.splitlines()
+        for sub in subs:
+            i = next(i for i, line in enumerate(lines) if line.strip().startswith(sub + " "))
+            assert not lines[i + 1].startswith(" " * 14), f"the help of '{' '.join(group)} {sub}' wraps"
 
 
-@pytest.mark.parametrize("argv", [["synth", "--help"], ["cohort", "build", "--help"], ["cohort", "inspect", "--help"]])
+@pytest.mark.parametrize("argv", [["synth", "--help"], ["cohort", "build", "--help"], ["cohort", "inspect", "--help"],
+                                  ["pacs", "pull", "--help"], ["pacs", "run", "--help"], ["pacs", "listen", "--help"]])
 def test_subcommand_help(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)

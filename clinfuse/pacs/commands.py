@@ -12,17 +12,18 @@ _CREDS = (f"Credentials come from the environment: {ENV_USER} and {ENV_PASSWORD}
 
 def add_parsers(sub, formatter, epilog: str) -> None:
     """Add ``pacs`` and its subcommands to the ``clinfuse`` parser's subparsers."""
-    pacs = sub.add_parser("pacs", help="pull studies from a PACS; predict and write SR + heatmap back (DICOMweb)",
+    pacs = sub.add_parser("pacs", help="pull from a PACS; predict and file SR + heatmap back",
                           description="The hospital loop over DICOMweb and DICOM networking. " + _CREDS,
                           epilog=epilog, formatter_class=formatter)
     ps = pacs.add_subparsers(dest="pacs_command", metavar="<subcommand>", required=True)
+    pacs.formatter_class = formatter
 
     def url(p, required=True):
         p.add_argument("--url", metavar="URL", required=required,
                        help="DICOMweb base URL of the PACS, e.g. http://127.0.0.1:8042/dicom-web (Orthanc)")
         p.add_argument("--ca-bundle", metavar="PEM", help=f"CA certificate(s) of the PACS's TLS (default {ENV_CA_BUNDLE})")
 
-    p = ps.add_parser("pull", help="retrieve studies into an export folder that `cohort build` reads",
+    p = ps.add_parser("pull", help="retrieve studies into an export folder for `cohort build`",
                       description="Search (QIDO-RS) and retrieve (WADO-RS) studies into OUT/<study>/<series>/<sop>.dcm, "
                       "as the PACS stores them. Every study is looked up before anything is written; instances "
                       "already on disk are skipped, so a pull killed and rerun ends with the same files. " + _CREDS,
@@ -35,7 +36,7 @@ def add_parsers(sub, formatter, epilog: str) -> None:
     p.add_argument("--out", metavar="DIR", required=True, help="export folder (created; reused to resume)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
-    r = ps.add_parser("run", help="predict PACS studies and store the SR + heatmap into each study (STOW-RS)",
+    r = ps.add_parser("run", help="predict studies; store SR + heatmap into each (STOW-RS)",
                       description="Retrieve each study, predict and explain it with the model, and store a DICOM "
                       "Structured Report (probabilities, decisions and operating points, modality shares, p_without, "
                       "faithfulness, model name/version/URI) and the heatmap as a Secondary Capture into the same "
@@ -59,7 +60,7 @@ def add_parsers(sub, formatter, epilog: str) -> None:
     r.add_argument("--no-mlflow", action="store_true", help="do not record the run in MLflow")
     r.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
-    li = ps.add_parser("listen", help="DICOM storage SCP: predict studies pushed to it, send the results back",
+    li = ps.add_parser("listen", help="storage SCP: predict pushed studies, send results back",
                        description="Receive studies by C-STORE (a modality or the PACS pushes them), predict each when "
                        "no instance has arrived for --quiet seconds, and send the SR and heatmap SC to --send-to "
                        "(C-STORE) or to --url (STOW-RS). Ctrl-C predicts what was received and stops. " + _CREDS,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from ..errors import ClinfuseError
 from .client import PacsError
 from .results import ModelIdentity
-from .run import Pseudonyms, StudyResult, _line, deliver, predict_study
+from .run import Pseudonyms, RunSummary, StudyResult, _line, _write_results, deliver, predict_study
 
 __all__ = ["StudyListener", "DicomNode", "send_cstore"]
 
@@ -97,6 +97,7 @@ class StudyListener:
         self._stop = threading.Event()
         self._server = None
         self._worker = None
+        self._t0 = time.monotonic()
 
     # ------------------------------------------------------------------ C-STORE handler
     def _on_store(self, event):
@@ -174,11 +175,14 @@ class StudyListener:
         self.log(_line(res, self.model.output_names))
 
     def stop(self) -> None:
+        """Stop listening, predict what was received, write ``results.csv`` and ``run.json``."""
         self._stop.set()
         if self._worker is not None:
             self._worker.join(timeout=600)
         if self._server is not None:
             self._server.shutdown()
+        _write_results(self.out, RunSummary(self.results, self.out, time.monotonic() - self._t0),
+                       self.model.output_names)
 
     def serve_forever(self) -> None:
         """Block until Ctrl-C (then finish the studies received, and stop)."""

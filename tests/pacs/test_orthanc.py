@@ -289,6 +289,8 @@ def test_listen_predicts_a_study_pushed_by_the_pacs_and_sends_results_back(pacs_
             while not li.results and time.time() < deadline:
                 time.sleep(0.2)
         assert li.results and li.results[0].status == "ok" and li.results[0].stored, li.results
+        row = next(csv.DictReader(open(tmp_path / "out" / "results.csv")))
+        assert row["study"] == li.results[0].pseudonym and row["stored"] == "1"
         got = _stored_results(o, uid)
         assert set(got) == {"SR", "OT"}
         ref = model.predict([Study(local[uid])])[0]
