@@ -18,7 +18,7 @@ import pytest
 from clinfuse.cli import main
 
 from .conftest import export_files, orthanc_or_skip
-from .test_results import _sr_items
+from .test_results import _roundtrip, _sr_items
 
 pytestmark = pytest.mark.slow
 
@@ -151,6 +151,38 @@ def _fhir_server():
     return f"http://127.0.0.1:{srv.server_address[1]}/fhir", posted
 
 
+def test_pull_killed_and_rerun_ends_with_the_same_files(pacs_env, pacs_model, tmp_path):
+    """SIGKILL in the middle of a real `clinfuse pacs pull` process, then the same command again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    d, _ = pacs_model
+    uids = sorted(_local_studies(d))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    cmd = [sys.executable, "-m", "clinfuse.cli", "pacs", "pull", "--url", pacs_env.url, "--study", *uids,
+           "--no-progress"]
+    subprocess.run(cmd + ["--out", str(tmp_path / "clean")], env=env, check=True, capture_output=True)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(cmd + ["--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if out.is_dir() and sum(1 for _ in out.rglob("*.dcm")) >= 3:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the pull finished before it could be killed"
+    partial = _tree(out)
+    assert 3 <= len(partial) < len(_tree(tmp_path / "clean"))
+    for name, digest in partial.items():  # what a kill leaves is whole instances only
+        assert _tree(tmp_path / "clean")[name] == digest
+    subprocess.run(cmd + ["--out", str(out)], env=env, check=True, capture_output=True)
+    assert _tree(out) == _tree(tmp_path / "clean")
+    assert not list(out.rglob("*.partial"))
+
+
 def _stored_results(orthanc, study_uid: str) -> dict[str, pydicom.Dataset]:
     from clinfuse.pacs import PacsClient, PacsCredentials
 
@@ -202,6 +234,7 @@ def test_pacs_run_files_sr_and_heatmap_into_each_study(pacs_env, pacs_model, tmp
         got = _stored_results(pacs_env, uid)
         assert set(got) == {"SR", "OT"}, uid  # the SR and the heatmap SC, as new series of the same study
         sr, sc = got["SR"], got["OT"]
+        assert _roundtrip(sr)[1] == [] and _roundtrip(sc)[1] == []  # as stored by the PACS: no warning
         assert sr.SeriesInstanceUID != sc.SeriesInstanceUID
         assert {sr.SeriesInstanceUID, sc.SeriesInstanceUID}.isdisjoint(
             {pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID for f in local[uid]})
