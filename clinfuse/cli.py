@@ -204,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .pacs.commands import add_parsers as add_pacs_parsers
 
     add_pacs_parsers(sub, _Formatter, _EPILOG)
+    from .server.commands import add_parsers as add_server_parsers
+
+    add_server_parsers(sub, _Formatter, _EPILOG)
 
     u = sub.add_parser("ui", help="start the MLflow UI on the clinfuse store, print its address",
                        description="Start `mlflow ui` on the same store that training logs to.")
@@ -419,6 +422,10 @@ def main(argv: list[str] | None = None) -> int:
         from .pacs.commands import HANDLERS
 
         handler = HANDLERS[args.pacs_command]
+    elif args.command == "server":
+        from .server.commands import handler as server_handler
+
+        handler = server_handler(args)
     else:
         handler = handlers[(args.command, getattr(args, "cohort_command", None))]
     try:

