@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -284,6 +285,13 @@ def _ui(args) -> int:
     from .tracking.mlflow_tracker import resolve_tracking_uri, ui_command
 
     uri = resolve_tracking_uri(args.tracking_uri)
+    if uri.startswith(("http://", "https://")):  # a server has its own UI, behind its login
+        from .tracking.mlflow_tracker import check_access
+
+        check_access(uri)
+        print(f"{uri} is an MLflow server: open {uri} in a browser and sign in with your account "
+              "(no local UI is started)")
+        return 0
     cmd = ui_command(uri, args.host, args.port, args.workers)
     print(f"MLflow UI for {uri}: http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
@@ -433,6 +441,16 @@ def main(argv: list[str] | None = None) -> int:
     except ClinfuseError as e:  # ConfigError, CohortInputError, DicomReadError, TrainingError, ModelLoadError, ...
         print(f"clinfuse {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except Exception as e:
+        # an MLflow server refusing this account (a reviewer writing): the user's to fix, not a bug
+        if type(e).__module__.startswith("mlflow") and getattr(e, "error_code", None) in ("PERMISSION_DENIED",
+                                                                                           "UNAUTHENTICATED"):
+            msg = " ".join(str(e).split())
+            print(f"clinfuse {args.command}: error: the MLflow server refused this account "
+                  f"(MLFLOW_TRACKING_USERNAME={os.environ.get('MLFLOW_TRACKING_USERNAME', '')!r}): {msg}",
+                  file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

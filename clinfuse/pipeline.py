@@ -83,7 +83,7 @@ def train_and_audit(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *,
     tc = cfg.tracking
     mlf = None
     if rank == 0 and tc.enabled:
-        from .tracking.mlflow_tracker import MlflowTracker, check_access, resolve_tracking_uri
+        from .tracking.mlflow_tracker import MlflowTracker, check_access, is_server_failure, resolve_tracking_uri
         from .tracking.phi import PhiGuard
 
         uri = resolve_tracking_uri(tc.tracking_uri)
@@ -129,7 +129,7 @@ def train_and_audit(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *,
                 mlf.set_tags({"clinfuse.model_version": str(model_info["version"] or "")})
         status = "KILLED" if result.interrupted else "FINISHED"
     except Exception as e:
-        if mlf is not None and _tracking_failure(e):
+        if mlf is not None and is_server_failure(e):
             raise ClinfuseError(
                 f"the MLflow server {mlf.uri} stopped answering during training (MLflow retried for a bounded time: "
                 "MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR); the run stays RUNNING there, "
@@ -142,22 +142,9 @@ def train_and_audit(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *,
             try:
                 mlf.close(status)
             except Exception as e:  # noqa: BLE001 - a server that is gone cannot be told the run failed
-                if status == "FINISHED" or not _tracking_failure(e):
+                if status == "FINISHED" or not is_server_failure(e):
                     raise
     return AuditedRun(result, mlf.run_id if mlf else None, mlf.uri if mlf else None, model_info, test_metrics)
-
-
-def _tracking_failure(e: BaseException) -> bool:
-    """An MLflow server that stopped answering (connection refused or reset, after MLflow's retries)."""
-    try:
-        from mlflow.exceptions import MlflowException
-        from requests.exceptions import RequestException
-    except ImportError:
-        return False
-    if isinstance(e, RequestException):
-        return True
-    return isinstance(e, MlflowException) and any(
-        s in str(e) for s in ("Max retries exceeded", "Connection refused", "ConnectionError", "API request to"))
 
 
 def _headline(test: dict) -> dict[str, float]:

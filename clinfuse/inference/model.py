@@ -239,9 +239,10 @@ class Model:
         if ":/" not in s:
             raise ModelLoadError(f"{s}: no such folder, and not an MLflow URI (models:/NAME/VERSION, "
                                  "models:/NAME@ALIAS, runs:/RUN_ID/model)")
-        from ..tracking.mlflow_tracker import describe_model_uri, resolve_model, resolve_tracking_uri
+        from ..tracking.mlflow_tracker import check_access, describe_model_uri, resolve_model, resolve_tracking_uri
 
         uri = resolve_tracking_uri(tracking_uri)
+        check_access(uri)  # an unreachable server or refused credentials: one line, before anything else
         model_dir = resolve_model(s, uri)
         info = describe_model_uri(s, uri)
         net, meta, tok = load_model(model_dir)

@@ -44,6 +44,14 @@ def add_parsers(sub, formatter, epilog: str) -> None:
     a.add_argument("dir", metavar="DIR")
     a.add_argument("name", metavar="NAME")
     a.add_argument("--role", choices=ROLES, required=True)
+    im = ss.add_parser("import-runs", help="copy the runs of an embedded store onto a server", epilog=epilog,
+                       description="Copy every run (params, tags, metric histories, artifacts, status, times) of the "
+                       "store --from onto the server --to, experiments matched by name; each copy is tagged "
+                       "clinfuse.imported_from, so a second import skips what is there. Registered models are not "
+                       "copied. Credentials: MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (a trainer).")
+    im.add_argument("--from", dest="src", metavar="URI", required=True, help="source store, e.g. sqlite:///mlflow.db")
+    im.add_argument("--to", dest="dst", metavar="URL", required=True, help="the server, e.g. http://127.0.0.1:5000")
+    im.add_argument("--experiment", action="append", metavar="NAME", help="only this experiment (repeatable)")
     a.add_argument("--password", help="the account's password (prompted for when absent; avoid it on shared "
                    "machines: it stays in the shell history)")
 
@@ -90,10 +98,17 @@ def user_add_cmd(args) -> int:
     return 0
 
 
+def import_cmd(args) -> int:
+    from .migrate import import_runs
+
+    print(import_runs(args.src, args.dst, experiments=args.experiment, log=lambda m: print(m, flush=True)).line())
+    return 0
+
+
 def handler(args):
     if args.server_command == "user":
         return user_add_cmd
-    return {"init": init_cmd, "start": start_cmd, "stop": stop_cmd}[args.server_command]
+    return {"init": init_cmd, "start": start_cmd, "stop": stop_cmd, "import-runs": import_cmd}[args.server_command]
 
 
 __all__ = ["add_parsers", "handler"]

@@ -19,7 +19,7 @@ from pathlib import Path
 from .phi import PhiGuard
 from ..errors import ClinfuseError, ModelLoadError
 
-__all__ = ["MlflowTracker", "resolve_tracking_uri", "unreachable_reason", "check_access", "credential_values", "flatten", "mlflow_uri_context", "ui_command", "resolve_model", "start_ui",
+__all__ = ["MlflowTracker", "resolve_tracking_uri", "unreachable_reason", "check_access", "credential_values", "is_server_failure", "flatten", "mlflow_uri_context", "ui_command", "resolve_model", "start_ui",
            "describe_model_uri", "logged_run"]
 
 
@@ -64,6 +64,17 @@ def check_access(uri: str) -> None:
         if "403" in text or "PERMISSION_DENIED" in text:
             raise ClinfuseError(f"MLflow server {uri}: user {user!r} may not read the store (HTTP 403)") from None
         raise ClinfuseError(f"MLflow server {uri}: {_first_line(text)}") from None
+
+
+def is_server_failure(e: BaseException) -> bool:
+    """An MLflow server that stopped answering (connection refused or reset, after MLflow's retries)."""
+    from mlflow.exceptions import MlflowException
+    from requests.exceptions import RequestException
+
+    if isinstance(e, RequestException):
+        return True
+    return isinstance(e, MlflowException) and any(
+        s in str(e) for s in ("Max retries exceeded", "Connection refused", "ConnectionError", "API request to"))
 
 
 def unreachable_reason(uri: str, timeout: float = 3.0) -> str | None:

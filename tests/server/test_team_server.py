@@ -188,6 +188,35 @@ def test_accounts_and_roles(team, tmp_path, monkeypatch):
 team_done: dict = {}
 
 
+def test_runs_of_an_embedded_store_move_onto_the_server(team, tmp_path, monkeypatch):
+    srv, work = team
+    local = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    p = _clinfuse("train", "--cohort", str(work / "c"), "--out", str(tmp_path / "solo"), "--config",
+                  str(work / "tiny.yaml"), "--tracking-uri", local, "--experiment", "solo-work", "--set",
+                  "data.image_size=[32,32]", "--set", "train.epochs=2", "--set", "eval.bootstrap=0", "--set",
+                  "tracking.system_metrics=false", "--no-progress", env=_env())
+    assert p.returncode == 0, p.stderr
+    src_id = json.loads((tmp_path / "solo" / "mlflow_run.json").read_text())["run_id"]
+    args = ["server", "import-runs", "--from", local, "--to", srv.url]
+    p = _clinfuse(*args, env=_env(REVIEWER, REVIEWER_PW))  # a reviewer may not write: one line
+    assert p.returncode == 2 and "refused this account" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    p = _clinfuse(*args, env=_env(TRAINER, TRAINER_PW), check=True)
+    assert "1 run(s) copied, 0 already there" in p.stdout
+    assert "0 run(s) copied, 1 already there" in _clinfuse(*args, env=_env(TRAINER, TRAINER_PW), check=True).stdout
+    from mlflow import MlflowClient
+
+    src = MlflowClient(tracking_uri=local)
+    c = _client(srv, REVIEWER, REVIEWER_PW, monkeypatch)
+    exp = c.get_experiment_by_name("solo-work")
+    (copy,) = c.search_runs([exp.experiment_id])
+    orig = src.get_run(src_id)
+    assert copy.data.tags["clinfuse.imported_from"] == src_id and copy.info.status == "FINISHED"
+    assert copy.data.params == orig.data.params and copy.data.metrics == orig.data.metrics
+    hist = lambda cl, r: [(m.step, m.value) for m in cl.get_metric_history(r, "val_loss")]  # noqa: E731
+    assert hist(c, copy.info.run_id) == hist(src, src_id) and len(hist(src, src_id)) == 2
+    assert {a.path for a in c.list_artifacts(copy.info.run_id)} == {a.path for a in src.list_artifacts(src_id)}
+
+
 def test_four_trainings_at_once(team, tmp_path, monkeypatch):
     srv, work = team
     procs = [_train(srv, work, tmp_path / f"r{i}", extra=["--set", "tracking.register_as=team-concurrent"], popen=True)
