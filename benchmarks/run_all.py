@@ -28,6 +28,7 @@ BENCHMARKS = {
     "determinism": [],
     "robustness": [],
     "pacs": [],
+    "tracking": [],
 }
 
 

@@ -202,6 +202,10 @@ def explain_and_log(model, out_dir: str | Path, *, cohort_dir: str | Path | None
             raise ClinfuseError(f"{cohort_dir}: split '{split}' has no studies")
     else:
         rows = [m.row(Study(list(dicom or []), read_report_file(report, m) if report else None, "s-input"))]
+    if log_to_mlflow and m.run_id and m.tracking_uri and cohort_dir is not None:
+        from .tracking.mlflow_tracker import check_access
+
+        check_access(m.tracking_uri)  # before the attributions, not after them
     results = explain_rows(m, rows, out_dir, method=method, steps=steps, target=target, progress=progress)
     if log_to_mlflow and m.run_id and m.tracking_uri and cohort_dir is not None:
         run_id = _log_to_run(m.run_id, m.tracking_uri, Path(cohort_dir), [(Path(out_dir), f"explanations/{split}")])

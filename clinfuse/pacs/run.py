@@ -259,6 +259,10 @@ def run_studies(model, client: PacsClient, study_uids: list[str], out: str | Pat
     if not os.access(out, os.W_OK):
         raise ClinfuseError(f"{out}: not writable; choose another --out")
     client.check()
+    if track:
+        from ..tracking.mlflow_tracker import check_access, resolve_tracking_uri
+
+        check_access(resolve_tracking_uri(tracking_uri))  # the audit run's store, before any study
     table = load_report_table(reports, model.config.cohort.reports) if reports else {}
     pseud = Pseudonyms(out / "private")
     identity = ModelIdentity(model)

@@ -18,7 +18,7 @@ import pytest
 from clinfuse.cli import main
 
 from .conftest import export_files, orthanc_or_skip
-from .test_results import _roundtrip, _sr_items
+from .test_results import _reports, _roundtrip, _sr_items
 
 pytestmark = pytest.mark.slow
 
@@ -31,11 +31,6 @@ def _local_studies(d) -> dict[str, list[str]]:
         except Exception:  # noqa: BLE001 - the export's broken files on purpose
             pass
     return by
-
-
-def _reports(d) -> dict[str, str]:
-    with open(d / "c-export" / "reports.csv", newline="") as f:
-        return {r["StudyInstanceUID"]: r["report"] for r in csv.DictReader(f)}
 
 
 def _frontal(files) -> bool:
