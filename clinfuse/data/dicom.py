@@ -36,6 +36,13 @@ __all__ = ["DicomImage", "DicomReadError", "read_dicom", "dcmread_robust", "deco
 _CODEC_HINT = "pip install 'clinfuse[codecs]'"
 
 
+def decoder_failure(e: BaseException) -> bool:
+    """Whether an exception is a decoder's failure on bad data: any ``Exception``, and the panic of a
+    decoder written in Rust (pylibjpeg-rle), which pyo3 raises as ``PanicException``, a subclass of
+    BaseException that ``except Exception`` lets through (found by fuzzing: an RLE frame cut short)."""
+    return isinstance(e, Exception) or type(e).__name__ == "PanicException"
+
+
 class DicomReadError(ClinfuseError):
     """A DICOM file that cannot be used, with the file and the reason."""
 
@@ -294,7 +301,9 @@ def read_dicom(
             return _read_dicom(path, voi, window, channels, data)
     except DicomReadError:
         raise
-    except Exception as e:  # noqa: BLE001 - pydicom's own errors on a bad header value, named with the file
+    except BaseException as e:  # noqa: BLE001 - pydicom's own errors on a bad header value, named with the file
+        if not decoder_failure(e):
+            raise
         raise DicomReadError(path, f"cannot interpret the pixels: {type(e).__name__}: {_first_line(e)}") from None
 
 
@@ -313,7 +322,9 @@ def _read_dicom(path, voi, window, channels, data) -> DicomImage:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             raw = ds.pixel_array  # YBR is converted to RGB by pydicom
-    except Exception as e:  # decoder plugins raise RuntimeError/ValueError/NotImplementedError
+    except BaseException as e:  # decoder plugins raise RuntimeError/ValueError/NotImplementedError, or panic
+        if not decoder_failure(e):
+            raise
         raise DicomReadError(path, _decode_failure_reason(ds, e)) from None
 
     samples = int(ds.get("SamplesPerPixel", 1))

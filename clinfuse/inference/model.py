@@ -31,7 +31,7 @@ from ..config import Config
 from ..data.dataset import GREY_PHOTOMETRICS, StudyDataset, image_item
 from ..data.reports import prepare_report
 from ..errors import ClinfuseError, ModelLoadError, StudyInputError
-from ..models.model import FusionModel, load_model, probabilities, save_model
+from ..models.model import FusionModel, load_model, probabilities, recover_folder, save_model
 
 __all__ = ["Model", "Study", "Prediction", "Predictions", "InputSpec", "MAX_REPORT_CHARS"]
 
@@ -217,7 +217,11 @@ class Model:
         """
         s = str(ref)
         p = Path(s)
+        if ":/" not in s:
+            recover_folder(p)  # a save killed half-way: the previous folder comes back
         if p.is_dir():
+            for folder in (p / "best", p / "last"):
+                recover_folder(folder)
             run_dir = None
             if (p / "model.json").is_file():
                 model_dir = p

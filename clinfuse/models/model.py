@@ -135,32 +135,74 @@ def build_model(cfg: Config, n_outputs: int, text_hf_config) -> FusionModel:
 
 
 def save_model(model: FusionModel, out_dir: str | Path, meta: dict, tokenizer, text_hf_config) -> Path:
-    """Write ``model.safetensors``, ``text/`` and, last, ``model.json`` (with the weights' SHA-256) to
-    `out_dir`; each file goes to a temporary name first and is renamed, so an interrupted save never
-    leaves a folder that loads. Returns the folder."""
+    """Write ``model.safetensors``, ``text/`` and ``model.json`` (with the weights' SHA-256) as the
+    folder `out_dir`. The files are written into a hidden folder beside it, which then replaces
+    `out_dir` (:func:`swap_in_folder`): a save killed at any point leaves the previous model or the
+    new one, never a mix and never neither (:func:`recover_folder` finishes an interrupted swap).
+    Other entries of an existing `out_dir` (an ``eval-test/`` say) are kept. Returns the folder."""
     import hashlib
     import os
+    import shutil
 
     from safetensors.torch import save_model as st_save
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "model.json").unlink(missing_ok=True)  # the folder is not a model until model.json is back
-    tmp = out / f".model.safetensors.{os.getpid()}.tmp"
-    st_save(_unwrap(model), str(tmp))
-    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-    os.replace(tmp, out / "model.safetensors")
-    text_dir = out / "text"
-    text_dir.mkdir(exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    recover_folder(out)
+    work = out.parent / f".{out.name}.saving-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    st_save(_unwrap(model), str(work / "model.safetensors"))
+    digest = hashlib.sha256((work / "model.safetensors").read_bytes()).hexdigest()
+    text_dir = work / "text"
+    text_dir.mkdir()
     if text_hf_config is not None:
         text_hf_config.save_pretrained(text_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(text_dir)
     full = {"format": MODEL_FORMAT, "clinfuse_version": __version__, **meta, "weights_sha256": digest}
-    tmp = out / f".model.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(full, indent=2))
-    os.replace(tmp, out / "model.json")
+    (work / "model.json").write_text(json.dumps(full, indent=2))
+    if out.is_dir():  # keep what else lives in the folder
+        for child in out.iterdir():
+            if child.name not in ("model.json", "model.safetensors", "text"):
+                os.replace(child, work / child.name)
+    swap_in_folder(work, out)
     return out
+
+
+def _aside(final: Path) -> Path:
+    return final.parent / f".{final.name}.old"
+
+
+def swap_in_folder(new: Path, final: Path) -> None:
+    """Make folder `new` be `final`: the old `final` is moved aside, `new` renamed in, the old one removed."""
+    import os
+    import shutil
+
+    old = _aside(final)
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(new, final)  # a kill just before this leaves only the old folder aside: recover_folder
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_folder(final: str | Path) -> None:
+    """Finish a save that was interrupted: put the previous folder back where the new one never
+    arrived; remove what an interrupted save left beside it."""
+    import os
+    import shutil
+
+    final = Path(final)
+    old = _aside(final)
+    if old.is_dir():
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, final)
+    if final.parent.is_dir():
+        for tmp in final.parent.glob(f".{final.name}.saving-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -180,6 +222,7 @@ def load_model(model_dir: str | Path, map_location: str = "cpu") -> tuple[Fusion
     from transformers import AutoConfig, AutoTokenizer
 
     d = Path(model_dir)
+    recover_folder(d)
     if not (d / "model.json").is_file() or not (d / "model.safetensors").is_file():
         raise ModelLoadError(f"{d}: not a clinfuse model folder (needs model.json and model.safetensors)")
     meta = json.loads((d / "model.json").read_text())

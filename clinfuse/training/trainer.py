@@ -33,7 +33,7 @@ from ..data.augment import BatchAugment, augment_seeds
 from ..data.cohort import read_cohort
 from ..data.dataset import StudyDataset, label_tensor, n_outputs_for, output_names_for
 from ..inference.run import run_inference, to_device
-from ..models.model import FusionModel, build_model, probabilities, save_model
+from ..models.model import FusionModel, build_model, probabilities, recover_folder, save_model
 from ..models.text import load_pretrained_text_weights, load_tokenizer, text_config_for
 from ..tracking import LocalTracker, NullTracker
 from .losses import build_loss
@@ -320,7 +320,8 @@ def train(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *, resume: b
     history: list[dict] = []
     if resume:
         want = state_file.with_suffix(".json")
-        if want.is_file() and json.loads(want.read_text()).get("sha256") != _sha256(state_file):
+        sums = json.loads(want.read_text()) if want.is_file() else None
+        if sums is not None and _sha256(state_file) not in (sums.get("sha256"), sums.get("previous")):
             raise TrainingError(f"{state_file} does not match its checksum in state.json (damaged or replaced); "
                                 "train again into a new --out")
         try:
@@ -354,6 +355,8 @@ def train(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *, resume: b
                             "parameters": sum(p.numel() for p in model.parameters()),
                             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)})
 
+    saved: dict = {}  # the digest of the state.pt on disk, once known
+
     def save_state(epoch: int, batch: int) -> None:
         if not is_main:
             return
@@ -365,12 +368,18 @@ def train(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *, resume: b
         tmp = state_file.with_suffix(".tmp")
         torch.save(st, tmp)
         digest = _sha256(tmp)
-        os.replace(tmp, state_file)
+        # state.json (what loading verifies) names the new checkpoint and the one it replaces, and is
+        # written first: a kill between the two renames leaves the old state.pt, still accepted
         side = state_file.with_suffix(".json.tmp")
-        side.write_text(json.dumps({"sha256": digest}))
-        os.replace(side, state_file.with_suffix(".json"))  # state.json: what loading verifies
+        previous = saved.get("digest") or (_sha256(state_file) if state_file.is_file() else None)
+        side.write_text(json.dumps({"sha256": digest, "previous": previous}))
+        os.replace(side, state_file.with_suffix(".json"))
+        os.replace(tmp, state_file)
+        saved["digest"] = digest
 
     stopped_early = interrupted = False
+    for folder in ("best", "last"):  # a save killed half-way: the previous folder comes back
+        recover_folder(out / folder)
     best_dir = out / "best" if (out / "best" / "model.json").is_file() else None
     last_dir = out / "last"
     epoch = start_epoch

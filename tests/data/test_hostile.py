@@ -172,3 +172,56 @@ def test_a_cohort_edited_or_left_half_written_is_refused(small_export, tmp_path)
     (tmp_path / "c" / "cohort.json").unlink()  # what a rebuild killed while writing leaves
     with pytest.raises(CohortInputError, match="did not finish"):
         read_cohort(tmp_path / "c")
+
+
+def _rle_file() -> bytes:
+    """A synthetic 128x128 16-bit image, RLE Lossless (pydicom's own encoder)."""
+    import io
+
+    import numpy as np
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = "1.2.840.10008.5.1.4.1.1.1", generate_uid(), "CR"
+    ds.Rows = ds.Columns = 128
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    img = (np.random.default_rng(0).integers(0, 4096, (128, 128)) // 64 * 64).astype(np.uint16)
+    ds.PixelData = img.tobytes()
+    ds.compress(RLELossless, encoding_plugin="pydicom")
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_a_decoder_that_panics_is_a_read_error_not_a_crash():
+    """Found by the fuzzer (tests/data/fuzz_dicom.py): one byte changed inside an RLE segment makes
+    pylibjpeg-rle's Rust decoder panic, and pyo3 raises PanicException, a BaseException that
+    `except Exception` lets through; it stopped a whole cohort build. Every such mutation must now be
+    a DicomReadError with a reason (or a readable image)."""
+    import io
+
+    from clinfuse.data.dicom import DicomReadError, read_dicom
+
+    data = _rle_file()
+    start = data.find(b"\xe0\x7f\x10\x00")  # Pixel Data
+    panics = errors = 0
+    for off in range(start + 40, len(data), 7):
+        for delta in (-1, 1):
+            m = bytearray(data)
+            m[off] = (m[off] + delta) % 256
+            try:
+                pydicom.dcmread(io.BytesIO(bytes(m))).pixel_array  # noqa: B018 - the raw decoder, unguarded
+            except BaseException as e:  # noqa: BLE001
+                panics += type(e).__name__ == "PanicException"
+            try:
+                read_dicom("mutated.dcm", data=bytes(m))
+            except DicomReadError as e:
+                errors += 1
+                assert "mutated.dcm" in str(e)
+        if panics >= 3:
+            break
+    assert errors >= 1, "no mutation was refused: the test no longer exercises the decoder's failures"

@@ -99,3 +99,39 @@ def test_a_damaged_checkpoint_is_one_line(cohort, tmp_path):
     (tmp_path / "run" / "state.json").unlink()  # a checkpoint from before checksums, truncated
     with pytest.raises(TrainingError, match="cannot be read"):
         tr.train(cohort, cfg, tmp_path / "run", resume=True, progress=False)
+
+
+def test_the_states_a_kill_can_leave_are_recovered(cohort, tmp_path):
+    """The windows between renames, set up by hand: a checkpoint whose state.json already names its
+    successor, and a model folder moved aside whose replacement never arrived."""
+    import json
+    import os
+
+    from clinfuse.inference import Model
+    from clinfuse.models.model import recover_folder
+
+    cfg = tiny_config(train={"epochs": 2, "batch_size": 16}, tracking={"enabled": False})
+    run = tmp_path / "run"
+    assert tr.train(cohort, cfg, run, max_steps=1, progress=False).interrupted
+    sums = json.loads((run / "state.json").read_text())
+    # killed after state.json was replaced, before state.pt was: the old state.pt is accepted
+    (run / "state.json").write_text(json.dumps({"sha256": "0" * 64, "previous": sums["sha256"]}))
+    assert tr.train(cohort, cfg, run, resume=True, max_steps=2, progress=False).global_step == 2
+    run = tmp_path / "whole"
+    tr.train(cohort, tiny_config(train={"epochs": 1, "batch_size": 16}, tracking={"enabled": False}), run,
+             progress=False)
+    # killed between moving last/ aside and renaming the new one in: the old one comes back
+    os.replace(run / "last", run / ".last.old")
+    (run / ".last.saving-999").mkdir()
+    assert not (run / "last").exists()
+    m = Model.load(run / "last")
+    assert m.dir == run / "last" and not (run / ".last.old").exists() and not (run / ".last.saving-999").exists()
+    # killed after the new one was renamed in, before the old one was removed: the new one stays
+    (run / ".last.old").mkdir()
+    recover_folder(run / "last")
+    assert (run / "last" / "model.json").is_file() and not (run / ".last.old").exists()
+    # a folder's other entries survive a save (an evaluation written into it, say)
+    (run / "last" / "eval-test").mkdir()
+    (run / "last" / "eval-test" / "metrics.json").write_text("{}")
+    m.save(run / "last")
+    assert (run / "last" / "eval-test" / "metrics.json").is_file() and Model.load(run / "last")
