@@ -88,7 +88,7 @@ def main(argv=None) -> None:
                 ("embedded SQLite", ["--tracking-uri", f"sqlite:///{base / 'mlflow.db'}"], _env())]
     server = None
     if not args.no_server:
-        from clinfuse.pacs.orthanc import free_port
+        from clinfuse.net import free_port
         from clinfuse.server import TeamServer, add_user, init_server
 
         init_server(base / "srv", port=free_port(), log=lambda m: None)

@@ -12,6 +12,7 @@ PKG = Path(__file__).resolve().parents[1] / "clinfuse"
 ALLOWED = {
     "errors": set(),
     "progress": set(),
+    "net": set(),
     "phi": {"errors"},
     "config": {"errors"},
     "data": {"config", "errors", "phi"},
@@ -26,7 +27,7 @@ ALLOWED = {
     "server": {"config", "errors", "phi", "tracking"},
 }
 TOP = {"pipeline", "cli", "__init__"}
-BOTTOM = {"errors", "progress"}  # import nothing of clinfuse but errors; every stage may use them  # compositions: may import any stage, and no stage may import them
+BOTTOM = {"errors", "progress", "net"}  # import nothing of clinfuse but errors; every stage may use them  # compositions: may import any stage, and no stage may import them
 
 
 def _stage(module: str) -> str:

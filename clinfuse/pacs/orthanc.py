@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -21,6 +20,7 @@ from base64 import b64encode
 from pathlib import Path
 
 from ..errors import ClinfuseError
+from ..net import free_port
 
 __all__ = ["LocalOrthanc", "orthanc_binary", "DICOMWEB_PLUGIN"]
 
@@ -31,12 +31,6 @@ def orthanc_binary() -> str | None:
     """The Orthanc executable, or None (with the DICOMweb plugin also required)."""
     exe = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").is_file() else None)
     return exe if exe and Path(DICOMWEB_PLUGIN).is_file() else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalOrthanc:

@@ -31,6 +31,7 @@ import urllib.request
 from base64 import b64encode
 from pathlib import Path
 
+from ..net import free_port
 from .postgres import Cluster, ServerError
 
 __all__ = ["init_server", "serve", "stop_server", "add_user", "TeamServer", "ROLES"]
@@ -43,14 +44,6 @@ def _secret_file(path: Path, value: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(value)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class TeamServer:
@@ -140,7 +133,7 @@ def init_server(root: str | Path, *, port: int = 5000, db_url: str | None = None
     _secret_file(root / "db-password", db_pw)
     _secret_file(root / "flask-secret", secrets.token_hex(32))
     meta = {"format": "clinfuse-server/1", "port": port, "db_url": db_url,
-            "pg_port": None if db_url else _free_port(),
+            "pg_port": None if db_url else free_port(),
             "artifacts": artifacts or str(root / "artifacts")}
     (root / "server.json").write_text(json.dumps(meta, indent=2))
     (root / "roles.json").write_text("{}")

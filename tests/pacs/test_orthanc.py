@@ -63,7 +63,7 @@ def test_wrong_access_is_one_line_and_writes_nothing(orthanc, pacs_model, tmp_pa
     err = _one_line_error(capsys)
     assert "refused the credentials" in err and orthanc.password not in err
     monkeypatch.setenv("CLINFUSE_PACS_PASSWORD", orthanc.password)
-    from clinfuse.pacs.orthanc import free_port
+    from clinfuse.net import free_port
 
     assert main(["pacs", "pull", "--url", f"http://127.0.0.1:{free_port()}/dicom-web", "--study", uid,
                  "--out", str(out)]) == 2
@@ -300,7 +300,7 @@ def test_listen_predicts_a_study_pushed_by_the_pacs_and_sends_results_back(pacs_
     from clinfuse.inference import Study
     from clinfuse.pacs import LocalOrthanc
     from clinfuse.pacs.listen import DicomNode, StudyListener
-    from clinfuse.pacs.orthanc import free_port
+    from clinfuse.net import free_port
 
     d, model = pacs_model
     local = _local_studies(d)

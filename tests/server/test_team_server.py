@@ -90,7 +90,7 @@ def team(tmp_path_factory):
     base = Path(tempfile.mkdtemp(prefix="clinfuse-server-test-", dir="/tmp"))
     base.chmod(0o711)
     root = base / "srv"
-    from clinfuse.pacs.orthanc import free_port
+    from clinfuse.net import free_port
 
     _clinfuse("server", "init", str(root), "--port", str(free_port()), check=True)
     assert oct((root / "admin-password").stat().st_mode & 0o777) == "0o600"
@@ -267,7 +267,7 @@ def test_no_identifier_or_password_in_the_database_or_artifacts(team, tmp_path):
 def test_backup_and_restore_into_a_fresh_cluster(team, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
-    from clinfuse.pacs.orthanc import free_port
+    from clinfuse.net import free_port
     from clinfuse.server import Cluster, TeamServer
 
     srv, _ = team
