@@ -42,8 +42,9 @@ def add_parsers(sub, formatter, epilog: str) -> None:
                       "faithfulness, model name/version/URI) and the heatmap as a Secondary Capture into the same "
                       "study as new series; a FHIR DiagnosticReport per study goes to --out (and --fhir-url). An "
                       "instance that does not decode, a study without a report, a refused store: each is reported "
-                      "and the rest goes on. --out holds the patient-identifying results (like the PACS); the "
-                      "console and MLflow name studies by pseudonyms only. " + _CREDS, epilog=epilog)
+                      "and the rest goes on (exit status 1 when any study got no result or its results did not arrive). "
+                      "--out holds the patient-identifying results (like the PACS); the console and MLflow name "
+                      "studies by pseudonyms only. " + _CREDS, epilog=epilog)
     r.add_argument("--model", metavar="REF", required=True,
                    help="model folder, training run folder, or MLflow URI (models:/NAME/VERSION, models:/NAME@ALIAS)")
     url(r)
