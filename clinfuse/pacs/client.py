@@ -29,13 +29,6 @@ class PacsError(ClinfuseError):
     """The PACS could not be reached, refused us, or does not hold what was asked for."""
 
 
-def pacs_error_types() -> tuple[type[BaseException], ...]:
-    """What a DICOMweb call raises when the PACS misbehaves (requests' errors; tuple for ``except``)."""
-    import requests
-
-    return (requests.exceptions.RequestException,)
-
-
 @dataclass(frozen=True)
 class PacsCredentials:
     """Who we are to the PACS. ``repr`` never shows the secret."""
@@ -140,9 +133,11 @@ class PacsClient:
         return PacsError(f"{self.url}: {what} failed: {type(e).__name__}")
 
     def _call(self, what: str, fn, *args, **kw):
+        from requests.exceptions import RequestException
+
         try:
             return fn(*args, **kw)
-        except pacs_error_types() as e:
+        except RequestException as e:  # what a DICOMweb call raises when the PACS misbehaves
             raise self._fail(what, e) from None
 
     # ------------------------------------------------------------------ QIDO-RS

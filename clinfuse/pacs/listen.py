@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from ..errors import ClinfuseError
 from .client import PacsError
 from .results import ModelIdentity
-from .run import Pseudonyms, RunSummary, StudyResult, _line, _write_results, deliver, predict_study
+from .run import Pseudonyms, RunSummary, StudyResult, _line, _write_results, deliver, predict_or_fail, report_for
 
 __all__ = ["StudyListener", "DicomNode", "send_cstore"]
 
@@ -155,14 +155,9 @@ class StudyListener:
         return len(batches)
 
     def _process(self, uid: str, datasets: list) -> None:
-        ps = self.pseud.of(uid)
-        self.pseud.record([(ps, uid)])
-        acc = next((str(d.AccessionNumber) for d in datasets if getattr(d, "AccessionNumber", "")), None)
-        report = self.table.get(f"StudyInstanceUID={uid}") or (self.table.get(f"AccessionNumber={acc}") if acc else None)
-        try:
-            res, new, fhir = predict_study(self.model, self.identity, datasets, report, ps, explain=self.explain)
-        except Exception as e:  # noqa: BLE001 - one study never stops the listener
-            res, new, fhir = StudyResult(ps, "error", f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"), [], None
+        ps = self.pseud.assign(uid)
+        res, new, fhir = predict_or_fail(self.model, self.identity, datasets, report_for(self.table, uid, datasets),
+                                         ps, explain=self.explain)
         if self.send_to is not None:
             send = lambda dss: send_cstore(dss, self.send_to, self.aet)  # noqa: E731
         elif self.client is not None:

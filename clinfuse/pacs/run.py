@@ -34,7 +34,8 @@ from ..progress import progress as progress_of
 from .client import PacsClient, PacsError
 from .results import ModelIdentity, fhir_report, heatmap_capture, structured_report
 
-__all__ = ["run_studies", "StudyResult", "RunSummary", "Pseudonyms", "study_sources", "predict_study"]
+__all__ = ["run_studies", "StudyResult", "RunSummary", "Pseudonyms", "study_sources", "predict_study",
+           "predict_or_fail", "report_for"]
 
 IDENTIFYING = {"PatientName": "patient_name", "PatientID": "patient_id", "PatientBirthDate": "birth_date",
                "StudyInstanceUID": "uid", "SeriesInstanceUID": "uid", "SOPInstanceUID": "uid",
@@ -54,22 +55,26 @@ class Pseudonyms:
                 f.write(secrets.token_hex(32))
         self._key = bytes.fromhex(keyf.read_text().strip())
         self.table = self.dir / "studies.csv"
+        self._known: set[str] = set()  # pseudonyms already in the table, read once
+        if self.table.is_file():
+            with open(self.table, newline="") as f:
+                self._known = {r["pseudonym"] for r in csv.DictReader(f)}
 
     def of(self, study_uid: str) -> str:
         return "pacs-" + hmac.new(self._key, study_uid.encode(), hashlib.sha256).hexdigest()[:16]
 
-    def record(self, pairs: list[tuple[str, str]]) -> None:
-        known = set()
-        if self.table.is_file():
-            with open(self.table, newline="") as f:
-                known = {r["pseudonym"] for r in csv.DictReader(f)}
-        new = [(p, u) for p, u in pairs if p not in known]
-        fresh = not self.table.is_file()
-        with open(self.table, "a", newline="") as f:
-            w = csv.writer(f)
-            if fresh:
-                w.writerow(["pseudonym", "StudyInstanceUID"])
-            w.writerows(new)
+    def assign(self, study_uid: str) -> str:
+        """The study's pseudonym, recorded in ``studies.csv`` the first time it is seen."""
+        ps = self.of(study_uid)
+        if ps not in self._known:
+            fresh = not self.table.is_file()
+            with open(self.table, "a", newline="") as f:
+                w = csv.writer(f)
+                if fresh:
+                    w.writerow(["pseudonym", "StudyInstanceUID"])
+                w.writerow([ps, study_uid])
+            self._known.add(ps)
+        return ps
 
 
 @dataclass
@@ -123,17 +128,18 @@ def _report_of_sr(ds) -> str | None:
     return "\n".join(texts) or None
 
 
-def study_sources(datasets: list) -> tuple[list, str | None, list]:
-    """Split a study's instances: (images, report text from a non-clinfuse SR, clinfuse's own results)."""
-    images, report, ours = [], None, []
+def study_sources(datasets: list) -> tuple[list, str | None]:
+    """Split a study's instances: (images, report text from an SR not made by clinfuse); clinfuse's
+    own results (an earlier run's SR and SC) are neither."""
+    images, report = [], None
     for ds in datasets:
         if str(getattr(ds, "Manufacturer", "")) == "clinfuse":
-            ours.append(ds)
-        elif str(getattr(ds, "Modality", "")) == "SR":
+            continue
+        if str(getattr(ds, "Modality", "")) == "SR":
             report = report or _report_of_sr(ds)
         else:
             images.append(ds)
-    return images, report, ours
+    return images, report
 
 
 def _bytes_of(ds) -> bytes:
@@ -161,7 +167,7 @@ def predict_study(model, identity: ModelIdentity, datasets: list, report: str | 
 
     t = {}
     t0 = time.perf_counter()
-    images, sr_report, _ = study_sources(datasets)
+    images, sr_report = study_sources(datasets)
     report = report if report else sr_report
     spec = model.input
     good, pixels, problems = [], [], []
@@ -230,18 +236,39 @@ def load_report_table(path: str | Path, cfg) -> dict[str, str]:
     return table
 
 
-def _guard(datasets: list, credentials) -> "object":
-    from ..phi import PhiGuard
+def report_for(table: dict[str, str], uid: str, datasets: list) -> str | None:
+    """The study's report from a :func:`load_report_table` table: by StudyInstanceUID, else by accession."""
+    acc = next((str(d.AccessionNumber) for d in datasets if getattr(d, "AccessionNumber", "")), None)
+    return table.get(f"StudyInstanceUID={uid}") or (table.get(f"AccessionNumber={acc}") if acc else None)
 
-    ids: dict[str, list[str]] = {}
+
+def predict_or_fail(model, identity: ModelIdentity, datasets: list, report: str | None, pseudonym: str, *,
+                    explain: bool = True) -> tuple[StudyResult, list, dict | None]:
+    """:func:`predict_study`, with any failure of this one study turned into its result (never raised)."""
+    try:
+        return predict_study(model, identity, datasets, report, pseudonym, explain=explain)
+    except Exception as e:  # noqa: BLE001 - one study's failure never stops the others
+        return StudyResult(pseudonym, "error", f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"), [], None
+
+
+def add_identifiers(ids: dict[str, set[str]], datasets: list) -> None:
+    """Gather the identifying header values of `datasets` into `ids` (kind -> values) for the PHI guard."""
+    from pydicom.multival import MultiValue
+
     for ds in datasets:
         for kw, kind in IDENTIFYING.items():
             v = getattr(ds, kw, None)
             if v:
-                ids.setdefault(kind, []).extend([str(x) for x in v] if isinstance(v, (list, tuple)) or
-                                                 type(v).__name__ == "MultiValue" else [str(v)])
-    ids["other_id"] = ids.get("other_id", []) + list(credentials.secrets)
-    return PhiGuard(ids)
+                ids.setdefault(kind, set()).update(str(x) for x in (v if isinstance(v, (list, tuple, MultiValue))
+                                                                     else [v]))
+
+
+def _guard(ids: dict[str, set[str]], credentials):
+    from ..phi import PhiGuard
+
+    kinds = {k: sorted(v) for k, v in ids.items()}
+    kinds["other_id"] = kinds.get("other_id", []) + list(credentials.secrets)
+    return PhiGuard(kinds)
 
 
 def run_studies(model, client: PacsClient, study_uids: list[str], out: str | Path, *, reports: str | Path | None = None,
@@ -266,10 +293,9 @@ def run_studies(model, client: PacsClient, study_uids: list[str], out: str | Pat
     table = load_report_table(reports, model.config.cohort.reports) if reports else {}
     pseud = Pseudonyms(out / "private")
     identity = ModelIdentity(model)
-    results, seen = [], []
+    results, ids = [], {}
     for uid in progress_of(list(dict.fromkeys(study_uids)), "pacs run", "study", enabled=progress):
-        ps = pseud.of(uid)
-        pseud.record([(ps, uid)])
+        ps = pseud.assign(uid)
         t0 = time.perf_counter()
         try:
             listing = client.instances(uid)
@@ -279,15 +305,9 @@ def run_studies(model, client: PacsClient, study_uids: list[str], out: str | Pat
             log(f"{ps}: not retrieved ({_strip(str(e), [uid])})")
             continue
         t_net = time.perf_counter() - t0
-        seen += datasets
-        acc = next((str(d.AccessionNumber) for d in datasets if getattr(d, "AccessionNumber", "")), None)
-        report = table.get(f"StudyInstanceUID={uid}") or (table.get(f"AccessionNumber={acc}") if acc else None)
-        try:
-            res, new, fhir = predict_study(model, identity, datasets, report, ps, explain=explain)
-        except Exception as e:  # noqa: BLE001 - one study's failure never stops the others
-            if os.environ.get("CLINFUSE_DEBUG"):
-                raise
-            res, new, fhir = StudyResult(ps, "error", f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"), [], None
+        add_identifiers(ids, datasets)  # the values, not the datasets: the pixels are not kept for the run
+        res, new, fhir = predict_or_fail(model, identity, datasets, report_for(table, uid, datasets), ps,
+                                         explain=explain)
         res.seconds["retrieve"] = t_net
         deliver(res, new, fhir, out, (lambda dss, u=uid: client.store(dss, u)) if store else None,
                 fhir_url=fhir_url, verify=client.verify, log=log, hide=[uid])
@@ -296,7 +316,7 @@ def run_studies(model, client: PacsClient, study_uids: list[str], out: str | Pat
     summary = RunSummary(results, out, time.monotonic() - t_start)
     _write_results(out, summary, model.output_names)
     if track:
-        _audit(summary, identity, client, seen, tracking_uri, explain=explain)
+        _audit(summary, identity, client, ids, tracking_uri, explain=explain)
     return summary
 
 
@@ -372,12 +392,12 @@ def _write_results(out: Path, summary: RunSummary, names: list[str]) -> None:
                                               "per_study_seconds": [r.seconds for r in summary.results]}, indent=2))
 
 
-def _audit(summary: RunSummary, identity: ModelIdentity, client: PacsClient, datasets: list,
+def _audit(summary: RunSummary, identity: ModelIdentity, client: PacsClient, ids: dict[str, set[str]],
            tracking_uri: str | None, *, explain: bool) -> None:
     """One MLflow run per PACS run: counts, timings, the results table (pseudonyms only), screened."""
     from ..tracking.mlflow_tracker import MlflowTracker
 
-    tracker = MlflowTracker(tracking_uri, experiment="clinfuse-pacs", guard=_guard(datasets, client.credentials),
+    tracker = MlflowTracker(tracking_uri, experiment="clinfuse-pacs", guard=_guard(ids, client.credentials),
                             run_name="pacs-run", system_metrics=False)
     try:
         tracker.set_tags({"clinfuse.kind": "pacs-run", "clinfuse.model_uri": identity.uri,

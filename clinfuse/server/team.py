@@ -109,11 +109,9 @@ class TeamServer:
         return json.loads(raw) if raw else {}
 
     def healthy(self, timeout: float = 2.0) -> bool:
-        try:
-            with urllib.request.urlopen(self.url + "/health", timeout=timeout) as r:
-                return r.status == 200
-        except OSError:
-            return False
+        from ..tracking.mlflow_tracker import unreachable_reason
+
+        return unreachable_reason(self.url, timeout) is None
 
 
 def init_server(root: str | Path, *, port: int = 5000, db_url: str | None = None, artifacts: str | None = None,
