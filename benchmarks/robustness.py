@@ -2,9 +2,11 @@
 
 Mutations of real synthetic DICOM files: random byte flips, truncation at a random length, header
 values edited to what pydicom cannot use (RescaleSlope 'abc', WindowCenter 'abc', WindowWidth 0, a
-one-value PixelSpacing, RescaleSlope 1e39 -> infinite pixels, an unknown transfer syntax), plus a FIFO
-named *.dcm, a link to /dev/zero and a symlinked study folder. The cohort build runs in a child
-process with a time limit; then 3 trainings' MLflow runs start at once on a new SQLite store, and the
+one-value PixelSpacing, RescaleSlope 1e39 -> infinite pixels, an unknown transfer syntax), two JPEG-LS
+files whose frame header claims 20000x20000 and 65535x65535 pixels (the decoder works for seconds and
+asks for gigabytes), plus a FIFO named *.dcm, a link to /dev/zero and a symlinked study folder. The
+cohort build runs in a child process with a time limit, each file within 5 s
+(cohort.dicom.max_seconds_per_file) and the default memory cap per reading process; then 3 trainings' MLflow runs start at once on a new SQLite store, and the
 PHI guard screens cohort.json and the built reports.
 
 Printed: files mutated, set aside with a reason, accepted (decoded fine: a flip in the pixel data is
@@ -37,7 +39,9 @@ from clinfuse.config import load_config
 from clinfuse.data.cohort import build_cohort
 cfg = load_config(sys.argv[5])
 build_cohort(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], cfg, progress=False)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+from clinfuse.data.workers import close_pools
+close_pools()  # the reading processes end, so that their peak counts in RUSAGE_CHILDREN
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 """
 
 RACE = """
@@ -64,6 +68,7 @@ def _raw_edit(f: Path, keyword: str, text: str) -> None:
 
 def mutate(files: list[Path], root: Path, flips: int, rng: random.Random) -> dict[str, str]:
     import pydicom
+    from pydicom.uid import JPEGLSLossless
 
     done: dict[str, str] = {}
     pool = list(files)
@@ -91,6 +96,17 @@ def mutate(files: list[Path], root: Path, flips: int, rng: random.Random) -> dic
         data = f.read_bytes()
         f.write_bytes(data[: rng.randrange(len(data))])
         done[str(f)] = "truncated"
+    for side in (20000, 65535):  # a JPEG-LS frame header claiming a huge image: seconds of work, GBs asked
+        f = next(x for x in reversed(pool) if pydicom.dcmread(x, stop_before_pixels=True).ViewPosition != "LL")
+        pool.remove(f)  # a frontal view: one the build reads
+        ds = pydicom.dcmread(f)
+        ds.compress(JPEGLSLossless)
+        ds.save_as(f)
+        data = bytearray(f.read_bytes())
+        sof = data.find(b"\xff\xf7")
+        data[sof + 5: sof + 9] = side.to_bytes(2, "big") * 2
+        f.write_bytes(bytes(data))
+        done[str(f)] = f"JPEG-LS claiming {side}x{side}"
     fifo = root / "fifo.dcm"
     os.mkfifo(fifo)
     done[str(fifo)] = "FIFO"
@@ -122,9 +138,9 @@ def main(argv=None) -> None:
     files = sorted((d / "e" / "dicom").rglob("*.dcm"))
     mutated = mutate(files, d / "e" / "dicom", args.flips, rng)
     cfg = d / "cfg.yaml"
-    cfg.write_text("cohort:\n  dicom:\n    voi: file\n")
+    cfg.write_text("cohort:\n  dicom:\n    voi: file\n    max_seconds_per_file: 5\n")
     crashes = hangs = 0
-    peak_mib = float("nan")
+    peak_mib = peak_child_mib = float("nan")
     t0 = time.perf_counter()
     try:
         r = subprocess.run([sys.executable, "-c", BUILD, str(d / "e/dicom"), str(d / "e/reports.csv"),
@@ -134,7 +150,7 @@ def main(argv=None) -> None:
             crashes = 1
             print(r.stderr[-2000:], file=sys.stderr)
         else:
-            peak_mib = int(r.stdout.strip().splitlines()[-1]) / 1024
+            peak_mib, peak_child_mib = (int(x) / 1024 for x in r.stdout.strip().splitlines()[-1].split())
     except subprocess.TimeoutExpired:
         hangs = 1
     secs = time.perf_counter() - t0
@@ -167,7 +183,8 @@ def main(argv=None) -> None:
                     ("crashes of the build", crashes), ("hangs (over 600 s)", hangs),
                     ("identifier hits (cohort.json, reports)", hits), ("runs lost, 3 concurrent starts", lost)):
         print(f"{name:<48} {v:>8}")
-    print(f"peak memory of the build process: {peak_mib:.0f} MiB")
+    print(f"peak memory of the build process: {peak_mib:.0f} MiB; of its largest reading process: "
+          f"{peak_child_mib:.0f} MiB (cap cohort.dicom.max_worker_mb)")
     print("must be 0: crashes, hangs, identifier hits, runs lost -> "
           + ("all 0" if crashes == hangs == hits == lost == 0 else "NOT all 0"))
     tmp.cleanup()

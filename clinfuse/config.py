@@ -82,6 +82,13 @@ class DicomConfig(_Strict):
         2048, gt=0, description="Files larger than this are set aside unread (a chest radiograph is a few "
         "to a few hundred MB; a multi-GB file is a mistake or an attack on memory).")
 
+    max_seconds_per_file: float = Field(
+        60, gt=0, description="Reading one file (its bytes, header and pixel decode) may take this long; a file "
+        "past it is set aside (a damaged compressed stream can keep a decoder busy for minutes).")
+    max_worker_mb: float = Field(
+        8192, ge=512, description="Address-space cap of each reading process in MB: a file whose decoding needs "
+        "more is set aside instead of exhausting the machine (decoding takes up to ~4x the file's pixel bytes).")
+
     @model_validator(mode="after")
     def _window_needs_values(self) -> "DicomConfig":
         if self.voi == "window" and (self.window_center is None or self.window_width is None):
@@ -192,6 +199,8 @@ class CohortConfig(_Strict):
         description="'content' hashes every input byte; 'header' hashes the first 64 KiB of each DICOM "
         "file (its header) and its size: faster on very large archives, blind to pixel-only edits.",
     )
+    workers: int = Field(
+        0, ge=0, description="Processes that read, hash and decode the DICOM files (0: one per usable core).")
     dicom_extensions: list[str] = Field(
         [".dcm", ".dicom", ""],
         description="File name endings scanned as DICOM ('' means files without an extension).",

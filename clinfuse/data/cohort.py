@@ -29,7 +29,7 @@ import numpy as np
 from .. import __version__
 from ..config import CohortConfig, Config, dump_config
 from ..phi import PhiGuard
-from .dicom import DicomReadError, decoder_report, read_dicom
+from .dicom import decoder_report
 from .labels import load_labels
 from .quarantine import CohortInputError, QuarantineEntry, reason_category, write_quarantine
 from .reports import load_reports
@@ -188,7 +188,6 @@ def build_cohort(
 
     reports_by_key = report_table.reports if report_table else {}
     all_keys = sorted(set(studies) | set(reports_by_key) | set(label_table.labels))
-    window = (cfg.dicom.window_center, cfg.dicom.window_width) if cfg.dicom.voi == "window" else None
 
     rows: list[dict] = []
     private_keys: list[tuple[str, str]] = []
@@ -212,11 +211,12 @@ def build_cohort(
         if cfg.dicom.verify_pixels and selected:
             good = []
             for h in selected:
-                try:
-                    read_dicom(h.path, voi=cfg.dicom.voi, window=window, channels=cfg.dicom.channels)
+                # decoded at the scan, in a worker with a deadline (studies._decode_wanted foresees the selection)
+                reason = h.pixel_reason if h.pixels_checked else "pixels not checked at the scan (a clinfuse bug)"
+                if reason is None:
                     good.append(h)
-                except DicomReadError as e:
-                    quarantine.append(QuarantineEntry("dicom", h.path, e.reason))
+                else:
+                    quarantine.append(QuarantineEntry("dicom", h.path, reason))
                     n_unreadable += 1
             if kind == "3d" and len(good) != len(selected):
                 for h in good:

@@ -30,7 +30,7 @@ from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, Implic
 
 from ..errors import ClinfuseError
 
-__all__ = ["DicomImage", "DicomReadError", "read_dicom", "dcmread_robust", "decoder_report", "to_channels"]
+__all__ = ["DicomImage", "DicomReadError", "read_dicom", "check_dicom", "dcmread_robust", "decoder_report", "to_channels"]
 
 # Transfer syntaxes that need a decoder beyond numpy; the hint says what to install.
 _CODEC_HINT = "pip install 'clinfuse[codecs]'"
@@ -227,6 +227,8 @@ def _frames_params(ds: Dataset, n_frames: int) -> list[Dataset]:
     if "SharedFunctionalGroupsSequence" in ds and len(ds.SharedFunctionalGroupsSequence):
         shared = ds.SharedFunctionalGroupsSequence[0]
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if shared is None and per_frame is None:
+        return [ds] * n_frames  # every frame reads the file's own tags: no copies
     out = []
     for i in range(n_frames):
         view = Dataset()
@@ -274,6 +276,7 @@ def read_dicom(
     window: tuple[float, float] | None = None,
     channels: Literal[1, 3] = 1,
     data: bytes | None = None,
+    dataset: tuple[Dataset, list[str]] | None = None,
 ) -> DicomImage:
     """Read one DICOM file into float32 pixels (see the module doc for orientation and scale).
 
@@ -288,6 +291,8 @@ def read_dicom(
         window: (center, width) for ``voi='window'``.
         channels: 1 converts colour to luminance; 3 repeats grey images.
         data: the file's bytes if already read.
+        dataset: the file already parsed by :func:`dcmread_robust` (its dataset and notes), read once
+            for the header and the pixels.
 
     Raises:
         DicomReadError: with the file and the reason (truncated pixel data, no decoder, ...).
@@ -298,7 +303,8 @@ def read_dicom(
     """
     try:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # non-finite results are refused below
-            return _read_dicom(path, voi, window, channels, data)
+            ds, notes = dataset if dataset is not None else dcmread_robust(path, data=data)
+            return _read_dicom(path, voi, window, channels, ds, list(notes), extremes=False)
     except DicomReadError:
         raise
     except BaseException as e:  # noqa: BLE001 - pydicom's own errors on a bad header value, named with the file
@@ -307,10 +313,38 @@ def read_dicom(
         raise DicomReadError(path, f"cannot interpret the pixels: {type(e).__name__}: {_first_line(e)}") from None
 
 
-def _read_dicom(path, voi, window, channels, data) -> DicomImage:
+def check_dicom(
+    path: str | Path,
+    *,
+    voi: Literal["none", "file", "window"] = "none",
+    window: tuple[float, float] | None = None,
+    channels: Literal[1, 3] = 1,
+    dataset: tuple[Dataset, list[str]] | None = None,
+) -> None:
+    """Whether :func:`read_dicom` would succeed, at a fraction of its cost: the pixels are decoded in full
+    (every decoder failure shows), then the modality and VOI transforms run on each frame's extreme
+    stored values only. Those transforms are monotonic (linear rescale, windowing, MONOCHROME1
+    inversion) or table look-ups (LUT sequences, whose entries are finite), so a non-finite value
+    anywhere in the result shows at an extreme; header values that cannot be converted fail the same way.
+
+    Raises:
+        DicomReadError: as :func:`read_dicom` would.
+    """
+    try:
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            ds, notes = dataset if dataset is not None else dcmread_robust(path)
+            _read_dicom(path, voi, window, channels, ds, list(notes), extremes=True)
+    except DicomReadError:
+        raise
+    except BaseException as e:  # noqa: BLE001 - as read_dicom
+        if not decoder_failure(e):
+            raise
+        raise DicomReadError(path, f"cannot interpret the pixels: {type(e).__name__}: {_first_line(e)}") from None
+
+
+def _read_dicom(path, voi, window, channels, ds: Dataset, notes: list[str], extremes: bool) -> DicomImage:
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, apply_windowing
 
-    ds, notes = dcmread_robust(path, data=data)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise DicomReadError(path, "no pixel data (not an image object)")
     ts = str(ds.file_meta.TransferSyntaxUID)
@@ -337,17 +371,19 @@ def _read_dicom(path, voi, window, channels, data) -> DicomImage:
         arr = arr[None]
     if samples == 3 and arr.ndim != 4 or samples == 1 and arr.ndim != 3:
         raise DicomReadError(path, f"unexpected pixel array shape {arr.shape} for {n_frames} frame(s)")
+    if extremes:  # check_dicom: each frame's (per-channel) minimum and maximum stand for the frame
+        arr = np.stack([arr.min(axis=(1, 2)), arr.max(axis=(1, 2))], axis=1)[:, None]
 
     if samples == 1:
         params = _frames_params(ds, n_frames)
         frames = []
         for i in range(n_frames):
             p = params[i]
-            f = apply_modality_lut(arr[i], p).astype(np.float32)
+            f = _modality(arr[i], p, apply_modality_lut)
             if voi != "none":
                 f = _apply_voi(f, p, ds, voi, window, apply_voi_lut, apply_windowing)
             frames.append(f)
-        out = np.stack(frames).astype(np.float32)
+        out = frames[0][None] if n_frames == 1 else np.stack(frames)
         if photometric == "MONOCHROME1":
             if voi == "none":
                 lo, hi = _modality_range(ds, params[0], apply_modality_lut)
@@ -367,6 +403,25 @@ def _read_dicom(path, voi, window, channels, data) -> DicomImage:
     if ps is not None and len(ps) == 2:
         spacing = (float(ps[0]), float(ps[1]))
     return DicomImage(out, photometric, str(ds.get("Modality", "")), spacing, UID(ts).name, notes)
+
+
+def _modality(a: np.ndarray, p: Dataset, apply_modality_lut) -> np.ndarray:
+    """The Modality LUT to float32, as pydicom's ``apply_modality_lut`` (float64, then rounded once), with one
+    copy where the result is exact in float32: the common slope 1 / intercept 0 of radiographs, integer
+    rescales of CT (the array is integers below 2**24 in magnitude, so no rounding)."""
+    if "ModalityLUTSequence" in p or a.dtype.kind not in "iu":
+        return apply_modality_lut(a, p).astype(np.float32)
+    slope = float(p.RescaleSlope) if "RescaleSlope" in p and p.RescaleSlope not in (None, "") else 1.0
+    inter = float(p.RescaleIntercept) if "RescaleIntercept" in p and p.RescaleIntercept not in (None, "") else 0.0
+    bound = float(np.abs(a).max(initial=0)) * abs(slope) + abs(inter)
+    if slope.is_integer() and inter.is_integer() and bound < 2**24:
+        out = a.astype(np.float32)
+        if slope != 1.0:
+            out *= np.float32(slope)
+        if inter != 0.0:
+            out += np.float32(inter)
+        return out
+    return (a * slope + inter).astype(np.float32)  # numpy promotes to float64 first
 
 
 def _n_frames(ds: Dataset, path) -> int:

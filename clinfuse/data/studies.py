@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from ..config import CohortConfig, DicomConfig
-from .dicom import DicomReadError, dcmread_robust, read_dicom
+from .dicom import DicomReadError, check_dicom, dcmread_robust, read_dicom
 from .quarantine import CohortInputError, QuarantineEntry
+from .workers import Failed, bounded_map
 from ..progress import progress as progress_of
 
-__all__ = ["DicomHeader", "ScanResult", "scan_dicom", "group_studies", "select_images", "load_volume",
+__all__ = ["DicomHeader", "FileFacts", "ScanResult", "scan_dicom", "examine_file", "group_studies", "select_images", "load_volume",
            "VOLUME_MODALITIES"]
 
 VOLUME_MODALITIES = {"CT", "MR", "PT", "NM"}
@@ -48,6 +49,8 @@ class DicomHeader:
     orientation: tuple[float, ...] | None
     spacing: tuple[float, float] | None
     slice_thickness: float | None
+    pixel_reason: str | None = None  # set by the scan: why the pixels cannot be used (None: fine or unchecked)
+    pixels_checked: bool = False  # set by the scan: the pixels were decoded there
 
 
 @dataclass
@@ -133,8 +136,109 @@ def _iter_files(root: Path, extensions: list[str], problems: list[QuarantineEntr
             yield p, (p.suffix.lower() in extensions)
 
 
+@dataclass
+class FileFacts:
+    """What one worker learned about one file (see :func:`examine_file`)."""
+
+    digest: str | None  # sha256 of the content (or header block + size); None when the file was not read
+    header: DicomHeader | None  # None when the file is set aside at the scan
+    reason: str | None = None  # why the file is set aside at the scan
+    pixel_reason: str | None = None  # the header is usable, the pixels are not
+    pixels_checked: bool = False
+
+
+def _decode_wanted(h: DicomHeader, d: DicomConfig) -> bool:
+    """Whether a file can be selected by :func:`select_images`, so that its pixels are checked at the scan:
+    an allowed modality and, under the frontal policy, a frontal view or none stated."""
+    if h.modality not in {m.upper() for m in d.modalities}:
+        return False
+    if h.modality in VOLUME_MODALITIES or d.view_policy != "frontal" or not h.view:
+        return True
+    return h.view in {v.upper() for v in d.frontal_views}
+
+
+def examine_file(path: str, cfg_json: str) -> FileFacts:
+    """Everything the build needs from one file, read once: type and size checks, the fingerprint, the
+    header and (with ``verify_pixels``) a full decode of a file that can be selected. Runs in a worker
+    process (:mod:`clinfuse.data.workers`) with a deadline and a memory cap."""
+    cfg = _config_from(cfg_json)
+    p = Path(path)
+    limit = int(cfg.dicom.max_file_mb * 2**20)
+    try:
+        st = p.stat()  # follows a file link: a link to /dev/zero is a character device, not a file
+        if not stat.S_ISREG(st.st_mode):
+            return FileFacts(None, None, "not a regular file (a FIFO, device or socket)")
+        size = st.st_size
+        if size > limit:
+            return FileFacts(None, None, f"file of {size / 2**20:,.0f} MB exceeds cohort.dicom.max_file_mb = "
+                             f"{cfg.dicom.max_file_mb:g}")
+        whole = cfg.fingerprint == "content" or cfg.dicom.verify_pixels
+        with open(p, "rb") as fh:
+            data = fh.read(size) if whole else fh.read(_HEADER_BYTES)
+            grew = whole and fh.read(1)
+    except OSError as e:
+        return FileFacts(None, None, f"cannot read file: {e.strerror or e}")
+    if grew:
+        return FileFacts(None, None, "file changed size while it was read (still being written?)")
+    # content: every byte; header: the first block and the size (blind to later pixel-only edits)
+    digest = hashlib.sha256(data if cfg.fingerprint == "content" else data[:_HEADER_BYTES] + str(size).encode())
+    decode = cfg.dicom.verify_pixels and len(data) == size
+    parsed = None
+    if decode:  # one parse serves the header and the pixels; a file it fails on takes the careful path below
+        try:
+            parsed = dcmread_robust(p, data=data)
+        except DicomReadError:
+            parsed = None
+    try:
+        try:
+            ds, _ = parsed if parsed is not None else dcmread_robust(p, stop_before_pixels=True, data=data)
+            h = _header_from(ds, path)
+        except DicomReadError:
+            if len(data) == size:
+                raise
+            data = p.read_bytes()  # the header is longer than the first block: read it all
+            ds, _ = dcmread_robust(p, stop_before_pixels=True, data=data)
+            h = _header_from(ds, path)
+    except DicomReadError as e:
+        return FileFacts(digest.hexdigest(), None, e.reason)
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a header value pydicom cannot convert stops this file only
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return FileFacts(digest.hexdigest(), None, f"unreadable DICOM header: {type(e).__name__}: {first}"[:300])
+    facts = FileFacts(digest.hexdigest(), h)
+    if cfg.dicom.verify_pixels and _decode_wanted(h, cfg.dicom):
+        d = cfg.dicom
+        window = (d.window_center, d.window_width) if d.voi == "window" else None
+        try:
+            check_dicom(p, voi=d.voi, window=window, channels=d.channels,
+                        dataset=parsed if parsed is not None else dcmread_robust(p, data=data))
+        except DicomReadError as e:
+            facts.pixel_reason = e.reason
+        except MemoryError:
+            facts.pixel_reason = (f"decoding needs more memory than a reading process may use "
+                                  f"(cohort.dicom.max_worker_mb = {d.max_worker_mb:g})")
+        facts.pixels_checked = True
+    return facts
+
+
+_CONFIGS: dict[str, CohortConfig] = {}
+
+
+def _config_from(cfg_json: str) -> CohortConfig:
+    cfg = _CONFIGS.get(cfg_json)
+    if cfg is None:
+        cfg = _CONFIGS[cfg_json] = CohortConfig.model_validate_json(cfg_json)
+    return cfg
+
+
 def scan_dicom(root: str | Path, cfg: CohortConfig, progress: bool = True) -> ScanResult:
     """Read the header of every candidate file under `root`; set aside what cannot be used.
+
+    Each file is read once, in worker processes on every usable core (``cohort.workers``), within
+    ``cohort.dicom.max_seconds_per_file`` and ``cohort.dicom.max_worker_mb``: a file past either is set
+    aside with the reason. With ``verify_pixels`` the pixels of every file that can be selected are
+    decoded there too (:attr:`DicomHeader.pixel_reason` says why they cannot be used).
 
     Raises:
         CohortInputError: `root` is missing or holds no readable DICOM file.
@@ -150,48 +254,28 @@ def scan_dicom(root: str | Path, cfg: CohortConfig, progress: bool = True) -> Sc
             files.append(p)
         else:
             skipped += 1
+    cfg_json = cfg.model_dump_json()
+    seconds = cfg.dicom.max_seconds_per_file
+    facts: list[FileFacts | None] = [None] * len(files)
+    # absolute paths: a reading process started earlier in this session may have another working directory
+    results = bounded_map("clinfuse.data.studies:examine_file", [(os.path.abspath(p), cfg_json) for p in files],
+                          workers=cfg.workers or None, seconds=seconds, memory_mb=cfg.dicom.max_worker_mb,
+                          what=lambda s: f"reading took longer than {s:g} s (cohort.dicom.max_seconds_per_file): "
+                                         "a damaged or hostile file, or raise the limit")
+    for i, r in progress_of(results, "scan DICOM", "file", enabled=progress, total=len(files)):
+        facts[i] = FileFacts(None, None, r.reason) if isinstance(r, Failed) else r
     headers: list[DicomHeader] = []
-    limit = int(cfg.dicom.max_file_mb * 2**20)
     digests: dict[str, str] = {}
-    for p in progress_of(files, "scan DICOM", "file", enabled=progress):
-        rel = p.relative_to(root).as_posix()
-        try:
-            st = p.stat()  # follows a file link: a link to /dev/zero is a character device, not a file
-            if not stat.S_ISREG(st.st_mode):
-                quarantine.append(QuarantineEntry("dicom", str(p), "not a regular file (a FIFO, device or socket)"))
-                continue
-            size = st.st_size
-            if size > limit:
-                quarantine.append(QuarantineEntry("dicom", str(p), f"file of {size / 2**20:,.0f} MB exceeds "
-                                                  f"cohort.dicom.max_file_mb = {cfg.dicom.max_file_mb:g}"))
-                continue
-            with open(p, "rb") as fh:
-                data = fh.read() if cfg.fingerprint == "content" else fh.read(_HEADER_BYTES)
-        except OSError as e:
-            quarantine.append(QuarantineEntry("dicom", str(p), f"cannot read file: {e.strerror or e}"))
+    for p, f in zip(files, facts):
+        assert f is not None
+        if f.digest is not None:
+            digests[p.relative_to(root).as_posix()] = f.digest
+        if f.header is None:
+            quarantine.append(QuarantineEntry("dicom", str(p), f.reason or "unreadable"))
             continue
-        try:
-            try:
-                ds, _ = dcmread_robust(p, stop_before_pixels=True, data=data)
-                h = _header_from(ds, str(p))
-            except DicomReadError:
-                if len(data) == size:
-                    raise
-                data = p.read_bytes()  # the header is longer than the first block: read it all
-                ds, _ = dcmread_robust(p, stop_before_pixels=True, data=data)
-                h = _header_from(ds, str(p))
-        except DicomReadError as e:
-            digests[rel] = hashlib.sha256(data).hexdigest()
-            quarantine.append(QuarantineEntry("dicom", str(p), e.reason))
-            continue
-        except Exception as e:  # noqa: BLE001 - a header value pydicom cannot convert stops this file only
-            digests[rel] = hashlib.sha256(data).hexdigest()
-            quarantine.append(QuarantineEntry("dicom", str(p), f"unreadable DICOM header: {type(e).__name__}: "
-                                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]))
-            continue
-        # content: every byte; header: the first block and the size (blind to later pixel-only edits)
-        digests[rel] = hashlib.sha256(data + (b"" if cfg.fingerprint == "content" else str(size).encode())).hexdigest()
-        headers.append(h)
+        f.header.path = str(p)  # as the caller named it
+        f.header.pixel_reason, f.header.pixels_checked = f.pixel_reason, f.pixels_checked
+        headers.append(f.header)
     if not headers:
         where = f"{len(files)} candidate file(s), none readable" if files else "no candidate files"
         raise CohortInputError(

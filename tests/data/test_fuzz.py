@@ -36,7 +36,8 @@ def test_fuzz_the_dicom_reader(tmp_path, small_export):
     env = {**os.environ, "RUST_BACKTRACE": "0"}
     p = subprocess.run([sys.executable, str(Path(__file__).with_name("fuzz_dicom.py")), str(corpus),
                         # per input: a corrupt 22 kB JPEG-LS file takes 10 s to fail in the JPEG-LS decoder
-                        # (native code, 30 s+ under instrumentation; found by this fuzzer, not yet bounded)
+                        # (native code, 30 s+ under instrumentation; found by this fuzzer; the cohort build bounds
+                        # it with cohort.dicom.max_seconds_per_file, tests/data/test_workers.py)
                         f"-max_total_time={SECONDS}", "-rss_limit_mb=3000", "-timeout=180",
                         f"-artifact_prefix={crashes}/", "-print_final_stats=1"],
                        capture_output=True, text=True, env=env, timeout=SECONDS + 600)
