@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--reports", metavar="FILE_OR_DIR",
                    help="reports: CSV, JSON lines, or a folder of <key>.txt; omit for an image-only cohort")
     b.add_argument("--labels", metavar="FILE", required=True, help="labels CSV: the key column and label column(s)")
+    b.add_argument("--variables", metavar="FILE",
+                   help="structured clinical variables CSV: the key column and one column per variable (declare "
+                   "them in cohort.variables, or let the build infer numeric/categorical and record it)")
     b.add_argument("--key", choices=["StudyInstanceUID", "AccessionNumber"],
                    help="join key (default from config: StudyInstanceUID)")
     b.add_argument("--reports-key", metavar="COL", help="key column name in the reports file (default: the key)")
@@ -98,6 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="key of reports.csv and labels.csv")
     s.add_argument("--corrupt", type=int, default=0, metavar="N",
                    help="add N broken files (zero-byte, not DICOM, truncated, cut header)")
+    s.add_argument("--views", type=int, choices=[1, 2], default=1,
+                   help="2: every imaged study has a frontal and a lateral view, the finding visible in either, "
+                   "both or neither (default 1: a frontal view, 20%% with a lateral that shows nothing)")
+    s.add_argument("--missing-view", type=float, default=0.1, metavar="R",
+                   help="with --views 2: share of imaged studies missing one of the two views (default 0.1)")
+    s.add_argument("--variables", type=int, default=0, metavar="N",
+                   help="write variables.csv: N numeric clinical variables carrying part of the signal "
+                   "(temperature_c, wbc, crp, spo2, ...) and an uninformative 'sex' (default 0: none)")
+    s.add_argument("--missing-variable", type=float, default=0.15, metavar="R",
+                   help="with --variables: share of missing values per variable (default 0.15)")
     s.add_argument("--no-progress", action="store_true", help="hide progress bars")
     t = sub.add_parser(
         "train", help="train the fusion model on a cohort (resumable; torchrun: DDP)",
@@ -384,7 +397,8 @@ def _cohort_build(args) -> int:
         if v:
             overrides.append(f"{key}={json.dumps([c.strip() for c in v.split(',') if c.strip()])}")
     cfg = load_config(args.config, overrides)
-    summary = build_cohort(args.dicom, args.reports, args.labels, args.out, cfg, progress=not args.no_progress)
+    summary = build_cohort(args.dicom, args.reports, args.labels, args.out, cfg, progress=not args.no_progress,
+                           variables=args.variables)
     print(format_summary(summary.info))
     print(f"\ncohort written to {summary.out_dir} ({summary.n_studies} studies; "
           f"{summary.n_quarantined} set aside: see quarantine.csv)")
@@ -404,12 +418,17 @@ def _synth(args) -> int:
 
     spec = SynthSpec(studies=args.studies, prevalence=args.prevalence, missing_image=args.missing_image,
                      missing_report=args.missing_report, seed=args.seed, size=args.size, task=args.task,
-                     n_findings=args.findings, key=args.key, corrupt=args.corrupt)
+                     n_findings=args.findings, key=args.key, corrupt=args.corrupt, views=args.views,
+                     missing_view=args.missing_view, variables=args.variables,
+                     missing_variable=args.missing_variable)
     s = synthesize(args.out, spec, progress=not args.no_progress)
     print(f"synthetic export written to {args.out}: {s['studies']} studies, {s['with_image']} with images, "
-          f"{s['with_report']} with reports, {len(s['corrupt_files'])} broken files; labels {s['label_columns']}")
+          f"{s['with_report']} with reports, {len(s['corrupt_files'])} broken files; labels {s['label_columns']}"
+          + (f"; variables {', '.join(s['variables']['numeric'])}, sex" if s.get("variables") else ""))
     print(f"next: clinfuse cohort build --dicom {Path(args.out) / 'dicom'} --reports {Path(args.out) / 'reports.csv'} "
           f"--labels {Path(args.out) / 'labels.csv'} --key {args.key} --task {args.task}"
+          + (f" --variables {Path(args.out) / 'variables.csv'}" if s.get("variables") else "")
+          + (" --set cohort.dicom.view_policy=all" if args.views == 2 else "")
           + (f" --label-columns {','.join(s['label_columns'])}" if args.task == "multilabel" else "")
           + (f" --classes {','.join(s['classes'])}" if args.task == "multiclass" else "")
           + " --out COHORT_DIR")

@@ -70,7 +70,7 @@ class DicomConfig(_Strict):
     view_policy: Literal["frontal", "all"] = Field(
         "frontal",
         description="For 2D studies: 'frontal' keeps images whose ViewPosition is in "
-        "frontal_views (all images when none states a view); 'all' keeps every image.",
+        "frontal_views (all images when none states a view); 'all' keeps every image, frontal views first.",
     )
     frontal_views: list[str] = Field(["PA", "AP"], description="ViewPosition values counted as frontal.")
     verify_pixels: bool = Field(
@@ -81,7 +81,6 @@ class DicomConfig(_Strict):
     max_file_mb: float = Field(
         2048, gt=0, description="Files larger than this are set aside unread (a chest radiograph is a few "
         "to a few hundred MB; a multi-GB file is a mistake or an attack on memory).")
-
     max_seconds_per_file: float = Field(
         60, gt=0, description="Reading one file (its bytes, header and pixel decode) may take this long; a file "
         "past it is set aside (a damaged compressed stream can keep a decoder busy for minutes).")
@@ -184,6 +183,28 @@ class SplitConfig(_Strict):
         return self
 
 
+class NumericVariable(_Strict):
+    """A numeric clinical variable and the range of values accepted."""
+
+    min: float | None = Field(None, description="Smallest accepted value (None: no bound).")
+    max: float | None = Field(None, description="Largest accepted value (None: no bound).")
+
+
+class VariablesConfig(_Strict):
+    """Structured clinical variables (age, sex, vital signs, laboratory values): a CSV joined by the key."""
+
+    key_column: str | None = Field(None, description="Key column of the variables file; defaults to the cohort key.")
+    numeric: dict[str, NumericVariable] = Field(
+        {}, description="Numeric variables by column name, each with an optional accepted range. With neither "
+        "numeric nor categorical declared, the build infers them from the file and records what it inferred.")
+    categorical: dict[str, list[str]] = Field(
+        {}, description="Categorical variables by column name, each with its allowed values.")
+
+    @property
+    def declared(self) -> bool:
+        return bool(self.numeric or self.categorical)
+
+
 class CohortConfig(_Strict):
     """Turning a hospital export into a cohort."""
 
@@ -193,6 +214,7 @@ class CohortConfig(_Strict):
     dicom: DicomConfig = DicomConfig()
     reports: ReportConfig = ReportConfig()
     labels: LabelConfig = LabelConfig()
+    variables: VariablesConfig = VariablesConfig()
     split: SplitConfig = SplitConfig()
     fingerprint: Literal["content", "header"] = Field(
         "content",

@@ -33,6 +33,7 @@ from .dicom import decoder_report
 from .labels import load_labels
 from .quarantine import CohortInputError, QuarantineEntry, reason_category, write_quarantine
 from .reports import load_reports
+from .variables import load_variables
 from .studies import DicomHeader, group_studies, scan_dicom, select_images
 from ..progress import progress as progress_of
 
@@ -41,7 +42,7 @@ __all__ = ["build_cohort", "assign_splits", "read_cohort", "format_summary", "Co
 
 SPLITS = ("train", "val", "test")
 COHORT_COLUMNS = ["study_id", "patient_id", "split", "image_present", "report_present", "modality", "kind",
-                  "n_images", "image_paths", "report"]
+                  "n_images", "image_paths", "image_views", "report", "variables"]
 
 
 @dataclass
@@ -128,6 +129,7 @@ def build_cohort(
     out_dir: str | Path,
     config: Config | CohortConfig | None = None,
     progress: bool = True,
+    variables: str | Path | None = None,
 ) -> CohortSummary:
     """Build a cohort from a hospital export.
 
@@ -138,6 +140,8 @@ def build_cohort(
         out_dir: where cohort.csv, quarantine.csv, cohort.json, config.yaml and private/ go.
         config: the configuration (its ``cohort`` section is used).
         progress: show progress bars.
+        variables: structured clinical variables CSV (key column + one column per variable; see
+            :mod:`clinfuse.data.variables`), or None.
 
     Raises:
         CohortInputError: an input is wholly unusable (missing, no DICOM, a key column missing).
@@ -175,6 +179,17 @@ def build_cohort(
         for f in sorted(rp.rglob("*.txt")) if rp.is_dir() else [rp]:
             digest.update(b"report\0" + f.read_bytes())
 
+    var_table = None
+    if variables is not None:
+        var_table = load_variables(variables, cfg.variables.key_column or key, cfg.variables)
+        quarantine += var_table.quarantine
+        warnings += var_table.warnings
+        digest.update(b"variables\0" + Path(variables).read_bytes())
+        if var_table.inferred:  # the cohort's config records what was inferred: training reads it from there
+            cfg = cfg.model_copy(update={"variables": var_table.declared})
+            if isinstance(config, Config):
+                config = config.model_copy(update={"cohort": cfg})
+
     studies: dict[str, list[DicomHeader]] = {}
     n_files = 0
     if dicom_dir is not None:
@@ -187,6 +202,7 @@ def build_cohort(
         quarantine += q
 
     reports_by_key = report_table.reports if report_table else {}
+    vars_by_key = var_table.values if var_table else {}
     all_keys = sorted(set(studies) | set(reports_by_key) | set(label_table.labels))
 
     rows: list[dict] = []
@@ -227,7 +243,8 @@ def build_cohort(
             quarantine.append(QuarantineEntry("study", files[0].path, "no image of the study was selected "
                                               f"(views {sorted({h.view or '?' for h in files})}, policy "
                                               f"'{cfg.dicom.view_policy}')"))
-        if not selected and rep is None:
+        study_vars = vars_by_key.get(k) or {}
+        if not selected and rep is None and not study_vars:
             if files:
                 quarantine.append(QuarantineEntry("study", files[0].path, "no usable image and no report"))
             else:
@@ -248,7 +265,9 @@ def build_cohort(
             "image_present": int(bool(selected)), "report_present": int(rep is not None),
             "modality": selected[0].modality if selected else "", "kind": kind if selected else "",
             "n_images": len(selected), "image_paths": json.dumps([str(Path(h.path).resolve()) for h in selected]),
+            "image_views": json.dumps([h.view for h in selected]),
             "report": rep.text if rep else "",
+            "variables": json.dumps(study_vars, sort_keys=True),
         }
         for col, v in zip(_label_header(cfg), label if cfg.labels.task == "multilabel" else [label[0]]):
             row[col] = v
@@ -265,6 +284,11 @@ def build_cohort(
         if not pid.startswith("__study__"):
             identifiers["patient_id"].add(pid)
 
+    joined = set(private_key for _, private_key in private_keys)
+    for k in sorted(set(vars_by_key) - joined):
+        if k not in label_table.labels:
+            quarantine.append(QuarantineEntry("variable", var_table.sources[k], f"no valid label for this {key}; "
+                                              "its variables join no study"))
     if not rows:
         if not label_table.labels:
             reasons = Counter(q.reason for q in label_table.quarantine).most_common(2)
@@ -313,6 +337,14 @@ def build_cohort(
                     report_table.n_records if report_table else 0, label_table.n_records,
                     n_unknown_patient, warnings)
     info["counts"]["identifiers_redacted_in_reports"] = n_redacted
+    if var_table is not None:
+        info["variables"] = {
+            "numeric": sorted(cfg.variables.numeric), "categorical": dict(sorted(cfg.variables.categorical.items())),
+            "inferred": var_table.inferred, "records": var_table.n_records,
+            "studies_with_any": sum(r["variables"] != "{}" for r in rows),
+            "missing_share": {name: round(sum(name not in json.loads(r["variables"]) for r in rows) / len(rows), 4)
+                              for name in [*sorted(cfg.variables.numeric), *sorted(cfg.variables.categorical)]},
+        }
     info["files"] = {"cohort.csv": csv_digest}
     tmp = out / f".cohort.json.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(info, indent=2))
@@ -394,6 +426,8 @@ def read_cohort(cohort_dir: str | Path) -> tuple[list[dict], dict]:
             r["image_present"] = r["image_present"] == "1"
             r["report_present"] = r["report_present"] == "1"
             r["n_images"] = int(r["n_images"])
+            r["image_views"] = json.loads(r.get("image_views") or "[]") or [""] * len(r["image_paths"])
+            r["variables"] = json.loads(r.get("variables") or "{}")
             for c in info["label_columns"]:
                 r[c] = int(r[c])
             rows.append(r)
@@ -417,6 +451,12 @@ def format_summary(info: dict) -> str:
         lines.append(f"{name:<6} {s['studies']:>7} {s['patients']:>8} {m['both']:>6} {m['image_only']:>8} "
                      f"{m['report_only']:>8}  {prev}")
     lines.append("(prevalence columns: share of studies with that class)")
+    v = info.get("variables")
+    if v:
+        lines += ["", f"variables ({'inferred from the file' if v['inferred'] else 'declared'}): numeric "
+                  f"{', '.join(v['numeric']) or '-'}; categorical {', '.join(v['categorical']) or '-'}; "
+                  f"{v['studies_with_any']} studies with any; missing share "
+                  + ", ".join(f"{k} {x:.0%}" for k, x in v["missing_share"].items())]
     if info.get("quarantine_reasons"):
         lines += ["", "set aside:"] + [f"  {n:>5}  {r}" for r, n in info["quarantine_reasons"].items()]
     return "\n".join(lines)

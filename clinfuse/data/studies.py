@@ -323,9 +323,10 @@ def select_images(files: list[DicomHeader], cfg: DicomConfig) -> tuple[list[Dico
         # The series with the most slices (ties: the first by UID) makes the volume.
         best = sorted(series.items(), key=lambda kv: (-sum(x.frames for x in kv[1]), kv[0]))[0][1]
         return sort_slices(best), "3d", quarantine
-    keep.sort(key=lambda h: (h.series_uid, h.instance_number or 0, h.path))
+    frontal = {v.upper() for v in cfg.frontal_views}
+    # frontal views first (the image a one-image model reads), then by series and instance
+    keep.sort(key=lambda h: (h.view not in frontal, h.series_uid, h.instance_number or 0, h.path))
     if cfg.view_policy == "frontal":
-        frontal = {v.upper() for v in cfg.frontal_views}
         if any(h.view for h in keep):
             chosen = [h for h in keep if h.view in frontal]
             return chosen, "2d", quarantine

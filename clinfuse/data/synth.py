@@ -31,7 +31,8 @@ import numpy as np
 from ..errors import ClinfuseError
 from ..progress import progress as progress_of
 
-__all__ = ["SynthSpec", "synthesize", "FINDINGS", "P_IMAGE", "P_TEXT", "posterior"]
+__all__ = ["SynthSpec", "synthesize", "FINDINGS", "P_IMAGE", "P_TEXT", "P_LATERAL", "VARIABLES", "GROUPS",
+           "posterior", "subset_name", "variable_names"]
 
 # P(cue level | label) for image cues (none, faint, dense) and text cues (none, hedged, stated).
 P_IMAGE = {1: np.array([0.25, 0.35, 0.40]), 0: np.array([0.85, 0.12, 0.03])}
@@ -83,6 +84,23 @@ class SynthSpec:
     lateral: float = 0.2  # share of studies that also have a lateral view
     monochrome1: float = 0.15
     corrupt: int = 0  # broken files added to the export (zero-byte, truncated, not DICOM, ...)
+    views: int = 1  # 2: every imaged study has a frontal and a lateral view, each with its own cue
+    missing_view: float = 0.1  # views=2: share of imaged studies missing one view (either, at random)
+    variables: int = 0  # structured numeric variables carrying signal (plus an uninformative 'sex')
+    missing_variable: float = 0.15  # share of missing values per variable (completely at random)
+
+
+# views=2: P(lateral cue | label). A finding is visible on the frontal view, the lateral view, both or
+# neither, each view's cue drawn independently given the label.
+P_LATERAL = {1: np.array([0.40, 0.30, 0.30]), 0: np.array([0.88, 0.09, 0.03])}
+# Structured variables: (name, unit base, unit scale, direction); the value is base + scale * z with
+# z ~ N(direction * effect * y_k, 1) for the finding k = j mod K the variable informs.
+VARIABLES = (("temperature_c", 37.0, 0.6, 1), ("wbc", 8.0, 2.5, 1), ("crp", 20.0, 15.0, 1),
+             ("spo2", 96.0, 2.0, -1), ("heart_rate", 80.0, 12.0, 1), ("resp_rate", 16.0, 3.0, 1),
+             ("lactate", 1.2, 0.5, 1), ("age", 60.0, 15.0, 1))
+VARIABLE_EFFECT = 0.8  # separation in SD units of each variable between y=1 and y=0
+# Groups of evidence whose subsets truth.csv covers (views=2 or variables>0): frontal, lateral, report, variables
+GROUPS = ("frontal", "lateral", "report", "variables")
 
 
 def _findings(spec: SynthSpec) -> tuple[Finding, ...]:
@@ -98,35 +116,56 @@ def class_names(spec: SynthSpec) -> list[str]:
     return [x.name for x in f]
 
 
-def posterior(spec: SynthSpec, o: np.ndarray | None, t: np.ndarray | None) -> np.ndarray:
-    """Exact P(label | cues). `o`, `t`: int arrays ``[K]`` of cue levels, or None when unseen.
+def posterior(spec: SynthSpec, o: np.ndarray | None, t: np.ndarray | None, lat: np.ndarray | None = None,
+              z: np.ndarray | None = None) -> np.ndarray:
+    """Exact P(label | cues). `o`, `t`, `lat`: int arrays ``[K]`` of cue levels (frontal image, report, lateral
+    image), or None when unseen; `z`: the variables' standardised values ``[V]``, NaN where missing (or None).
 
     Returns ``[K]`` per-finding probabilities (binary, multilabel) or ``[K+1]`` class probabilities.
     """
     k = len(_findings(spec))
+
+    def loglik(j: int, pos: int) -> float:
+        """log P(evidence about finding j | y_j = pos)."""
+        v = 0.0
+        if o is not None:
+            v += np.log(P_IMAGE[pos][o[j]])
+        if t is not None:
+            v += np.log(P_TEXT[pos][t[j]])
+        if lat is not None:
+            v += np.log(P_LATERAL[pos][lat[j]])
+        if z is not None:
+            for i, zi in enumerate(z):
+                if i % k == j and np.isfinite(zi):
+                    mu = VARIABLES[i % len(VARIABLES)][3] * VARIABLE_EFFECT * pos
+                    v += -0.5 * (zi - mu) ** 2
+        return v
+
     if spec.task == "multiclass":
         prior = np.array([1 - spec.prevalence * k] + [spec.prevalence] * k)
         logp = np.log(prior)
         for y in range(k + 1):
             for j in range(k):
-                pos = int(y == j + 1)
-                if o is not None:
-                    logp[y] += np.log(P_IMAGE[pos][o[j]])
-                if t is not None:
-                    logp[y] += np.log(P_TEXT[pos][t[j]])
+                logp[y] += loglik(j, int(y == j + 1))
         p = np.exp(logp - logp.max())
         return p / p.sum()
     out = np.empty(k)
     for j in range(k):
-        l1, l0 = np.log(spec.prevalence), np.log(1 - spec.prevalence)
-        if o is not None:
-            l1 += np.log(P_IMAGE[1][o[j]])
-            l0 += np.log(P_IMAGE[0][o[j]])
-        if t is not None:
-            l1 += np.log(P_TEXT[1][t[j]])
-            l0 += np.log(P_TEXT[0][t[j]])
+        l1 = np.log(spec.prevalence) + loglik(j, 1)
+        l0 = np.log(1 - spec.prevalence) + loglik(j, 0)
         out[j] = 1.0 / (1.0 + np.exp(l0 - l1))
     return out
+
+
+def subset_name(groups) -> str:
+    """The truth.csv name of a subset of :data:`GROUPS` ('none' for the empty one), e.g. 'frontal+report'."""
+    return "+".join(g for g in GROUPS if g in groups) or "none"
+
+
+def variable_names(spec: SynthSpec) -> list[str]:
+    """The numeric variables of `spec` (``variables.csv`` also holds the categorical 'sex')."""
+    return [VARIABLES[i % len(VARIABLES)][0] + ("" if i < len(VARIABLES) else f"_{i // len(VARIABLES)}")
+            for i in range(spec.variables)]
 
 
 def _render(rng: np.random.Generator, size: int, findings, o: np.ndarray, lateral: bool = False) -> np.ndarray:
@@ -139,6 +178,13 @@ def _render(rng: np.random.Generator, size: int, findings, o: np.ndarray, latera
     if lateral:
         lung = ((yy - 0.5 - dy) / (0.3 * s)) ** 2 + ((xx - 0.5 - dx) / (0.25 * s)) ** 2 < 1
         img[lung] = 0.25
+        for f, level in zip(findings, o):  # one lung field seen from the side: the finding's height, mid-depth
+            if level == 0:
+                continue
+            amp = (0.12 if level == 1 else 0.30) * rng.uniform(0.85, 1.15)
+            cy, cx = f.zone[0] + dy + rng.normal(0, 0.03), 0.45 + dx + rng.normal(0, 0.03)
+            r = rng.uniform(0.06, 0.09)
+            img += amp * np.exp(-(((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r)))
     else:
         for cx in (0.31, 0.69):
             lung = ((yy - 0.52 - dy) / (0.30 * s)) ** 2 + ((xx - cx - dx) / (0.15 * s)) ** 2 < 1
@@ -226,7 +272,10 @@ def synthesize(out_dir: str | Path, spec: SynthSpec | None = None, progress: boo
     k = len(findings)
     if not 0 < spec.prevalence < 1 or (spec.task == "multiclass" and spec.prevalence * k >= 1):
         raise ClinfuseError(f"prevalence {spec.prevalence} is out of range for task '{spec.task}' with {k} findings")
-    for name in ("missing_image", "missing_report", "lateral", "monochrome1"):
+    if spec.views not in (1, 2) or spec.variables < 0:
+        raise ClinfuseError(f"views must be 1 or 2 and variables >= 0, got views={spec.views}, "
+                            f"variables={spec.variables}")
+    for name in ("missing_image", "missing_report", "lateral", "monochrome1", "missing_view", "missing_variable"):
         v = getattr(spec, name)
         if not 0 <= v <= 1:
             raise ClinfuseError(f"{name} must be in [0, 1], got {v}")
@@ -246,8 +295,13 @@ def synthesize(out_dir: str | Path, spec: SynthSpec | None = None, progress: boo
                          "birth": f"{rng.integers(1930, 2005)}{rng.integers(1, 13):02d}{rng.integers(1, 29):02d}"})
     owner = [i for i, p in enumerate(patients) for _ in range(p["n"])][: spec.studies]
 
-    reports, labels, truth = [], [], []
+    reports, labels, truth, variables = [], [], [], []
     uid = 0
+    # Draws for the second view and the variables come from their own stream, so that the exports made
+    # before they existed (views=1, no variables) stay byte for byte what they were.
+    rx = np.random.default_rng([spec.seed, 13])
+    var_names = variable_names(spec)
+    extended = spec.views == 2 or spec.variables > 0
 
     def new_uid(tag: str) -> str:
         nonlocal uid
@@ -268,8 +322,34 @@ def synthesize(out_dir: str | Path, spec: SynthSpec | None = None, progress: boo
         t = np.array([rng.choice(3, p=P_TEXT[int(v)]) for v in y])
         has_image = rng.random() >= spec.missing_image
         has_report = rng.random() >= spec.missing_report or not has_image
+        lat = np.array([rx.choice(3, p=P_LATERAL[int(v)]) for v in y]) if spec.views == 2 else None
+        has_frontal, has_lateral = has_image, False
+        if spec.views == 2 and has_image:
+            has_lateral = True
+            if rx.random() < spec.missing_view:
+                if rx.random() < 0.5:
+                    has_frontal = False
+                else:
+                    has_lateral = False
+        z = None
+        if spec.variables:
+            z = np.full(spec.variables, np.nan)
+            var_row = {}
+            for i, name in enumerate(var_names):
+                _, base, scale, sign = VARIABLES[i % len(VARIABLES)]
+                zi = rx.normal(sign * VARIABLE_EFFECT * y[i % k], 1.0)
+                if rx.random() >= spec.missing_variable:
+                    value = round(base + scale * zi, 2)
+                    z[i] = (value - base) / scale  # the posterior reads the value as written
+                    var_row[name] = value
+                else:
+                    var_row[name] = ""
+            var_row["sex"] = p["sex"] if rx.random() >= spec.missing_variable else ""
         study_uid, accession = new_uid("study"), f"ACC{rng.integers(10**8, 10**9)}"
         key = study_uid if spec.key == "StudyInstanceUID" else accession
+        if spec.variables:
+            var_row[spec.key] = key
+            variables.append(var_row)
         if has_image:
             meta = {"study_uid": study_uid, "accession": accession, "patient_name": p["name"],
                     "patient_id": p["id"], "birth_date": p["birth"], "sex": p["sex"],
@@ -277,11 +357,14 @@ def synthesize(out_dir: str | Path, spec: SynthSpec | None = None, progress: boo
                     "referrer": _name(rng)}
             mono1 = bool(rng.random() < spec.monochrome1)
             views = [("PA" if rng.random() < 0.6 else "AP", False)]
-            if rng.random() < spec.lateral:
+            if rng.random() < spec.lateral and spec.views == 1:
                 views.append(("LL", True))
+            if spec.views == 2:
+                views = ([views[0]] if has_frontal else []) + ([("LL", True)] if has_lateral else [])
             for n_series, (view, is_lat) in enumerate(views, start=1):
                 sop = new_uid("sop")
-                img = _render(rng, spec.size, findings, o if not is_lat else np.zeros(k, int), lateral=is_lat)
+                cue = (lat if spec.views == 2 else np.zeros(k, int)) if is_lat else o
+                img = _render(rng, spec.size, findings, cue, lateral=is_lat)
                 _write_dicom(out / "dicom" / p["id"] / accession / f"{sop}.dcm", img,
                              {**meta, "sop": sop, "series_uid": new_uid("series"), "view": view,
                               "series_number": n_series}, mono1)
@@ -292,7 +375,21 @@ def synthesize(out_dir: str | Path, spec: SynthSpec | None = None, progress: boo
         for j, f in enumerate(findings):
             row[f"y_{f.name}"], row[f"image_cue_{f.name}"], row[f"report_cue_{f.name}"] = int(y[j]), int(o[j]), int(t[j])
         post = {"image": posterior(spec, o, None), "report": posterior(spec, None, t), "both": posterior(spec, o, t),
-                "available": posterior(spec, o if has_image else None, t if has_report else None)}
+                "available": posterior(spec, o if has_frontal else None, t if has_report else None,
+                                       lat if has_lateral else None, z)}
+        if extended:
+            if lat is not None:
+                for j, f in enumerate(findings):
+                    row[f"lateral_cue_{f.name}"] = int(lat[j])
+            row["has_frontal"], row["has_lateral"] = int(has_frontal), int(has_lateral)
+            row["n_variables"] = int(np.isfinite(z).sum()) if z is not None else 0
+            groups = [g for g in GROUPS if (g != "lateral" or spec.views == 2) and (g != "variables" or z is not None)]
+            for mask in range(1, 2 ** len(groups)):
+                chosen = {g for i, g in enumerate(groups) if mask >> i & 1}
+                post[subset_name(chosen)] = posterior(spec, o if "frontal" in chosen else None,
+                                                      t if "report" in chosen else None,
+                                                      lat if "lateral" in chosen else None,
+                                                      z if "variables" in chosen else None)
         out_names = names if spec.task != "binary" else ["label"]
         for which, probs in post.items():
             for n, pr in zip(out_names, probs):
@@ -302,10 +399,13 @@ def synthesize(out_dir: str | Path, spec: SynthSpec | None = None, progress: boo
     _write_csv(out / "reports.csv", reports, [spec.key, "report"])
     _write_csv(out / "labels.csv", labels, [spec.key, "PatientID"] + label_cols)
     _write_csv(out / "truth.csv", truth, list(truth[0]))
+    if spec.variables:
+        _write_csv(out / "variables.csv", variables, [spec.key] + var_names + ["sex"])
     broken = _add_corrupt(out / "dicom", spec.corrupt, rng) if spec.corrupt else []
     summary = {"spec": spec.__dict__, "label_columns": label_cols, "classes": names, "studies": spec.studies,
                "with_image": sum(r["has_image"] for r in truth), "with_report": sum(r["has_report"] for r in truth),
-               "corrupt_files": broken}
+               "corrupt_files": broken,
+               "variables": {"numeric": var_names, "categorical": {"sex": ["F", "M"]}} if spec.variables else None}
     (out / "synth.json").write_text(json.dumps(summary, indent=2))
     return summary
 
