@@ -18,7 +18,7 @@ import random
 import re
 import time
 
-from clinfuse.tracking.phi import _MIN_LEN, PhiGuard
+from clinfuse.phi import _MIN_LEN, PhiGuard
 
 WORDS = ("the lungs are clear no focal consolidation effusion or pneumothorax heart size normal "
          "mild cardiomegaly opacity right lower lobe compared with prior study accession acc00 mrn "

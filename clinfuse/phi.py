@@ -84,16 +84,21 @@ class PhiGuard:
         for kind, values in (identifiers or {}).items():
             for v in values:
                 for x in _variants(kind, str(v)):
-                    for form in {x.lower(), _normal(x)}:  # as typed, and as the normalised views read it
+                    # as typed, and as the normalised views read it; a UID is copied by machines, not typed,
+                    # so only its own dotted form (half the automaton of an export is UIDs)
+                    forms = {x.lower()} if _UID_LIKE.fullmatch(x) else {x.lower(), _normal(x)}
+                    for form in forms:
                         if len(form) >= _MIN_LEN:
                             self.kind_of.setdefault(form, kind)
         self._automaton = None
+        self._entries: list[tuple[str, str, bool]] = []  # the automaton stores an index into this (STORE_INTS)
         if self.kind_of:
             import ahocorasick
 
-            a = ahocorasick.Automaton()
-            for ident, kind in self.kind_of.items():
-                a.add_word(ident, (ident, kind, ident.isdigit()))
+            a = ahocorasick.Automaton(ahocorasick.STORE_INTS)
+            for i, (ident, kind) in enumerate(self.kind_of.items()):
+                self._entries.append((ident, kind, ident.isdigit()))
+                a.add_word(ident, i)
             a.make_automaton()
             self._automaton = a
 
@@ -135,7 +140,8 @@ class PhiGuard:
         for view in (low, _normal(low), _words(low)):
             n = len(view)
             # iter() reports every occurrence, overlapping ones included, by the index of its last character
-            for end, (ident, kind, numeric) in self._automaton.iter(view):
+            for end, i in self._automaton.iter(view):
+                ident, kind, numeric = self._entries[i]
                 if not numeric or _digits_alone(view, end - len(ident) + 1, end + 1, n):
                     return kind
         return None
@@ -153,7 +159,8 @@ class PhiGuard:
             low = "".join(c if len(c.lower()) != 1 else c.lower() for c in text)
         spans = []
         n = len(low)
-        for end, (ident, _kind, numeric) in self._automaton.iter(low):
+        for end, i in self._automaton.iter(low):
+            ident, _kind, numeric = self._entries[i]
             start = end - len(ident) + 1
             if not numeric or _digits_alone(low, start, end + 1, n):
                 spans.append((start, end + 1))
