@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import LabelConfig
 from .quarantine import CohortInputError, KeyedRecords, QuarantineEntry
-from .reports import decode_bytes
+from .reports import open_keyed_csv
 
 __all__ = ["LabelTable", "load_labels", "parse_binary"]
 
@@ -80,20 +78,7 @@ def load_labels(path: str | Path, key_column: str, cfg: LabelConfig) -> LabelTab
         CohortInputError: the file is missing or lacks the key or a label column.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CohortInputError(f"{path}: labels file not found")
-    text, warn = decode_bytes(path.read_bytes())
-    warnings = [f"{path}: {warn}"] if warn else []
-    from .reports import _allow_long_fields
-
-    _allow_long_fields()
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    cols = reader.fieldnames or []
-    if key_column not in cols:
-        raise CohortInputError(
-            f"{path}: key column '{key_column}' not found (columns: {', '.join(cols)}); "
-            "set --labels-key or cohort.labels.key_column"
-        )
+    reader, cols, warnings = open_keyed_csv(path, key_column, "labels", "--labels-key or cohort.labels.key_column")
     missing = [c for c in cfg.columns if c not in cols]
     if missing:
         raise CohortInputError(

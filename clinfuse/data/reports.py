@@ -155,6 +155,24 @@ def _allow_long_fields() -> None:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 
+def open_keyed_csv(path: Path, key_column: str, what: str, key_setting: str):
+    """A CSV of records keyed by `key_column` (labels, variables): ``(reader, columns, warnings)``.
+
+    Raises:
+        CohortInputError: the file is missing or lacks the key column (the message names `key_setting`).
+    """
+    if not path.is_file():
+        raise CohortInputError(f"{path}: {what} file not found")
+    text, warn = decode_bytes(path.read_bytes())
+    _allow_long_fields()
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    cols = list(reader.fieldnames or [])
+    if key_column not in cols:
+        raise CohortInputError(f"{path}: key column '{key_column}' not found (columns: {', '.join(cols)}); "
+                               f"set {key_setting}")
+    return reader, cols, ([f"{path}: {warn}"] if warn else [])
+
+
 def load_reports(path: str | Path, key_column: str, cfg: ReportConfig) -> ReportTable:
     """Read reports keyed by `key_column` from a CSV, a JSON-lines file or a folder of ``<key>.txt``.
 

@@ -11,15 +11,13 @@ cohort's config, so training and inference read the same declaration.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import NumericVariable, VariablesConfig
 from .quarantine import CohortInputError, KeyedRecords, QuarantineEntry
-from .reports import _allow_long_fields, decode_bytes
+from .reports import open_keyed_csv
 
 __all__ = ["VariableTable", "load_variables", "MAX_CATEGORIES"]
 
@@ -76,16 +74,7 @@ def load_variables(path: str | Path, key_column: str, cfg: VariablesConfig) -> V
             usable column.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CohortInputError(f"{path}: variables file not found")
-    text, warn = decode_bytes(path.read_bytes())
-    warnings = [f"{path}: {warn}"] if warn else []
-    _allow_long_fields()
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    cols = [c for c in (reader.fieldnames or [])]
-    if key_column not in cols:
-        raise CohortInputError(f"{path}: key column '{key_column}' not found (columns: {', '.join(cols)}); set "
-                               "cohort.variables.key_column")
+    reader, cols, warnings = open_keyed_csv(path, key_column, "variables", "cohort.variables.key_column")
     rows = list(reader)
     quarantine: list[QuarantineEntry] = []
     others = [c for c in cols if c != key_column and c.lower() not in _IGNORED]
