@@ -152,7 +152,10 @@ def bootstrap_ci(y, p, fn, n: int = 1000, seed: int = 0, groups=None) -> tuple[f
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     if groups is not None:
-        _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+        # clusters numbered by first appearance, not by their names: pseudonyms change with the cohort's
+        # salt, and sorted pseudonyms gave every rebuild of a cohort other resamples (other intervals)
+        _, first, inverse = np.unique(np.asarray(groups), return_index=True, return_inverse=True)
+        inverse = np.argsort(np.argsort(first))[inverse.reshape(-1)]
         order = np.argsort(inverse, kind="stable")  # each cluster's rows, in row order
         members = np.split(order, np.cumsum(np.bincount(inverse))[:-1])
     vals = []

@@ -137,3 +137,20 @@ def test_bayes_table_flags_small_subsets_as_noise():
     lines = small.splitlines()
     assert "143.0%*" in lines[3] and lines[-1].startswith("* fewer than 30 studies")
     assert len(lines[2]) == len(lines[3])                  # the flag does not shift the columns
+
+
+def test_bootstrap_by_patient_does_not_depend_on_the_pseudonyms():
+    """Patient pseudonyms change with a cohort's salt; the interval must not (it did: clusters were numbered
+    by sorted name, so every rebuild of a study's cohort printed other intervals)."""
+    from clinfuse.evaluation.metrics import auroc
+
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 90)
+    p = np.clip(y * 0.3 + rng.random(90) * 0.7, 0, 1)
+    patients = rng.integers(0, 40, 90)
+    names_a = np.array([f"p-{hash(('a', int(x))) & 0xffffff:06x}" for x in patients])
+    names_b = np.array([f"p-{hash(('b', int(x))) & 0xffffff:06x}" for x in patients])
+    assert sorted(set(names_a)) != sorted(set(names_b))
+    assert bootstrap_ci(y, p, auroc, n=200, seed=0, groups=names_a) == \
+        bootstrap_ci(y, p, auroc, n=200, seed=0, groups=names_b) == \
+        bootstrap_ci(y, p, auroc, n=200, seed=0, groups=patients + 1000)
