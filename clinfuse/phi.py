@@ -91,13 +91,12 @@ class PhiGuard:
                         if len(form) >= _MIN_LEN:
                             self.kind_of.setdefault(form, kind)
         self._automaton = None
-        self._entries: list[tuple[str, str, bool]] = []  # the automaton stores an index into this (STORE_INTS)
+        self._idents = list(self.kind_of)  # the automaton stores an index into this (STORE_INTS)
         if self.kind_of:
             import ahocorasick
 
             a = ahocorasick.Automaton(ahocorasick.STORE_INTS)
-            for i, (ident, kind) in enumerate(self.kind_of.items()):
-                self._entries.append((ident, kind, ident.isdigit()))
+            for i, ident in enumerate(self._idents):
                 a.add_word(ident, i)
             a.make_automaton()
             self._automaton = a
@@ -141,9 +140,9 @@ class PhiGuard:
             n = len(view)
             # iter() reports every occurrence, overlapping ones included, by the index of its last character
             for end, i in self._automaton.iter(view):
-                ident, kind, numeric = self._entries[i]
-                if not numeric or _digits_alone(view, end - len(ident) + 1, end + 1, n):
-                    return kind
+                ident = self._idents[i]
+                if not ident.isdigit() or _digits_alone(view, end - len(ident) + 1, end + 1, n):
+                    return self.kind_of[ident]
         return None
 
     def redact(self, text: str, token: str = REDACTED) -> tuple[str, int]:
@@ -160,9 +159,9 @@ class PhiGuard:
         spans = []
         n = len(low)
         for end, i in self._automaton.iter(low):
-            ident, _kind, numeric = self._entries[i]
+            ident = self._idents[i]
             start = end - len(ident) + 1
-            if not numeric or _digits_alone(low, start, end + 1, n):
+            if not ident.isdigit() or _digits_alone(low, start, end + 1, n):
                 spans.append((start, end + 1))
         if not spans:
             return text, 0

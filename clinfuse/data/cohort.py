@@ -284,11 +284,9 @@ def build_cohort(
         if not pid.startswith("__study__"):
             identifiers["patient_id"].add(pid)
 
-    joined = set(private_key for _, private_key in private_keys)
-    for k in sorted(set(vars_by_key) - joined):
-        if k not in label_table.labels:
-            quarantine.append(QuarantineEntry("variable", var_table.sources[k], f"no valid label for this {key}; "
-                                              "its variables join no study"))
+    for k in sorted(set(vars_by_key) - set(label_table.labels)):  # a study needs a label: these join nothing
+        quarantine.append(QuarantineEntry("variable", var_table.sources[k], f"no valid label for this {key}; "
+                                          "its variables join no study"))
     if not rows:
         if not label_table.labels:
             reasons = Counter(q.reason for q in label_table.quarantine).most_common(2)
@@ -338,11 +336,12 @@ def build_cohort(
                     n_unknown_patient, warnings)
     info["counts"]["identifiers_redacted_in_reports"] = n_redacted
     if var_table is not None:
+        present = [vars_by_key.get(k) or {} for _, k in private_keys]  # per row, as written to cohort.csv
         info["variables"] = {
             "numeric": sorted(cfg.variables.numeric), "categorical": dict(sorted(cfg.variables.categorical.items())),
             "inferred": var_table.inferred, "records": var_table.n_records,
-            "studies_with_any": sum(r["variables"] != "{}" for r in rows),
-            "missing_share": {name: round(sum(name not in json.loads(r["variables"]) for r in rows) / len(rows), 4)
+            "studies_with_any": sum(bool(v) for v in present),
+            "missing_share": {name: round(sum(name not in v for v in present) / len(rows), 4)
                               for name in [*sorted(cfg.variables.numeric), *sorted(cfg.variables.categorical)]},
         }
     info["files"] = {"cohort.csv": csv_digest}

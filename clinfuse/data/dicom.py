@@ -301,16 +301,7 @@ def read_dicom(
         >>> img = read_dicom("chest.dcm", voi="file")
         >>> img.pixels.shape   # (1, rows, cols)
     """
-    try:
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # non-finite results are refused below
-            ds, notes = dataset if dataset is not None else dcmread_robust(path, data=data)
-            return _read_dicom(path, voi, window, channels, ds, list(notes), extremes=False)
-    except DicomReadError:
-        raise
-    except BaseException as e:  # noqa: BLE001 - pydicom's own errors on a bad header value, named with the file
-        if not decoder_failure(e):
-            raise
-        raise DicomReadError(path, f"cannot interpret the pixels: {type(e).__name__}: {_first_line(e)}") from None
+    return _read_guarded(path, voi, window, channels, data, dataset, extremes=False)
 
 
 def check_dicom(
@@ -330,13 +321,18 @@ def check_dicom(
     Raises:
         DicomReadError: as :func:`read_dicom` would.
     """
+    _read_guarded(path, voi, window, channels, None, dataset, extremes=True)
+
+
+def _read_guarded(path, voi, window, channels, data, dataset, extremes: bool) -> DicomImage:
+    """:func:`_read_dicom` with every failure a :class:`DicomReadError` naming the file."""
     try:
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            ds, notes = dataset if dataset is not None else dcmread_robust(path)
-            _read_dicom(path, voi, window, channels, ds, list(notes), extremes=True)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # non-finite results are refused
+            ds, notes = dataset if dataset is not None else dcmread_robust(path, data=data)
+            return _read_dicom(path, voi, window, channels, ds, list(notes), extremes=extremes)
     except DicomReadError:
         raise
-    except BaseException as e:  # noqa: BLE001 - as read_dicom
+    except BaseException as e:  # noqa: BLE001 - pydicom's own errors on a bad header value, named with the file
         if not decoder_failure(e):
             raise
         raise DicomReadError(path, f"cannot interpret the pixels: {type(e).__name__}: {_first_line(e)}") from None

@@ -141,10 +141,8 @@ class FileFacts:
     """What one worker learned about one file (see :func:`examine_file`)."""
 
     digest: str | None  # sha256 of the content (or header block + size); None when the file was not read
-    header: DicomHeader | None  # None when the file is set aside at the scan
+    header: DicomHeader | None  # None when the file is set aside at the scan (its pixel_reason, pixels_checked set)
     reason: str | None = None  # why the file is set aside at the scan
-    pixel_reason: str | None = None  # the header is usable, the pixels are not
-    pixels_checked: bool = False
 
 
 def _decode_wanted(h: DicomHeader, d: DicomConfig) -> bool:
@@ -182,13 +180,13 @@ def examine_file(path: str, cfg_json: str) -> FileFacts:
         return FileFacts(None, None, "file changed size while it was read (still being written?)")
     # content: every byte; header: the first block and the size (blind to later pixel-only edits)
     digest = hashlib.sha256(data if cfg.fingerprint == "content" else data[:_HEADER_BYTES] + str(size).encode())
-    decode = cfg.dicom.verify_pixels and len(data) == size
-    parsed = None
-    if decode:  # one parse serves the header and the pixels; a file it fails on takes the careful path below
+    parsed, parse_error = None, None
+    if cfg.dicom.verify_pixels and len(data) == size:
+        # one parse serves the header and the pixels; a file it fails on takes the careful path below
         try:
             parsed = dcmread_robust(p, data=data)
-        except DicomReadError:
-            parsed = None
+        except DicomReadError as e:
+            parse_error = e
     try:
         try:
             ds, _ = parsed if parsed is not None else dcmread_robust(p, stop_before_pixels=True, data=data)
@@ -206,20 +204,21 @@ def examine_file(path: str, cfg_json: str) -> FileFacts:
     except Exception as e:  # noqa: BLE001 - a header value pydicom cannot convert stops this file only
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         return FileFacts(digest.hexdigest(), None, f"unreadable DICOM header: {type(e).__name__}: {first}"[:300])
-    facts = FileFacts(digest.hexdigest(), h)
     if cfg.dicom.verify_pixels and _decode_wanted(h, cfg.dicom):
         d = cfg.dicom
         window = (d.window_center, d.window_width) if d.voi == "window" else None
         try:
+            if parse_error is not None:  # the header parses, the whole file does not
+                raise parse_error
             check_dicom(p, voi=d.voi, window=window, channels=d.channels,
                         dataset=parsed if parsed is not None else dcmread_robust(p, data=data))
         except DicomReadError as e:
-            facts.pixel_reason = e.reason
+            h.pixel_reason = e.reason
         except MemoryError:
-            facts.pixel_reason = (f"decoding needs more memory than a reading process may use "
-                                  f"(cohort.dicom.max_worker_mb = {d.max_worker_mb:g})")
-        facts.pixels_checked = True
-    return facts
+            h.pixel_reason = (f"decoding needs more memory than a reading process may use "
+                              f"(cohort.dicom.max_worker_mb = {d.max_worker_mb:g})")
+        h.pixels_checked = True
+    return FileFacts(digest.hexdigest(), h)
 
 
 _CONFIGS: dict[str, CohortConfig] = {}
@@ -274,7 +273,6 @@ def scan_dicom(root: str | Path, cfg: CohortConfig, progress: bool = True) -> Sc
             quarantine.append(QuarantineEntry("dicom", str(p), f.reason or "unreadable"))
             continue
         f.header.path = str(p)  # as the caller named it
-        f.header.pixel_reason, f.header.pixels_checked = f.pixel_reason, f.pixels_checked
         headers.append(f.header)
     if not headers:
         where = f"{len(files)} candidate file(s), none readable" if files else "no candidate files"

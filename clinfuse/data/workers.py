@@ -72,8 +72,7 @@ class _Worker:
             pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, stderr=self.stderr, env=env, close_fds=True,
         )
         child.close()
-        self.sock = parent  # kept: the Connection below does not own it
-        self.conn = Connection(os.dup(parent.fileno()))
+        self.conn = Connection(parent.detach())  # the connection owns the socket's descriptor
         self.task: int | None = None
         self.started = 0.0
         self.ready = False  # set by the worker's first message, once its imports are done
@@ -92,12 +91,10 @@ class _Worker:
             self.proc.kill()
         except OSError:
             pass
-        self.proc.wait()
-        self.conn.close()
-        self.sock.close()
-        self.stderr.close()
+        self._close()
 
     def stop(self) -> None:
+        """Ask the worker to exit; kill it if it has not within 5 s."""
         try:
             self.conn.send(None)
         except OSError:
@@ -106,9 +103,11 @@ class _Worker:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            self.proc.wait()
+        self._close()
+
+    def _close(self) -> None:
+        self.proc.wait()
         self.conn.close()
-        self.sock.close()
         self.stderr.close()
 
 
@@ -129,6 +128,12 @@ class BoundedPool:
 
     def _spawn(self) -> _Worker:
         return _Worker(self.target, self.memory_mb)
+
+    def _replace(self, workers: list[_Worker], w: _Worker) -> None:
+        """Kill `w` (dead, or past its deadline) and put a fresh worker in its place."""
+        workers.remove(w)
+        w.kill()
+        workers.append(self._spawn())
 
     def map(self, tasks: Iterable[tuple], seconds: float | None = None,
             what: Callable[[float], str] | None = None) -> Iterator[tuple[int, Any]]:
@@ -153,9 +158,7 @@ class BoundedPool:
                         w.conn.send((i, args))
                     except OSError:  # died while idle: replace it; the task waits for the next ready worker
                         pending.append((i, args))
-                        workers.remove(w)
-                        w.kill()
-                        workers.append(self._spawn())
+                        self._replace(workers, w)
                         continue
                     w.task, w.started = i, time.monotonic()  # the clock starts when a ready worker has the task
                     busy[w.conn] = w
@@ -185,9 +188,7 @@ class BoundedPool:
                         yield i, Failed(f"the reading process died ({why}) on this file"
                                         + (f": {words}" if words else "")
                                         + (" (out of memory?)" if code == -signal.SIGKILL else ""))
-                        workers.remove(w)
-                        w.kill()
-                        workers.append(self._spawn())
+                        self._replace(workers, w)
                         continue
                     yield j, (value if ok else Failed(value))
                 if seconds is not None:
@@ -196,9 +197,7 @@ class BoundedPool:
                         if now - w.started >= seconds:
                             busy.pop(conn)
                             i, w.task = w.task, None
-                            workers.remove(w)
-                            w.kill()
-                            workers.append(self._spawn())
+                            self._replace(workers, w)
                             yield i, Failed(what(seconds) if what else f"took longer than {seconds:g} s")
         except BaseException:
             for w in workers:

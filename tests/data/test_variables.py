@@ -85,13 +85,19 @@ def test_cohort_build_joins_inferred_variables_and_views(tmp_path, views_export)
     assert s.n_studies == 60
 
 
+def _tables(d, labels: str, reports: str, variables: str):
+    """labels.csv, reports.csv and variables.csv in `d` with these texts; their paths."""
+    paths = (d / "labels.csv", d / "reports.csv", d / "variables.csv")
+    for path, text in zip(paths, (labels, reports, variables)):
+        path.write_text(text)
+    return paths
+
+
 def test_bad_values_are_set_aside_per_study_and_unknown_columns_named(tmp_path):
-    labels = tmp_path / "labels.csv"
-    labels.write_text("StudyInstanceUID,label\ns1,1\ns2,0\ns3,1\n")
-    reports = tmp_path / "reports.csv"
-    reports.write_text("StudyInstanceUID,report\ns1,FINDINGS: a\ns2,FINDINGS: b\ns3,FINDINGS: c\n")
-    var = tmp_path / "variables.csv"
-    var.write_text("StudyInstanceUID,age,sex,mrn_note\ns1,abc,F,x\ns2,170,Q,y\ns3,41,M,z\nsX,50,F,w\n")
+    labels, reports, var = _tables(
+        tmp_path, "StudyInstanceUID,label\ns1,1\ns2,0\ns3,1\n",
+        "StudyInstanceUID,report\ns1,FINDINGS: a\ns2,FINDINGS: b\ns3,FINDINGS: c\n",
+        "StudyInstanceUID,age,sex,mrn_note\ns1,abc,F,x\ns2,170,Q,y\ns3,41,M,z\nsX,50,F,w\n")
     cfg = CohortConfig(variables={"numeric": {"age": {"min": 0, "max": 120}}, "categorical": {"sex": ["F", "M"]}})
     build_cohort(None, reports, labels, tmp_path / "c", cfg, progress=False, variables=var)
     rows, info = read_cohort(tmp_path / "c")
@@ -109,12 +115,8 @@ def test_bad_values_are_set_aside_per_study_and_unknown_columns_named(tmp_path):
 
 
 def test_whole_input_problems_are_one_line_errors(tmp_path):
-    labels = tmp_path / "labels.csv"
-    labels.write_text("StudyInstanceUID,label\ns1,1\n")
-    reports = tmp_path / "r.csv"
-    reports.write_text("StudyInstanceUID,report\ns1,FINDINGS: a\n")
-    var = tmp_path / "v.csv"
-    var.write_text("key,age\ns1,3\n")
+    labels, reports, var = _tables(tmp_path, "StudyInstanceUID,label\ns1,1\n",
+                                   "StudyInstanceUID,report\ns1,FINDINGS: a\n", "key,age\ns1,3\n")
     with pytest.raises(CohortInputError, match="key column 'StudyInstanceUID' not found"):
         build_cohort(None, reports, labels, tmp_path / "c", progress=False, variables=var)
     var.write_text("StudyInstanceUID,age\ns1,3\n")
@@ -130,12 +132,8 @@ def test_whole_input_problems_are_one_line_errors(tmp_path):
 
 
 def test_a_study_with_variables_alone_is_kept(tmp_path):
-    labels = tmp_path / "labels.csv"
-    labels.write_text("StudyInstanceUID,label\ns1,1\ns2,0\n")
-    reports = tmp_path / "r.csv"
-    reports.write_text("StudyInstanceUID,report\ns1,FINDINGS: a\n")
-    var = tmp_path / "v.csv"
-    var.write_text("StudyInstanceUID,age\ns1,3\ns2,4\n")
+    labels, reports, var = _tables(tmp_path, "StudyInstanceUID,label\ns1,1\ns2,0\n",
+                                   "StudyInstanceUID,report\ns1,FINDINGS: a\n", "StudyInstanceUID,age\ns1,3\ns2,4\n")
     s = build_cohort(None, reports, labels, tmp_path / "c", progress=False, variables=var)
     rows, _ = read_cohort(tmp_path / "c")
     assert s.n_studies == 2 and {json.dumps(r["variables"]) for r in rows} == {'{"age": 3.0}', '{"age": 4.0}'}
