@@ -5,7 +5,11 @@ same run. Reported ratio: epoch-2 wall time / pure-step time for the same batche
 after the first epoch, data loading must not be the bottleneck).
 
 Usage: python benchmarks/train_throughput.py [--config configs/tiny.yaml] [--studies 400] [--size 128]
-           [--workers 0] [--set key=value ...]
+           [--workers 0] [--views 1|2] [--variables N] [--set key=value ...]
+
+`--views 2` makes every imaged study a frontal and a lateral view (`synth --views 2`), builds the
+cohort with `view_policy: all` and trains with `model.image.max_images=2` (both images through the
+one encoder); `--variables N` adds N structured variables and the variables token.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from clinfuse.data.synth import SynthSpec, synthesize  # noqa: E402
 from clinfuse.models.model import build_model  # noqa: E402
 from clinfuse.models.text import load_tokenizer, text_config_for  # noqa: E402
 from clinfuse.training.losses import build_loss  # noqa: E402
-from clinfuse.training.trainer import _amp, _device, _forward, _param_groups, _to, train  # noqa: E402
+from clinfuse.inference.run import to_device  # noqa: E402
+from clinfuse.training.trainer import _amp, _device, _forward, _param_groups, train  # noqa: E402
 
 
 def _peak_rss_mib() -> float:
@@ -44,15 +49,20 @@ def main(argv=None) -> None:
     ap.add_argument("--studies", type=int, default=400)
     ap.add_argument("--size", type=int, default=128, help="size of the synthetic DICOM images")
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    ap.add_argument("--views", type=int, choices=[1, 2], default=1, help="images per study (2: frontal + lateral)")
+    ap.add_argument("--variables", type=int, default=0, help="structured variables per study")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args(argv)
-    cfg = load_config(args.config, args.overrides + ["train.epochs=2", "train.patience=0",
-                                                     f"data.num_workers={args.workers}"])
+    study = ["cohort.dicom.view_policy=all", "model.image.max_images=2"] if args.views == 2 else []
+    cfg = load_config(args.config, study + args.overrides + ["train.epochs=2", "train.patience=0",
+                                                             f"data.num_workers={args.workers}"])
     device = _device(cfg, 0)
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
-        synthesize(d / "e", SynthSpec(studies=args.studies, size=args.size, seed=0), progress=False)
-        build_cohort(d / "e/dicom", d / "e/reports.csv", d / "e/labels.csv", d / "c", cfg, progress=False)
+        synthesize(d / "e", SynthSpec(studies=args.studies, size=args.size, seed=0, views=args.views,
+                                      variables=args.variables), progress=False)
+        build_cohort(d / "e/dicom", d / "e/reports.csv", d / "e/labels.csv", d / "c", cfg, progress=False,
+                     variables=d / "e/variables.csv" if args.variables else None)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
@@ -68,13 +78,13 @@ def main(argv=None) -> None:
         tok = load_tokenizer(cfg.model.text, corpus=[x["report"] for x in tr if x["report_present"]]) \
             if cfg.model.fusion.kind != "image_only" else None
         hf = text_config_for(cfg.model.text, tok) if tok is not None else None
-        ds = StudyDataset(tr, info, cfg, tok)
+        model = build_model(cfg, n_outputs_for(info), hf, info.get("variables")).to(device).train()
+        ds = StudyDataset(tr, info, cfg, tok, variables=model.variable_spec if model.variables_encoder else None)
         loader = torch.utils.data.DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=False,
                                              num_workers=args.workers)
         t = time.perf_counter()
-        batches = [_to(b, device) for b in loader]
+        batches = [to_device(b, device) for b in loader]
         t_data = time.perf_counter() - t  # one pass of data loading alone (cache already filled)
-        model = build_model(cfg, n_outputs_for(info), hf).to(device).train()
         loss_fn = build_loss(cfg.loss, info["task"], label_tensor(tr, info), n_outputs_for(info)).to(device)
         opt = torch.optim.AdamW(_param_groups(model, cfg))
         amp_dtype, _ = _amp(cfg, device)
@@ -101,9 +111,10 @@ def main(argv=None) -> None:
         t_pure = time.perf_counter() - t
 
     n = len(tr)
-    print(f"config {Path(args.config).name} {' '.join(args.overrides)} | device {device} | "
-          f"{args.studies} studies ({n} train) at {args.size} px -> {cfg.data.image_size} | workers {args.workers} | "
-          f"torch threads {torch.get_num_threads()}")
+    n_img = sum(min(int(x["n_images"]), cfg.model.image.max_images) for x in tr if x["image_present"])
+    print(f"config {Path(args.config).name} {' '.join(study + args.overrides)} | device {device} | "
+          f"{args.studies} studies ({n} train, {n_img} images read, {args.variables} variables) at {args.size} px -> "
+          f"{cfg.data.image_size} | workers {args.workers} | torch threads {torch.get_num_threads()}")
     print(f"{'measure':<44} {'seconds':>8} {'studies/s':>10}")
     for name, s in (("epoch 1 training loop", e1), ("epoch 2 training loop", e2),
                     ("data loading alone, one pass", t_data), ("baseline: pure steps on preloaded batches", t_pure)):

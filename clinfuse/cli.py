@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--cohort", metavar="DIR", help="explain studies of a cohort split")
     src.add_argument("--dicom", metavar="PATH", nargs="+", help="explain one study given as DICOM file(s) (with --report)")
     x.add_argument("--report", metavar="FILE", help="the study's report text (with --dicom)")
+    x.add_argument("--variables", metavar="JSON", help="the study's structured variables (with --dicom): a JSON "
+                   "object or a .json file, e.g. '{\"crp\": 42, \"sex\": \"F\"}' (a model that reads variables)")
     x.add_argument("--split", default="test", choices=["train", "val", "test"], help="split (default test)")
     x.add_argument("--limit", type=int, default=10, metavar="N", help="at most N studies (default 10; 0 = all)")
     x.add_argument("--method", choices=["ig", "gradcam", "occlusion"],
@@ -181,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     prs.add_argument("--cohort", metavar="DIR", help="cohort folder")
     prs.add_argument("--dicom", metavar="PATH", nargs="+", help="one study given as DICOM file(s)")
     pr.add_argument("--report", metavar="FILE", help="the study's report text (with --dicom)")
+    pr.add_argument("--variables", metavar="JSON", help="the study's structured variables (with --dicom): a JSON "
+                    "object or a .json file (a model that reads variables)")
     pr.add_argument("--study-id", default="study", help="name of the study given by --dicom (default: study)")
     pr.add_argument("--split", default="test", choices=["train", "val", "test", "all"], help="split (default test)")
     pr.add_argument("--out", metavar="FILE", default="predictions.csv",
@@ -239,12 +243,35 @@ def _explain(args) -> int:
         print("clinfuse explain: note: no --report given; explaining the image alone", file=sys.stderr)
     model = Model.load(args.model, tracking_uri=args.tracking_uri)
     res = explain_and_log(model, args.out, cohort_dir=args.cohort, split=args.split, limit=args.limit or None,
-                          dicom=args.dicom, report=args.report, method=args.method, steps=args.steps,
+                          dicom=args.dicom, report=args.report, variables=_variables_arg(args.variables),
+                          method=args.method, steps=args.steps,
                           target=args.target, log_to_mlflow=not args.no_mlflow, progress=not args.no_progress)
     for e in res:
         print(e.summary())
     print(f"\n{len(res)} explanation(s) in {args.out}/<study_id>/explanation.html")
     return 0
+
+
+def _variables_arg(value: str | None) -> dict | None:
+    """--variables: a JSON object given inline or as a file."""
+    if not value:
+        return None
+    from .errors import ClinfuseError
+
+    text = value
+    if not value.lstrip().startswith("{"):
+        p = Path(value)
+        if not p.is_file():
+            raise ClinfuseError(f"--variables {value}: neither a JSON object nor a file")
+        text = p.read_text(encoding="utf-8")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ClinfuseError(f"--variables: not valid JSON ({e.msg} at character {e.pos}); give an object like "
+                            "'{\"crp\": 42, \"sex\": \"F\"}'") from None
+    if not isinstance(obj, dict):
+        raise ClinfuseError(f"--variables: a JSON object (name -> value) is needed, not a {type(obj).__name__}")
+    return obj
 
 
 def _predict(args) -> int:
@@ -262,7 +289,7 @@ def _predict(args) -> int:
         from .pipeline import read_report_file
 
         report = read_report_file(args.report, model)
-    preds = model.predict([Study(list(args.dicom or []), report, args.study_id)])
+    preds = model.predict([Study(list(args.dicom or []), report, args.study_id, _variables_arg(args.variables))])
     frame = preds.to_frame()
     if args.out != "-":
         frame.to_csv(args.out, index=False, float_format="%.6f")
@@ -273,7 +300,7 @@ def _predict(args) -> int:
     for n in model.output_names:
         print(f"{n}: p = {p.probabilities[n]:.4f}  decision {'positive' if p.decisions[n] else 'negative'} "
               f"(operating point {model.thresholds[model.output_names.index(n)]:.3f})")
-    print(f"modality weights: image {p.modality_weights['image']:.2f}, report {p.modality_weights['report']:.2f}")
+    print("modality weights: " + ", ".join(f"{g} {w:.2f}" for g, w in p.modality_weights.items()))
     if args.out != "-":
         print(f"written to {args.out}")
     return 0

@@ -190,6 +190,24 @@ class NumericVariable(_Strict):
     max: float | None = Field(None, description="Largest accepted value (None: no bound).")
 
 
+# The view vocabulary of the model's view embedding (index = position): ViewPosition -> view_id
+VIEW_NAMES = ("", "PA", "AP", "lateral", "other")
+_LATERAL_VIEWS = {"LL", "RL", "LATERAL", "LAT", "LLD", "RLD", "LAO", "RAO", "LPO", "RPO"}
+
+
+def view_id(view: str | None) -> int:
+    """The view embedding index of a ViewPosition: 0 not stated, 1 PA, 2 AP, 3 lateral/oblique, 4 other."""
+    v = (view or "").strip().upper()
+    if not v:
+        return 0
+    return {"PA": 1, "AP": 2}.get(v, 3 if v in _LATERAL_VIEWS else 4)
+
+
+def view_name(vid: int) -> str:
+    """The name of a view embedding index ('' when not stated or unknown)."""
+    return VIEW_NAMES[vid] if 0 <= vid < len(VIEW_NAMES) else ""
+
+
 class VariablesConfig(_Strict):
     """Structured clinical variables (age, sex, vital signs, laboratory values): a CSV joined by the key."""
 
@@ -250,6 +268,20 @@ class ImageEncoderConfig(_Strict):
         None, description="Local file of weights (safetensors or a torch state dict) loaded into the encoder; "
         "never downloaded.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout inside the network where it has one.")
+    max_images: int = Field(
+        1, ge=1, le=16, description="2D studies: image tokens per study, one per image the cohort chose "
+        "(cohort.dicom.view_policy: 'frontal' or 'all', frontal views first), all through the one encoder, each "
+        "with a learned embedding of its ViewPosition; a study with more keeps the first max_images. 1 = the "
+        "first frontal image only (the two-token model). 3D studies always have one volume.")
+
+
+class VariablesModelConfig(_Strict):
+    """How the model reads the structured clinical variables (``clinfuse cohort build --variables``)."""
+
+    enabled: bool = Field(
+        True, description="Read the cohort's variables (one variables token) when it has them; the declaration "
+        "recorded by the build is kept in the model. false: never read them.")
+    hidden: int = Field(64, ge=4, le=4096, description="Hidden width of the variables MLP.")
 
 
 class TextEncoderConfig(_Strict):
@@ -304,6 +336,7 @@ class ModelConfig(_Strict):
     image: ImageEncoderConfig = ImageEncoderConfig()
     text: TextEncoderConfig = TextEncoderConfig()
     fusion: FusionConfig = FusionConfig()
+    variables: VariablesModelConfig = VariablesModelConfig()
 
 
 class DataConfig(_Strict):

@@ -178,12 +178,13 @@ def log_served_model(tracker, model, register_as: str | None) -> dict:
 
     return tracker.log_model(model.dir, register_as, python_model=ENTRY,
                              code_paths=[str(Path(clinfuse.__file__).parent)],
-                             signature=model_signature(model.output_names), input_example=input_example())
+                             signature=model_signature(model.output_names, model.groups),
+                             input_example=input_example())
 
 
 def explain_and_log(model, out_dir: str | Path, *, cohort_dir: str | Path | None = None, split: str = "test",
                     limit: int | None = None, dicom: list[str] | None = None, report: str | None = None,
-                    method: str | None = None, steps: int | None = None, target: str | None = None,
+                    variables: dict | None = None, method: str | None = None, steps: int | None = None, target: str | None = None,
                     tracking_uri: str | None = None,
                     log_to_mlflow: bool = True, progress: bool = True, log=print) -> list:
     """Explain a cohort split or one study given as files; log the explanations to the model's MLflow run.
@@ -201,7 +202,7 @@ def explain_and_log(model, out_dir: str | Path, *, cohort_dir: str | Path | None
         if not rows:
             raise ClinfuseError(f"{cohort_dir}: split '{split}' has no studies")
     else:
-        rows = [m.row(Study(list(dicom or []), read_report_file(report, m) if report else None, "s-input"))]
+        rows = [m.row(Study(list(dicom or []), read_report_file(report, m) if report else None, "s-input", variables))]
     if log_to_mlflow and m.run_id and m.tracking_uri and cohort_dir is not None:
         from .tracking.mlflow_tracker import check_access
 

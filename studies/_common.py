@@ -57,5 +57,40 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
-__all__ = ["split_rows", "labels_of", "model_predictions", "cell", "table", "auroc", "auprc", "auprc_ties_random", "recall_at_specificity",
+def derived_cohort(base: Path, dst: Path, edit, mode: str, edit_info=None) -> Path:
+    """A copy of cohort `base` at `dst` whose ``cohort.csv`` rows pass through ``edit(rows)`` (it changes
+    them in place) and whose ``cohort.json`` (through ``edit_info(info, rows)`` if given) records the
+    derivation `mode` in a new fingerprint and the new table's hash, so that ``read_cohort`` accepts it.
+    An existing `dst` is left as it is."""
+    import csv
+    import hashlib
+    import json
+    import shutil
+
+    if (dst / "cohort.json").is_file():
+        return dst
+    dst.mkdir(parents=True, exist_ok=True)
+    for item in base.iterdir():
+        if item.name not in ("cohort.csv", "cohort.json"):
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, dst / item.name, **(
+                {"dirs_exist_ok": True} if item.is_dir() else {}))
+    with open(base / "cohort.csv", newline="", encoding="utf-8") as f:
+        rd = csv.DictReader(f)
+        fields, rows = rd.fieldnames, list(rd)
+    edit(rows)
+    with open(dst / "cohort.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    info = json.loads((base / "cohort.json").read_text())
+    if edit_info is not None:
+        edit_info(info, rows)
+    digest = hashlib.sha256(info["fingerprint"]["sha256"].encode() + (dst / "cohort.csv").read_bytes()).hexdigest()
+    info["fingerprint"] = {"sha256": digest, "mode": f"derived: {mode}"}
+    info["files"] = {"cohort.csv": hashlib.sha256((dst / "cohort.csv").read_bytes()).hexdigest()}  # read_cohort checks it
+    (dst / "cohort.json").write_text(json.dumps(info, indent=2))
+    return dst
+
+
+__all__ = ["split_rows", "derived_cohort", "labels_of", "model_predictions", "cell", "table", "auroc", "auprc", "auprc_ties_random", "recall_at_specificity",
            "bootstrap_ci"]

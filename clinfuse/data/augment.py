@@ -73,6 +73,11 @@ class BatchAugment:
                 "gamma": torch.stack(gammas), "noise_on": torch.stack(noise_on)}
 
     def __call__(self, image: torch.Tensor, present: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        if image.ndim == self.nd + 3:  # [B, N, C, *S]: every image slot on its own, seeded by (study, slot)
+            b, n = image.shape[:2]
+            slot_seeds = [(s * 31 + j) % (2**63 - 1) for s in seeds for j in range(n)]
+            flat = self(image.flatten(0, 1), present.reshape(b * n), slot_seeds)
+            return flat.reshape(image.shape)
         p = {k: v.to(image.device) for k, v in self.params(seeds).items()}
         keep = present.bool()
         out = image

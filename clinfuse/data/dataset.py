@@ -4,10 +4,16 @@ Each item is a dict:
 
 - ``image``: float32 ``[C, *image_size]`` in [0, 1]; zeros when the study has no image;
 - ``image_present``: bool;
+
+  or, for a model with several image slots (``model.image.max_images`` N > 1): ``image [N, C,
+  *image_size]`` (the cohort's images in order, frontal views first; zeros for empty slots),
+  ``image_present [N]`` and ``image_view [N]`` (long, :func:`clinfuse.config.view_id`);
 - ``input_ids``, ``attention_mask``: long ``[K, L]`` (K chunks); padding when there is no report;
 - ``text_present``: bool;
 - ``label``: float ``[n_outputs]`` (binary, multi-label) or long scalar (multi-class);
-- ``study_id``: str.
+- ``study_id``: str;
+- ``variables``, ``variables_present``: float32 / bool ``[F]`` when the model reads structured
+  variables (:class:`clinfuse.models.variables.VariableSpec`);
 
 - ``index``: the position in the dataset (seeds the batch augmentation).
 
@@ -31,9 +37,12 @@ from .studies import _header_from, load_volume, select_images
 from .tokens import empty_tokens, tokenize_reports
 
 __all__ = ["StudyDataset", "label_tensor", "n_outputs_for", "output_names_for", "study_transform", "image_item",
-           "GREY_PHOTOMETRICS"]
+           "GREY_PHOTOMETRICS", "n_image_slots"]
 
 GREY_PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2")
+def n_image_slots(cfg: Config) -> int:
+    """Image tokens per study of a model with this config (3D: one volume)."""
+    return cfg.model.image.max_images if cfg.model.image.spatial_dims == 2 else 1
 
 
 def n_outputs_for(info: dict) -> int:
@@ -76,6 +85,7 @@ class _LoadStudyImage(_transform_base()):
         self.channels = cfg.model.image.in_channels
         self.spatial_dims = cfg.model.image.spatial_dims
         self.photometrics = photometrics
+        self.slots = n_image_slots(cfg)
 
     def __call__(self, item: dict) -> dict:
         item = dict(item)
@@ -88,16 +98,25 @@ class _LoadStudyImage(_transform_base()):
             vol, _ = _volume_from_paths(paths, self.dicom, data)
             arr = vol[None]  # [1, Z, H, W]
         else:
-            img = read_dicom(paths[0], voi=self.dicom.voi, window=window, channels=self.channels, data=data[0])
-            if self.photometrics is not None and img.photometric not in self.photometrics:
-                raise DicomReadError(paths[0], f"PhotometricInterpretation {img.photometric} does not fit this model, "
-                                     f"which reads {'/'.join(self.photometrics)} images; convert the image or send "
-                                     "the grey series")
-            px = img.pixels[0]
-            arr = px[None] if px.ndim == 2 else np.moveaxis(px, -1, 0)  # [C, H, W]
+            arrs = [self._read_2d(p, d, window) for p, d in list(zip(paths, data))[: self.slots]]
+            if self.slots > 1:  # one array per image; sizes differ until resized
+                item["image"] = arrs
+                item.pop("image_data", None)
+                return item
+            arr = arrs[0]
         item["image"] = np.ascontiguousarray(arr, dtype=np.float32)
         item.pop("image_data", None)  # the decoded image is what is cached, not the file bytes
         return item
+
+    def _read_2d(self, path, data, window) -> np.ndarray:
+        img = read_dicom(path, voi=self.dicom.voi, window=window, channels=self.channels, data=data)
+        if self.photometrics is not None and img.photometric not in self.photometrics:
+            raise DicomReadError(path, f"PhotometricInterpretation {img.photometric} does not fit this model, "
+                                 f"which reads {'/'.join(self.photometrics)} images; convert the image or send "
+                                 "the grey series")
+        px = img.pixels[0]
+        arr = px[None] if px.ndim == 2 else np.moveaxis(px, -1, 0)  # [C, H, W]
+        return np.ascontiguousarray(arr, dtype=np.float32)
 
 
 def _volume_from_paths(paths: list[str], dicom_cfg, data: list[bytes | None] | None = None):
@@ -140,7 +159,7 @@ def image_item(sources: list, dicom_cfg: DicomConfig) -> dict:
     """
 
     if not sources:
-        return {"image_paths": [], "image_data": [], "image_present": False, "kind": "2d"}
+        return {"image_paths": [], "image_data": [], "image_present": False, "kind": "2d", "image_views": []}
     headers, data_of, problems = [], {}, []
     for i, src in enumerate(sources):
         label, data = _source(src, i, dicom_cfg.max_file_mb)
@@ -151,6 +170,7 @@ def image_item(sources: list, dicom_cfg: DicomConfig) -> dict:
         except DicomReadError as e:
             problems.append(f"{label}: {e.reason}")
     chosen, kind, set_aside = select_images(headers, dicom_cfg)
+    views = [h.view for h in chosen]
     if not chosen:
         problems += [f"{q.source}: {q.reason}" for q in set_aside]
         if not problems:
@@ -158,7 +178,8 @@ def image_item(sources: list, dicom_cfg: DicomConfig) -> dict:
                         "(cohort.dicom.view_policy: frontal)"]
         raise StudyInputError("; ".join(problems))
     paths = [h.path for h in chosen]
-    return {"image_paths": paths, "image_data": [data_of[p] for p in paths], "image_present": True, "kind": kind}
+    return {"image_paths": paths, "image_data": [data_of[p] for p in paths], "image_present": True, "kind": kind,
+            "image_views": views}
 
 
 def _read_bounded(p: Path, limit_mb: float) -> bytes:
@@ -201,12 +222,16 @@ class StudyDataset(torch.utils.data.Dataset):
         cache_dir: folder for the disk cache (``data.cache='disk'``).
         progress: show a progress bar while filling the cache.
         photometrics: refuse images of any other PhotometricInterpretation (default: read all).
+        variables: the variables the model reads (a ``VariableSpec``; None or empty: none), taken
+            from each row's ``variables``.
     """
 
     def __init__(self, rows: list[dict], info: dict, cfg: Config, tokenizer=None,
                  cache_dir: str | Path | None = None, progress: bool = False,
-                 photometrics: tuple[str, ...] | None = None):
+                 photometrics: tuple[str, ...] | None = None, variables=None):
         from monai.data import CacheDataset, Dataset, PersistentDataset
+
+        from ..config import view_id
 
         self.rows, self.info, self.cfg = rows, info, cfg
         self.labels = label_tensor(rows, info)
@@ -219,6 +244,19 @@ class StudyDataset(torch.utils.data.Dataset):
         self.text_present = torch.tensor([bool(r["report_present"]) and bool(t.strip()) for r, t in zip(rows, texts)])
         self.image_present = torch.tensor([bool(r["image_present"]) for r in rows])
         self.image_shape = (cfg.model.image.in_channels, *cfg.data.image_size)
+        self.slots = n_image_slots(cfg)
+        if self.slots > 1:
+            views = torch.zeros(len(rows), self.slots, dtype=torch.long)
+            for i, r in enumerate(rows):
+                vs = list(r.get("image_views") or [])[: self.slots]
+                views[i, : len(vs)] = torch.tensor([view_id(v) for v in vs], dtype=torch.long)
+            self.image_view = views
+        self.variable_spec = variables if variables is not None and variables.n_features else None
+        if self.variable_spec is not None:
+            feats = [self.variable_spec.features(r.get("variables")) for r in rows]
+            f = self.variable_spec.n_features
+            self.variables = torch.stack([x for x, _ in feats]) if feats else torch.zeros(0, f)
+            self.variables_present = torch.stack([p for _, p in feats]) if feats else torch.zeros(0, f, dtype=torch.bool)
 
         det = study_transform(cfg, photometrics)
         items = [{"image_paths": r["image_paths"], "image_present": bool(r["image_present"]),
@@ -244,20 +282,31 @@ class StudyDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         cached = self.base[i]
         img = cached["image"]
-        if img is None:
-            image = torch.zeros(self.image_shape, dtype=torch.float32)
+        extra = {}
+        if self.slots > 1:
+            image = torch.zeros((self.slots, *self.image_shape), dtype=torch.float32)
+            present = torch.zeros(self.slots, dtype=torch.bool)
+            for j, a in enumerate((img or [])[: self.slots]):
+                image[j] = torch.as_tensor(a, dtype=torch.float32)
+                present[j] = True
+            extra["image_view"] = self.image_view[i] * present
+        elif img is None:
+            image, present = torch.zeros(self.image_shape, dtype=torch.float32), self.image_present[i]
         else:
-            image = torch.as_tensor(img, dtype=torch.float32)
+            image, present = torch.as_tensor(img, dtype=torch.float32), self.image_present[i]
+        if self.variable_spec is not None:
+            extra["variables"], extra["variables_present"] = self.variables[i], self.variables_present[i]
         label = self.labels[i]
         return {
             "image": image,
-            "image_present": self.image_present[i],
+            "image_present": present,
             "input_ids": self.input_ids[i],
             "attention_mask": self.attention_mask[i],
             "text_present": self.text_present[i],
             "label": label,
             "study_id": self.rows[i]["study_id"],
             "index": i,
+            **extra,
         }
 
 
@@ -274,7 +323,12 @@ class _ScaleResize(_transform_base()):
     def __call__(self, item: dict) -> dict:
         if item.get("image") is None:
             return item
-        x = torch.as_tensor(item["image"])
-        x = self.resize(self.scale(x))
-        item["image"] = x.as_tensor().numpy() if hasattr(x, "as_tensor") else np.asarray(x)
+        if isinstance(item["image"], list):  # several images: each scaled and resized on its own
+            item["image"] = [self._one(a) for a in item["image"]]
+        else:
+            item["image"] = self._one(item["image"])
         return item
+
+    def _one(self, a) -> np.ndarray:
+        x = self.resize(self.scale(torch.as_tensor(a)))
+        return x.as_tensor().numpy() if hasattr(x, "as_tensor") else np.asarray(x)

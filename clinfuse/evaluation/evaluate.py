@@ -78,7 +78,9 @@ def evaluate(model, cohort_dir: str | Path, split: str = "test", out_dir: str | 
 
     Returns (and writes to ``out_dir/metrics.json``) a dict with ``overall``, ``by_pattern`` (studies
     as they are), ``hidden`` (studies with both modalities, scored with the image or the report
-    hidden on purpose), the temperature, thresholds and model/cohort identifiers.
+    hidden on purpose; for a model that reads variables, studies with variables and another
+    modality, scored with the variables hidden), the temperature, thresholds and model/cohort
+    identifiers.
     """
     model = _as_model(model)
     cfg = cfg or model.config.eval
@@ -114,6 +116,16 @@ def evaluate(model, cohort_dir: str | Path, split: str = "test", out_dir: str | 
             pr = model.probabilities(o["logits"])
             result["hidden"][label] = {"n": int(both.sum()), **multi_report(y[both], pr[both], task, names,
                                                                              thresholds, **kw)}
+    vp = full.get("variables_present")
+    if vp is not None and len(vp):
+        with_vars = vp.astype(bool) & (full["image_present"].astype(bool) | full["text_present"].astype(bool))
+        if with_vars.sum():
+            o = predict_rows(model, part, hide="variables")
+            pr = model.probabilities(o["logits"])
+            result["hidden"]["variables shown (same studies)"] = {"n": int(with_vars.sum()), **multi_report(
+                y[with_vars], probs[with_vars], task, names, thresholds, **kw)}
+            result["hidden"]["variables hidden"] = {"n": int(with_vars.sum()), **multi_report(
+                y[with_vars], pr[with_vars], task, names, thresholds, **kw)}
     result["mean_modality_weights"] = {p: full["weights"][_pattern_mask(full, p)].mean(0).round(4).tolist()
                                        for p in PATTERNS if _pattern_mask(full, p).any()}
     if out_dir is not None:

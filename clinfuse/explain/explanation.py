@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .attributions import StudyInput, explain_study
+from .attributions import StudyInput, explain_study, p_without
 from .faithfulness import image_deletion, text_deletion
 from .render import explanation_html, overlay_of, write_explanation
 
@@ -33,6 +33,8 @@ class Explanation:
     data: dict
     image: np.ndarray | None = None
     image_map: np.ndarray | None = None
+    images: dict | None = None  # slot -> image [*S], for a study of several images
+    image_maps: dict | None = None  # slot -> map [*S]
 
     def __getitem__(self, key):
         return self.data[key]
@@ -49,14 +51,17 @@ class Explanation:
 
     def html(self) -> str:
         """The self-contained page (overlay inlined)."""
-        return explanation_html(self.data, overlay_of(self.data, self.image, self.image_map))
+        return explanation_html(self.data, overlay_of(self.data, self.image, self.image_map), self._overlays())
+
+    def _overlays(self) -> dict:
+        return {j: overlay_of(self.data, self.images[j], m, slot=j) for j, m in (self.image_maps or {}).items()}
 
     def overlay_png(self) -> bytes | None:
         return overlay_of(self.data, self.image, self.image_map)
 
     def save(self, out_dir: str | Path) -> list[str]:
         """Write the study's folder; returns the file names."""
-        return write_explanation(Path(out_dir), self.data, self.image, self.image_map)
+        return write_explanation(Path(out_dir), self.data, self.image, self.image_map, self.images, self.image_maps)
 
     def summary(self) -> str:
         return summary_line(self.data)
@@ -65,17 +70,25 @@ class Explanation:
 def build_explanation(network, batch: dict, *, task: str, tokenizer, output_names: list[str],
                       thresholds: list[float], temperature: float = 1.0, method: str = "ig", steps: int = 32,
                       target: int | None = None, model_ref: dict | None = None) -> Explanation:
-    """Attributions, modality Shapley values and faithfulness of one study (a batch of 1)."""
-    x = StudyInput(batch["image"][:1], batch["image_present"][:1].reshape(1).bool(), batch["input_ids"][:1],
-                   batch["attention_mask"][:1], batch["text_present"][:1].reshape(1).bool())
+    """Attributions, modality Shapley values and faithfulness of one study (a batch of 1).
+
+    For a model with several image slots, ``images`` lists one entry per present image (its view,
+    map file and faithfulness); ``image`` is the first of them. For a model that reads variables,
+    ``variables`` holds each one's value and Integrated Gradients score."""
+    x = StudyInput.from_batch(batch)
     study_id = batch["study_id"][0] if isinstance(batch["study_id"], (list, tuple)) else batch["study_id"]
     a = explain_study(network, x, task=task, tokenizer=tokenizer, target=target, image_method=method,
                       steps=steps, temperature=temperature)
-    fi = image_deletion(network, x, a, task, temperature)
+    slots = sorted(a.image_maps)
+    faith_img = {j: image_deletion(network, x, a, task, temperature, slot=j) for j in slots}
+    fi = faith_img[slots[0]] if slots else None
     ft = text_deletion(network, x, a, task, tokenizer, temperature)
+    groups = list(getattr(network, "group_names", ("image", "report")))
+    present = {"image": x.has_image, "report": bool(x.text_present[0])}
+    if "variables" in groups:
+        present["variables"] = x.has_variables
     sh = a.shapley
-    tot = abs(sh["image"]) + abs(sh["report"])
-    both = bool(x.image_present[0]) and bool(x.text_present[0])
+    tot = sum(abs(sh[g]) for g in groups)
     exp = {
         "format": EXPLANATION_FORMAT,
         "study_id": study_id,
@@ -86,14 +99,13 @@ def build_explanation(network, batch: dict, *, task: str, tokenizer, output_name
         "predicted": {n: bool(p >= th) for n, p, th in zip(output_names, a.probabilities, thresholds)},
         "thresholds": {n: float(th) for n, th in zip(output_names, thresholds)},
         "modalities": {
-            "present": {"image": bool(x.image_present[0]), "report": bool(x.text_present[0])},
-            "attention": {"image": a.attention_weights[0], "report": a.attention_weights[1]},
-            "shapley": {"image": sh["image"], "report": sh["report"]},
-            "share": {"image": abs(sh["image"]) / tot if tot else 0.0, "report": abs(sh["report"]) / tot if tot else 0.0},
-            # the explained probability with one present modality hidden and the other kept: how far this
+            "present": present,
+            "attention": {g: a.attention_weights[k] for k, g in enumerate(groups)},
+            "shapley": {g: sh[g] for g in groups},
+            "share": {g: abs(sh[g]) / tot if tot else 0.0 for g in groups},
+            # the explained probability with one present modality hidden and the others kept: how far this
             # prediction depends on it (the Shapley value also averages in its effect when shown alone)
-            "p_without": {"image": sh["v_report_only"] if both else None,
-                          "report": sh["v_image_only"] if both else None},
+            "p_without": p_without(sh, present),
         },
         "image": {"method": a.image_method, "file": "image_attribution.npy" if a.image_map is not None else None,
                   "overlay": "overlay.png" if a.image_map is not None else None, "faithfulness": fi},
@@ -102,15 +114,43 @@ def build_explanation(network, batch: dict, *, task: str, tokenizer, output_name
         "logit": a.logit,
         "baseline_logit": a.baseline_logit,
     }
-    img = x.image[0, 0].numpy() if bool(x.image_present[0]) else None
-    return Explanation(exp, img, a.image_map)
+    images, maps = None, {}
+    if x.multi:
+        from ..config import view_name
+
+        views = x.extra.get("image_view")
+        n_img = x.image.shape[1]
+        exp["images"] = [{"slot": j, "view": view_name(int(views[0, j])) if views is not None else "",
+                          "attention": a.token_weights[j] if a.token_weights else None,
+                          "method": a.image_method, "file": f"image_attribution_{j}.npy",
+                          "overlay": f"overlay_{j}.png", "faithfulness": faith_img[j]} for j in slots]
+        images = {j: x.image[0, j, 0].numpy() for j in range(n_img) if bool(x.image_present[0, j])}
+        maps = dict(a.image_maps)
+    if a.variable_scores:
+        spec = network.variables_encoder.spec
+        xv = x.extra["variables"][0]
+        values = {}
+        for name, sl in spec.slices().items():
+            if a.variable_scores[name] is None:
+                values[name] = None
+            elif name in spec.numeric:
+                values[name] = float(xv[sl.start])
+            else:
+                values[name] = dict(spec.categorical)[name][int(xv[sl].argmax())]
+        exp["variables"] = {"method": "integrated_gradients",
+                            "items": [{"name": n, "value": values[n], "score": a.variable_scores[n]}
+                                      for n in spec.names]}
+    img = x.slot_image(slots[0])[0, 0].numpy() if slots else None
+    return Explanation(exp, img, a.image_map, images, maps)
 
 
 def summary_line(e: dict) -> str:
     """One line per explanation: probability, modality shares and the faithfulness verdict of each map."""
     e = e.data if isinstance(e, Explanation) else e
     t = e["explained_output"]
-    flags = [f"{w} map {'ok' if (e[w]['faithfulness'] or {}).get('better_than_random') else 'NOT better than random'}"
-             for w in ("image", "report") if e[w]["faithfulness"]]
-    return (f"{e['study_id']}  p({t}) = {e['probabilities'][t]:.3f}  shares image {e['modalities']['share']['image']:.0%}"
-            f" / report {e['modalities']['share']['report']:.0%}  " + "; ".join(flags))
+    maps = [(f"image {i['slot'] + 1}" + (f" ({i['view']})" if i["view"] else ""), i["faithfulness"])
+            for i in e["images"]] if e.get("images") else [("image", e["image"]["faithfulness"])]
+    maps.append(("report", e["report"]["faithfulness"]))
+    flags = [f"{w} map {'ok' if f.get('better_than_random') else 'NOT better than random'}" for w, f in maps if f]
+    shares = " / ".join(f"{g} {v:.0%}" for g, v in e["modalities"]["share"].items())
+    return f"{e['study_id']}  p({t}) = {e['probabilities'][t]:.3f}  shares {shares}  " + "; ".join(flags)

@@ -33,13 +33,19 @@ def _summary(curve: np.ndarray, random_curves: np.ndarray) -> dict:
 
 @torch.no_grad()
 def image_deletion(model, x: StudyInput, attr: Attribution, task: str, temperature: float = 1.0,
-                   n_random: int = 3, seed: int = 0) -> dict | None:
-    if attr.image_map is None:
+                   n_random: int = 3, seed: int = 0, slot: int | None = None) -> dict | None:
+    """The deletion test of one image's map (`slot`: which image of a several-image study; default the
+    first present), the study's other inputs shown as they are."""
+    if slot is None:
+        slot = min(attr.image_maps) if attr.image_maps else 0
+    amap = attr.image_maps.get(slot) if x.multi else attr.image_map
+    if amap is None:
         return None
-    spatial = x.image.shape[2:]
+    image = x.slot_image(slot)
+    spatial = image.shape[2:]
     nd = len(spatial)
     p = max(1, min(spatial) // 16)
-    amap = torch.as_tensor(attr.image_map, dtype=torch.float32)[None, None]
+    amap = torch.as_tensor(amap, dtype=torch.float32)[None, None]
     pool = F.avg_pool2d if nd == 2 else F.avg_pool3d
     patches = pool(amap, p, ceil_mode=True)[0, 0]  # [*S/p]
     grid = patches.shape
@@ -54,11 +60,8 @@ def image_deletion(model, x: StudyInput, attr: Attribution, task: str, temperatu
             keep[order[: int(round(f * n))]] = 0
             m = keep.reshape(grid)[None, None]
             m = F.interpolate(m, scale_factor=p, mode="nearest")[(..., *[slice(0, s) for s in spatial])]
-            imgs.append(x.image[0] * m[0])
-        batch = torch.stack(imgs)
-        b = len(batch)
-        rep = lambda t: t.expand(b, *t.shape[1:])  # noqa: E731
-        out = model(batch, rep(x.image_present), rep(x.input_ids), rep(x.attention_mask), rep(x.text_present))
+            imgs.append(image[0] * m[0])
+        out = x.run(model, x.with_slot(slot, torch.stack(imgs)))
         curves.append(_probs(out["logits"], task, temperature)[:, attr.target].numpy())
     res = _summary(curves[0], np.stack(curves[1:]))
     res["patch"] = p
@@ -85,8 +88,6 @@ def text_deletion(model, x: StudyInput, attr: Attribution, task: str, tokenizer,
                     i[k, j], m[k, j] = pad, 0
             ids.append(i)
             masks.append(m)
-        b = len(ids)
-        rep = lambda t: t.expand(b, *t.shape[1:])  # noqa: E731
-        out = model(rep(x.image), rep(x.image_present), torch.stack(ids), torch.stack(masks), rep(x.text_present))
+        out = x.run(model, input_ids=torch.stack(ids), attention_mask=torch.stack(masks))
         curves.append(_probs(out["logits"], task, temperature)[:, attr.target].numpy())
     return _summary(curves[0], np.stack(curves[1:]))

@@ -45,13 +45,29 @@ def overlay_png(image: np.ndarray, amap: np.ndarray, method: str, title: str) ->
 
 
 def _without_html(exp: dict) -> str:
-    """The explained probability with each modality hidden in turn (both present only)."""
-    w = exp["modalities"].get("p_without") or {}
-    if w.get("image") is None:
+    """The explained probability with each present modality hidden in turn (two or more present)."""
+    w = {k: v for k, v in (exp["modalities"].get("p_without") or {}).items() if v is not None}
+    if not w:
         return ""
     t = exp["explained_output"]
-    return (f";<br>p({html.escape(t)}) {exp['probabilities'][t]:.3f} with both, {w['report']:.3f} without the report, "
-            f"{w['image']:.3f} without the image: how far this prediction depends on each")
+    parts = ", ".join(f"{v:.3f} without the {html.escape(k)}" for k, v in w.items())
+    return (f";<br>p({html.escape(t)}) {exp['probabilities'][t]:.3f} with everything shown, {parts}: how far this "
+            "prediction depends on each")
+
+
+def _variables_html(exp: dict) -> str:
+    v = exp.get("variables")
+    if not v:
+        return ""
+    rows = []
+    for i in v["items"]:
+        value = "missing" if i["value"] is None else html.escape(str(i["value"]))
+        score = "" if i["score"] is None else f"{i['score']:+.4f}"
+        rows.append(f"<tr><td>{html.escape(i['name'])}</td><td>{value}</td><td>{score}</td></tr>")
+    rows = "".join(rows)
+    return ("<h3>Structured variables</h3><p>Integrated Gradients on each value, from the training mean (positive: "
+            "raised the explained output)</p><table><tr><th>variable</th><th>value</th><th>score</th></tr>"
+            f"{rows}</table>")
 
 
 def _word_html(tokens: list[tuple[str, float]]) -> str:
@@ -67,8 +83,10 @@ def _word_html(tokens: list[tuple[str, float]]) -> str:
     return "<p style='line-height:1.9'>" + " ".join(spans) + "</p>"
 
 
-def write_explanation(out_dir: Path, exp: dict, image: np.ndarray | None, amap: np.ndarray | None) -> list[str]:
-    """Write the files of one study's explanation; returns their names."""
+def write_explanation(out_dir: Path, exp: dict, image: np.ndarray | None, amap: np.ndarray | None,
+                      images: dict | None = None, maps: dict | None = None) -> list[str]:
+    """Write the files of one study's explanation; returns their names. With several images
+    (`images`, `maps` per slot), each slot's map and overlay are written too."""
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []
     png = overlay_of(exp, image, amap)
@@ -76,37 +94,63 @@ def write_explanation(out_dir: Path, exp: dict, image: np.ndarray | None, amap: 
         np.save(out_dir / "image_attribution.npy", amap.astype(np.float32))
         (out_dir / "overlay.png").write_bytes(png)
         files += ["image_attribution.npy", "overlay.png"]
+    overlays = {}
+    for j, m in (maps or {}).items():
+        overlays[j] = overlay_of(exp, images[j], m, slot=j)
+        np.save(out_dir / f"image_attribution_{j}.npy", m.astype(np.float32))
+        (out_dir / f"overlay_{j}.png").write_bytes(overlays[j])
+        files += [f"image_attribution_{j}.npy", f"overlay_{j}.png"]
     (out_dir / "explanation.json").write_text(json.dumps(exp, indent=2))
     files.append("explanation.json")
-    (out_dir / "explanation.html").write_text(explanation_html(exp, png), encoding="utf-8")
+    (out_dir / "explanation.html").write_text(explanation_html(exp, png, overlays), encoding="utf-8")
     files.append("explanation.html")
     return files
 
 
-def overlay_of(exp: dict, image: np.ndarray | None, amap: np.ndarray | None) -> bytes | None:
+def overlay_of(exp: dict, image: np.ndarray | None, amap: np.ndarray | None, slot: int | None = None) -> bytes | None:
     """The overlay PNG of an explanation's image map (None without an image or a map)."""
     if amap is None or image is None:
         return None
     target = exp["explained_output"]
+    which = ""
+    if slot is not None:
+        view = next((i["view"] for i in exp.get("images", []) if i["slot"] == slot), "")
+        which = f", image {slot + 1}" + (f" ({view})" if view else "")
     return overlay_png(image, amap, exp["image"]["method"],
-                       f"{exp['study_id']}: p({target}) = {exp['probabilities'][target]:.3f}")
+                       f"{exp['study_id']}{which}: p({target}) = {exp['probabilities'][target]:.3f}")
 
 
-def explanation_html(exp: dict, png: bytes | None) -> str:
-    """The self-contained HTML page of one explanation (the overlay inlined)."""
+def _faith_line(name: str, f: dict) -> str:
+    flag = "better than random" if f["better_than_random"] else "<b>NOT better than random: do not rely on this map</b>"
+    return (f"<li>{html.escape(name)}: deletion area {f['deletion_area']:.3f} vs random {f['random_area']:.3f} "
+            f"(faithfulness {f['faithfulness']:+.3f}; {flag})</li>")
+
+
+def explanation_html(exp: dict, png: bytes | None, overlays: dict | None = None) -> str:
+    """The self-contained HTML page of one explanation (the overlays inlined; `overlays` per image
+    slot for a study of several images, else the one `png`)."""
     png_b64 = base64.b64encode(png).decode() if png else ""
     probs = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.3f}</td><td>{'yes' if exp['predicted'][k] else 'no'}</td>"
                     f"</tr>" for k, v in exp["probabilities"].items())
     mod = exp["modalities"]
     faith = []
-    for which in ("image", "report"):
-        f = exp[which].get("faithfulness") if exp.get(which) else None
-        if f:
-            flag = "better than random" if f["better_than_random"] else "<b>NOT better than random: do not rely on this map</b>"
-            faith.append(f"<li>{which}: deletion area {f['deletion_area']:.3f} vs random {f['random_area']:.3f} "
-                         f"(faithfulness {f['faithfulness']:+.3f}; {flag})</li>")
-    img_html = f'<img alt="attribution overlay" src="data:image/png;base64,{png_b64}">' if png_b64 else \
-        "<p><em>no image</em></p>"
+    if exp.get("images"):
+        for i in exp["images"]:
+            if i.get("faithfulness"):
+                faith.append(_faith_line(f"image {i['slot'] + 1} {i['view']}".strip(), i["faithfulness"]))
+    elif exp["image"].get("faithfulness"):
+        faith.append(_faith_line("image", exp["image"]["faithfulness"]))
+    if exp["report"].get("faithfulness"):
+        faith.append(_faith_line("report", exp["report"]["faithfulness"]))
+    if overlays:
+        img_html = "".join(f'<figure><img alt="attribution overlay, image {j + 1}" src="data:image/png;base64,'
+                           f'{base64.b64encode(o).decode()}"></figure>' for j, o in sorted(overlays.items()) if o)
+    else:
+        img_html = f'<img alt="attribution overlay" src="data:image/png;base64,{png_b64}">' if png_b64 else \
+            "<p><em>no image</em></p>"
+    att = ", ".join(f"{html.escape(g)} {v:.2f}" for g, v in mod["attention"].items())
+    shap = ", ".join(f"{html.escape(g)} {v:+.3f}" for g, v in mod["shapley"].items())
+    share = ", ".join(f"{html.escape(g)} {v:.0%}" for g, v in mod["share"].items())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>clinfuse explanation {html.escape(exp['study_id'])}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:980px;margin:1.5em auto;color:#222}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px}}.cols{{display:flex;gap:2em}}</style></head><body>
@@ -114,11 +158,12 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px}}.
 <p>Model {html.escape(str(exp['model'].get('uri') or exp['model'].get('dir')))} (version {html.escape(str(exp['model'].get('version') or '—'))});
 explained output: <b>{html.escape(exp['explained_output'])}</b>; operating point from validation.</p>
 <table><tr><th>output</th><th>probability</th><th>predicted</th></tr>{probs}</table>
-<h3>Modalities</h3><p>attention weight: image {mod['attention']['image']:.2f}, report {mod['attention']['report']:.2f};
-Shapley value on the probability: image {mod['shapley']['image']:+.3f}, report {mod['shapley']['report']:+.3f}
-(share: image {mod['share']['image']:.0%}, report {mod['share']['report']:.0%}){_without_html(exp)}</p>
+<h3>Modalities</h3><p>attention weight: {att};
+Shapley value on the probability: {shap}
+(share: {share}){_without_html(exp)}</p>
 <div class="cols"><div><h3>Image ({html.escape(str(exp['image'].get('method')))})</h3>{img_html}</div>
 <div><h3>Report</h3><p>red: words that raised the explained output, blue: words that lowered it</p>{_word_html([tuple(t) for t in exp['report']['words']])}</div></div>
+{_variables_html(exp)}
 <h3>How far to trust these maps</h3><ul>{''.join(faith) or '<li>nothing to measure</li>'}</ul>
 <p style="font-size:small">Integrated Gradients convergence delta: {exp['convergence_delta']}. A heatmap shows where the model's
 output is sensitive, not where disease is; see docs/explanations.md.</p></body></html>"""

@@ -31,7 +31,7 @@ from ..config import Config
 from ..data.dataset import GREY_PHOTOMETRICS, StudyDataset, image_item
 from ..data.reports import prepare_report
 from ..errors import ClinfuseError, ModelLoadError, StudyInputError
-from ..models.model import FusionModel, load_model, probabilities, recover_folder, save_model
+from ..models.model import FusionModel, load_model, probabilities, recover_folder, save_model, study_kwargs
 
 __all__ = ["Model", "Study", "Prediction", "Predictions", "InputSpec", "MAX_REPORT_CHARS"]
 
@@ -77,11 +77,14 @@ class Study:
         images: DICOM files of the study: paths, bytes of files, or pydicom datasets (may be empty).
         report: the report's raw text (None or "" when there is none).
         study_id: how results name the study (default: its position in the batch).
+        variables: structured clinical variables, name -> number or category (None or {} when there
+            are none; a name the model does not read is refused, a missing one is missing).
     """
 
     images: list = field(default_factory=list)
     report: str | None = None
     study_id: str | None = None
+    variables: dict | None = None
 
     @classmethod
     def coerce(cls, x, i: int = 0) -> "Study":
@@ -89,18 +92,22 @@ class Study:
         if isinstance(x, Study):
             s = x
         elif isinstance(x, dict):
-            unknown = set(x) - {"images", "dicom", "report", "study_id"}
+            unknown = set(x) - {"images", "dicom", "report", "study_id", "variables"}
             if unknown:
-                raise StudyInputError(f"study #{i + 1}: unknown key(s) {sorted(unknown)}; use images, report, study_id")
+                raise StudyInputError(f"study #{i + 1}: unknown key(s) {sorted(unknown)}; use images, report, "
+                                      "variables, study_id")
             imgs = x.get("images", x.get("dicom"))
             s = Study(list(imgs) if isinstance(imgs, (list, tuple)) else ([imgs] if imgs is not None else []),
-                      x.get("report"), x.get("study_id"))
+                      x.get("report"), x.get("study_id"), x.get("variables"))
         elif isinstance(x, (str, Path, bytes)):
             s = Study([x])
         else:
             raise StudyInputError(f"study #{i + 1}: a {type(x).__name__} is not a study (give a Study or a dict)")
+        if s.variables is not None and not isinstance(s.variables, dict):
+            raise StudyInputError(f"study #{i + 1}: variables must be a mapping of name to value, not "
+                                  f"{type(s.variables).__name__}")
         if s.study_id is None:
-            s = Study(list(s.images), s.report, f"study-{i + 1}")
+            s = Study(list(s.images), s.report, f"study-{i + 1}", s.variables)
         return s
 
 
@@ -114,10 +121,12 @@ class Prediction:
     reason: str = ""
     probabilities: dict[str, float] = field(default_factory=dict)
     decisions: dict[str, bool] = field(default_factory=dict)
-    modality_weights: dict[str, float] = field(default_factory=dict)
-    # per output, the probability with that modality hidden and the other kept (only when both are present)
+    modality_weights: dict[str, float] = field(default_factory=dict)  # per group: image, report[, variables]
+    # per output, the probability with that modality hidden and the others kept (None unless the study
+    # has it and at least one other)
     p_without: dict[str, dict[str, float] | None] = field(default_factory=dict)
     used: dict[str, bool] = field(default_factory=dict)  # which modalities the model read
+    image_weights: list[float] = field(default_factory=list)  # per image slot, for a model with several
 
     @property
     def ok(self) -> bool:
@@ -133,7 +142,8 @@ class Predictions(list):
 
     def to_frame(self):
         """One row per study: ``study_id``, ``status``, ``reason``, ``p_<output>``, ``pred_<output>``,
-        ``w_image``, ``w_report``, ``p_<output>_without_image``, ``p_<output>_without_report``."""
+        ``w_image``, ``w_report``, ``p_<output>_without_image``, ``p_<output>_without_report`` (and
+        ``w_variables``, ``p_<output>_without_variables`` for a model that reads variables)."""
         import pandas as pd
 
         rows = []
@@ -142,9 +152,11 @@ class Predictions(list):
             for n in self.output_names:
                 r[f"p_{n}"] = p.probabilities.get(n, math.nan)
                 r[f"pred_{n}"] = int(p.decisions[n]) if n in p.decisions else -1
-            r["w_image"] = p.modality_weights.get("image", math.nan)
-            r["w_report"] = p.modality_weights.get("report", math.nan)
-            for m in ("image", "report"):
+            groups = ["image", "report"] + (["variables"] if any("variables" in q.modality_weights for q in self)
+                                            else [])
+            for m in groups:
+                r[f"w_{m}"] = p.modality_weights.get(m, math.nan)
+            for m in groups:
                 without = p.p_without.get(m) or {}
                 for n in self.output_names:
                     r[f"p_{n}_without_{m}"] = without.get(n, math.nan)
@@ -293,7 +305,19 @@ class Model:
         if cfg.data.cache != "none":
             cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"cache": "none"})})
         return StudyDataset(rows, self.info(), cfg, self.tokenizer, progress=progress,
-                            photometrics=self.input.photometrics if check_input else None)
+                            photometrics=self.input.photometrics if check_input else None,
+                            variables=self.variables)
+
+    @property
+    def variables(self):
+        """The structured variables the model reads (a ``VariableSpec``; None when it reads none)."""
+        net = self.network
+        return net.variable_spec if getattr(net, "variables_encoder", None) is not None else None
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """The modality groups of the model: image, report[, variables]."""
+        return self.network.group_names
 
     def row(self, study: Study | dict) -> dict:
         """A cohort-like row for one study: the images the cohort builder would choose, the report as
@@ -319,8 +343,18 @@ class Model:
             raise StudyInputError(f"{s.study_id}: {e}") from None
         if img["image_present"] and img["kind"] == "3d" and self.input.spatial_dims == 2:
             raise StudyInputError(f"{s.study_id}: a 3D series was given to a 2D model")
+        variables = dict(s.variables or {})
+        if variables:
+            spec = self.variables
+            if spec is None:
+                raise StudyInputError(f"{s.study_id}: this model reads no structured variables; send images and "
+                                      "report only")
+            bad = spec.problems(variables)
+            if bad:
+                raise StudyInputError(f"{s.study_id}: variables the model cannot read: {', '.join(bad)} (it reads "
+                                      f"numeric {list(spec.numeric)}, categorical {dict(spec.categorical)})")
         row = {"study_id": s.study_id, "patient_id": "", "split": "", "report": text, "report_present": bool(text),
-               "modality": "", "n_images": len(img["image_paths"]), **img}
+               "modality": "", "n_images": len(img["image_paths"]), **img, "variables": variables}
         for c in self.label_columns:
             row[c] = 0
         return row
@@ -388,20 +422,19 @@ class Model:
 
     @torch.no_grad()
     def forward_batch(self, batch: dict, hide: str | None = None) -> dict:
-        """Network outputs on a collated batch, with 'image' or 'report' hidden on purpose if asked;
-        also ``logits_without_image`` / ``logits_without_report`` (features encoded once)."""
+        """Network outputs on a collated batch, with one group ('image', 'report', 'variables') hidden
+        on purpose if asked; also ``logits_without_<group>`` for each group (features encoded once)
+        and ``present`` per group."""
+        from .run import hide_modality
+
         net = self.network
-        b = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        ip, tp = b["image_present"].bool(), b["text_present"].bool()
-        if hide == "image":
-            ip = torch.zeros_like(ip)
-        elif hide == "report":
-            tp = torch.zeros_like(tp)
-        feats, present = net.encode(b["image"], ip, b["input_ids"], b["attention_mask"], tp)
+        b = hide_modality({k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}, hide)
+        feats, present = net.encode(b["image"], b["image_present"], b["input_ids"], b["attention_mask"],
+                                    b["text_present"], **study_kwargs(b))
         out = net.fuse(feats, present)
-        out["present"] = present
-        out["logits_without_image"] = net.fuse(feats, present & torch.tensor([False, True], device=present.device))["logits"]
-        out["logits_without_report"] = net.fuse(feats, present & torch.tensor([True, False], device=present.device))["logits"]
+        out["present"] = net.group_presence(present)
+        for g, name in enumerate(net.group_names):
+            out[f"logits_without_{name}"] = net.fuse(feats, present & ~net.group_mask[g])["logits"]
         return out
 
     def probabilities(self, logits) -> np.ndarray:
@@ -410,22 +443,26 @@ class Model:
 
     def _predict_items(self, items: list[dict]) -> list[Prediction]:
         out = self.forward_batch(_collate(items))
+        groups = self.groups
         probs = self.probabilities(out["logits"])
-        without = {m: self.probabilities(out[f"logits_without_{m}"]) for m in ("image", "report")}
+        without = {m: self.probabilities(out[f"logits_without_{m}"]) for m in groups}
         w = out["modality_weights"].float().cpu().numpy()
+        tw = out["token_weights"].float().cpu().numpy()
+        n_img = self.network.layout.n_images
         present = out["present"].cpu().numpy()
         names, th = self.output_names, self.thresholds
         preds = []
         for r, item in enumerate(items):
-            both = bool(present[r].all())
+            shown = int(present[r].sum())
             preds.append(Prediction(
                 item["study_id"], "ok", "",
                 probabilities={n: float(probs[r, k]) for k, n in enumerate(names)},
                 decisions={n: bool(probs[r, k] >= th[k]) for k, n in enumerate(names)},
-                modality_weights={"image": float(w[r, 0]), "report": float(w[r, 1])},
-                p_without={m: ({n: float(without[m][r, k]) for k, n in enumerate(names)} if both else None)
-                           for m in ("image", "report")},
-                used={"image": bool(present[r, 0]), "report": bool(present[r, 1])}))
+                modality_weights={m: float(w[r, g]) for g, m in enumerate(groups)},
+                p_without={m: ({n: float(without[m][r, k]) for k, n in enumerate(names)}
+                               if present[r, g] and shown >= 2 else None) for g, m in enumerate(groups)},
+                used={m: bool(present[r, g]) for g, m in enumerate(groups)},
+                image_weights=[float(x) for x in tw[r, :n_img]] if n_img > 1 else []))
         return preds
 
     # ------------------------------------------------------------------ explanation
@@ -465,7 +502,7 @@ def _collate(items: list[dict]) -> dict:
 
 
 def _check_finite(item: dict) -> None:
-    if bool(item["image_present"]) and not torch.isfinite(item["image"]).all():
+    if bool(item["image_present"].any()) and not torch.isfinite(item["image"]).all():
         raise StudyInputError(f"{item['study_id']}: the image holds non-finite values after scaling")
 
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from ..models.model import study_kwargs
 from ..progress import progress as progress_of
 
-__all__ = ["run_inference", "explain_rows", "predict_rows", "to_device"]
+__all__ = ["run_inference", "explain_rows", "predict_rows", "to_device", "hide_modality"]
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -25,28 +26,42 @@ def run_inference(model: nn.Module, loader, device: torch.device, amp_dtype=None
 
     Args:
         model: a ``FusionModel`` (the trainer's, during validation) or its DDP wrapper's module.
-        hide: 'image' or 'report' to run with that modality hidden on purpose.
+        hide: 'image', 'report' or 'variables' to run with that modality hidden on purpose.
+
+    ``image_present`` is per study (any image slot present); ``variables_present`` (any variable
+    present) is there when the batches carry variables; ``weights`` has one column per group.
     """
     model.eval()
-    out = {"logits": [], "weights": [], "labels": [], "study_id": [], "image_present": [], "text_present": []}
+    out = {"logits": [], "weights": [], "labels": [], "study_id": [], "image_present": [], "text_present": [],
+           "variables_present": []}
     for batch in loader:
         batch = to_device(batch, device)
-        if hide == "image":
-            batch["image_present"] = torch.zeros_like(batch["image_present"])
-        elif hide == "report":
-            batch["text_present"] = torch.zeros_like(batch["text_present"])
+        batch = hide_modality(batch, hide)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             o = model(batch["image"], batch["image_present"], batch["input_ids"], batch["attention_mask"],
-                      batch["text_present"])
+                      batch["text_present"], **study_kwargs(batch))
         out["logits"].append(o["logits"].float().cpu())
         out["weights"].append(o["modality_weights"].float().cpu())
         out["labels"].append(batch["label"].cpu())
-        out["image_present"].append(batch["image_present"].cpu())
+        ip = batch["image_present"]
+        out["image_present"].append((ip.reshape(ip.shape[0], -1).any(1)).cpu())
         out["text_present"].append(batch["text_present"].cpu())
+        if "variables_present" in batch:
+            out["variables_present"].append(batch["variables_present"].any(1).cpu())
         out["study_id"].extend(batch["study_id"])
     res = {k: torch.cat(v).numpy() for k, v in out.items() if k != "study_id" and v}
     res["study_id"] = out["study_id"]
     return res
+
+
+def hide_modality(batch: dict, hide: str | None) -> dict:
+    """The batch with one modality group hidden ('image', 'report', 'variables'; None: unchanged)."""
+    key = {"image": "image_present", "report": "text_present", "variables": "variables_present", None: None}
+    if hide not in key:
+        raise ValueError(f"hide must be one of image, report, variables, not {hide!r}")
+    if hide is None or key[hide] not in batch:
+        return batch
+    return {**batch, key[hide]: torch.zeros_like(batch[key[hide]])}
 
 
 def predict_rows(model, rows: list[dict], *, batch_size: int = 32, hide: str | None = None) -> dict:

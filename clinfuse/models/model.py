@@ -15,111 +15,212 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..config import Config
+from ..config import VIEW_NAMES, Config
 from ..errors import ClinfuseError, ModelLoadError
-from .fusion import _presence_weights, fusion_class
+from .fusion import TokenLayout, _presence_weights, fusion_class
 from .image import ImageEncoder
 from .text import TextEncoder
+from .variables import VariablesEncoder, VariableSpec
 
-__all__ = ["FusionModel", "build_model", "save_model", "load_model", "probabilities", "MODEL_FORMAT"]
+__all__ = ["FusionModel", "build_model", "save_model", "load_model", "probabilities", "MODEL_FORMAT",
+           "MODEL_FORMAT_STUDY", "study_kwargs", "STUDY_KEYS"]
 
-MODEL_FORMAT = "clinfuse-model/1"
+MODEL_FORMAT = "clinfuse-model/1"  # one image and the report (two tokens): the first version's folders
+MODEL_FORMAT_STUDY = "clinfuse-model/2"  # several image slots and/or a variables token
+MODEL_FORMATS = (MODEL_FORMAT, MODEL_FORMAT_STUDY)
+
+STUDY_KEYS = ("image_view", "variables", "variables_present")  # keyword inputs beyond the first five
+
+
+def study_kwargs(batch: dict) -> dict:
+    """The keyword inputs of :class:`FusionModel` that a batch carries (view ids, variables)."""
+    return {k: batch[k] for k in STUDY_KEYS if k in batch}
 
 
 class FusionModel(nn.Module):
-    """Image + report -> logits and per-modality weights.
+    """A study's images, report and structured variables -> logits and per-modality weights.
 
-    Forward inputs follow the batch contract (docs/concepts.md): ``image [B, C, *spatial]``,
-    ``image_present [B]``, ``input_ids``/``attention_mask [B, K, L]``, ``text_present [B]``.
-    Returns ``{"logits": [B, n_outputs], "modality_weights": [B, 2]}``, plus ``"aux_logits": [B, 2,
-    n_outputs]`` and ``"present": [B, 2]`` (after modality dropout) when ``fusion.aux_weight > 0``: one
-    linear head per modality on its own features, for the trainer's auxiliary loss.
+    Forward inputs follow the batch contract (docs/concepts.md): ``image [B, C, *spatial]`` with
+    ``image_present [B]`` (one image slot), or ``image [B, N, C, *spatial]`` with ``image_present
+    [B, N]`` (N slots, up to ``model.image.max_images``; ``image_view [B, N]`` from
+    :func:`clinfuse.config.view_id`),
+    ``input_ids``/``attention_mask [B, K, L]``, ``text_present [B]``, and for a model that reads
+    variables ``variables``/``variables_present [B, F]`` (:class:`~.variables.VariableSpec`).
+    Returns ``{"logits": [B, n_outputs], "modality_weights": [B, G], "token_weights": [B, M]}`` (G
+    groups: image, report[, variables]; M tokens, image slots first), plus ``"aux_logits": [B, G,
+    n_outputs]`` and ``"present": [B, G]`` (after modality dropout) when ``fusion.aux_weight > 0``: one
+    linear head per group on its own features, for the trainer's auxiliary loss.
     """
 
-    def __init__(self, cfg: Config, n_outputs: int, text_hf_config):
+    def __init__(self, cfg: Config, n_outputs: int, text_hf_config, variables=None):
         super().__init__()
+        import inspect
+
         f = cfg.model.fusion
         self.kind = f.kind
         self.modality_dropout = f.modality_dropout
         self.n_outputs = n_outputs
         self.dim = d = f.dim
+        self.spatial_dims = cfg.model.image.spatial_dims
+        spec = variables if isinstance(variables, VariableSpec) else VariableSpec.from_info(variables)
+        if not cfg.model.variables.enabled:
+            spec = VariableSpec()
+        self.variable_spec = spec
+        n_img = cfg.model.image.max_images if self.spatial_dims == 2 else 1
+        self.layout = layout = TokenLayout(n_img, spec.n_features)
         fusion = fusion_class(f.kind)
         self.late = bool(getattr(fusion, "late", False))
-        self.uses = tuple(getattr(fusion, "uses", (True, True)))
+        uses = tuple(getattr(fusion, "uses", (True, True, True)))
+        self.uses = tuple((uses + (False,) * 3)[:3])[: layout.n_groups]
         if self.late and f.aux_weight > 0:
             raise ClinfuseError(f"model.fusion.aux_weight applies to fused kinds (e.g. 'attention', 'concat'), not "
                                 f"{f.kind!r}, whose modalities already have a head each; set aux_weight: 0")
         self.image_encoder = ImageEncoder(cfg.model.image, d, tuple(cfg.data.image_size)) if self.uses[0] else None
         self.text_encoder = TextEncoder(cfg.model.text, d, text_hf_config) if self.uses[1] else None
-        self.fusion = fusion(f)
+        if "layout" in inspect.signature(fusion.__init__).parameters:
+            self.fusion = fusion(f, layout=layout)
+        elif layout.two_tokens:
+            self.fusion = fusion(f)
+        else:
+            raise ClinfuseError(f"fusion {f.kind!r} takes no token layout (its constructor has no 'layout' "
+                                "argument), so it reads one image and the report only; set model.image.max_images: 1 "
+                                "and model.variables.enabled: false, or give it a layout argument")
+        g = layout.n_groups
         if not self.late:
             self.head = nn.Sequential(nn.Dropout(f.dropout), nn.Linear(d, n_outputs))
-            self.aux_heads = nn.ModuleList([nn.Linear(d, n_outputs) for _ in range(2)]) if f.aux_weight > 0 else None
-        else:  # one head per modality + a prior for rows with none (the late kind has no parameters)
+            self.aux_heads = nn.ModuleList([nn.Linear(d, n_outputs) for _ in range(g)]) if f.aux_weight > 0 else None
+        else:  # one head per group + a prior for rows with none (the late kind has no parameters)
             self.heads = nn.ModuleList([nn.Sequential(nn.Dropout(f.dropout), nn.Linear(d, n_outputs))
-                                        for _ in range(2)])
+                                        for _ in range(g)])
             self.prior = nn.Parameter(torch.zeros(n_outputs))
+        # created last, so that a two-token model draws its initial weights exactly as before
+        self.view_embed = nn.Embedding(len(VIEW_NAMES), d) if n_img > 1 and self.uses[0] else None
+        if self.view_embed is not None:
+            nn.init.zeros_(self.view_embed.weight)
+        self.variables_encoder = VariablesEncoder(spec, d, cfg.model.variables.hidden, f.dropout) \
+            if layout.n_variables and self.uses[2] else None
+        self.register_buffer("group_mask", layout.group_mask(), persistent=False)  # [G, M]
+        self.register_buffer("token_groups", torch.tensor(layout.groups), persistent=False)  # [M]
+
+    @property
+    def group_names(self) -> tuple[str, ...]:
+        return self.layout.group_names
 
     def _hide_modalities(self, present: torch.Tensor) -> torch.Tensor:
-        """Modality dropout: hide one of two present modalities at the configured rate (training only)."""
+        """Modality dropout: hide one of the present groups at the configured rate (training only), never all."""
         if not self.training or self.modality_dropout <= 0:
             return present
-        both = present.all(1)
-        drop = both & (torch.rand(present.shape[0], device=present.device) < self.modality_dropout)
-        which = torch.randint(0, 2, (present.shape[0],), device=present.device)
-        hide = torch.stack([drop & (which == 0), drop & (which == 1)], dim=1)
-        return present & ~hide
-
-    def encode(self, image, image_present, input_ids, attention_mask, text_present, inputs_embeds=None):
-        """Per-modality features ``[B, 2, d]`` and presence ``[B, 2]`` (encoders run on present rows only)."""
-        present = torch.stack([image_present.bool(), text_present.bool()], dim=1)
-        if not all(self.uses):
-            present = present & torch.tensor(self.uses, device=present.device)
-        present = self._hide_modalities(present)
+        gp = self.group_presence(present)
         b = present.shape[0]
-        feats = []
-        for m, enc in enumerate((self.image_encoder, self.text_encoder)):
-            out = None
-            rows = present[:, m]
-            if enc is not None and rows.any():
-                if m == 0:
-                    sel = image[rows]
-                    val = enc(sel)
-                else:
-                    emb = inputs_embeds[rows] if inputs_embeds is not None else None
-                    val = enc(input_ids[rows], attention_mask[rows], inputs_embeds=emb)
-                out = torch.zeros(b, val.shape[-1], dtype=val.dtype, device=val.device)
-                out = out.index_put((rows.nonzero(as_tuple=True)[0],), val)
-            feats.append(out)
-        ref = next((x for x in feats if x is not None), None)
+        if gp.shape[1] == 2:  # the two-token draw, kept as it was (same random numbers, same runs)
+            drop = gp.all(1) & (torch.rand(b, device=present.device) < self.modality_dropout)
+            which = torch.randint(0, 2, (b,), device=present.device)
+            hide = torch.stack([drop & (which == 0), drop & (which == 1)], dim=1)
+        else:
+            drop = (gp.sum(1) >= 2) & (torch.rand(b, device=present.device) < self.modality_dropout)
+            pick = (torch.rand(gp.shape, device=present.device) * gp).argmax(1)
+            hide = nn.functional.one_hot(pick, gp.shape[1]).bool() & drop[:, None]
+        return present & ~hide[:, self.token_groups]
+
+    def group_presence(self, present: torch.Tensor) -> torch.Tensor:
+        """Token presence ``[B, M]`` -> group presence ``[B, G]``."""
+        return (present[:, None, :] & self.group_mask[None]).any(-1)
+
+    def group_features(self, feats: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean of each group's present token features ``[B, G, d]`` and group presence ``[B, G]``."""
+        w = (present[:, None, :] & self.group_mask[None]).to(feats.dtype)  # [B, G, M]
+        n = w.sum(-1, keepdim=True)
+        return (w @ feats) / n.clamp(min=1.0), n[..., 0] > 0
+
+    def image_slots(self, image: torch.Tensor, image_present: torch.Tensor):
+        """``image [B, N, C, *S]`` and ``image_present [B, N]`` from either input form."""
+        if image.ndim == self.spatial_dims + 2:  # [B, C, *S]: one slot
+            return image[:, None], image_present.reshape(-1, 1).bool()
+        return image, image_present.reshape(image.shape[0], image.shape[1]).bool()
+
+    def encode(self, image, image_present, input_ids, attention_mask, text_present, inputs_embeds=None, *,
+               image_view=None, variables=None, variables_present=None):
+        """Token features ``[B, M, d]`` and presence ``[B, M]`` (encoders run on present inputs only;
+        the images of all studies in one encoder call)."""
+        lay = self.layout
+        image, ip = self.image_slots(image, image_present)
+        b, n = ip.shape
+        if n > lay.n_images:  # more images than slots: the first ones (frontal views come first)
+            image, ip, n = image[:, : lay.n_images], ip[:, : lay.n_images], lay.n_images
+            image_view = image_view[:, : lay.n_images] if image_view is not None else None
+        slots = torch.zeros(b, lay.n_images, dtype=torch.bool, device=ip.device)
+        slots[:, :n] = ip
+        tp = text_present.reshape(b).bool()
+        parts = [slots, tp[:, None]]
+        if lay.n_variables:
+            vp = variables_present.bool().any(1) if variables_present is not None else torch.zeros_like(tp)
+            parts.append(vp[:, None])
+        present = torch.cat(parts, dim=1)  # [B, M]
+        if not all(self.uses):
+            present = present & torch.tensor(self.uses, device=present.device)[self.token_groups]
+        present = self._hide_modalities(present)
+        tokens: list[torch.Tensor | None] = [None] * lay.n_tokens
+        img_rows = present[:, :n]
+        if self.image_encoder is not None and img_rows.any():
+            val = self.image_encoder(image[img_rows])  # [K, d]: every present image of the batch at once
+            out = torch.zeros(b, n, val.shape[-1], dtype=val.dtype, device=val.device)
+            out = out.index_put(img_rows.nonzero(as_tuple=True), val)
+            if self.view_embed is not None:
+                vid = image_view[:, :n].long() if image_view is not None else torch.zeros(b, n, dtype=torch.long,
+                                                                                           device=out.device)
+                out = out + self.view_embed(vid).to(out.dtype) * img_rows[..., None].to(out.dtype)
+            for j in range(n):
+                tokens[j] = out[:, j]
+        rows = present[:, lay.n_images]
+        if self.text_encoder is not None and rows.any():
+            emb = inputs_embeds[rows] if inputs_embeds is not None else None
+            val = self.text_encoder(input_ids[rows], attention_mask[rows], inputs_embeds=emb)
+            tokens[lay.n_images] = _scatter(val, rows, b)
+        if lay.n_variables:
+            rows = present[:, -1]
+            if self.variables_encoder is not None and rows.any():
+                val = self.variables_encoder(variables[rows].float(), variables_present[rows])
+                tokens[-1] = _scatter(val, rows, b)
+        ref = next((x for x in tokens if x is not None), None)
         if ref is None:
             ref = torch.zeros(b, self.dim, device=present.device)
-        feats = [x if x is not None else torch.zeros_like(ref) for x in feats]
-        return torch.stack(feats, dim=1), present  # [B, 2, d] one token per modality
+        feats = [x if x is not None else torch.zeros_like(ref) for x in tokens]
+        return torch.stack(feats, dim=1), present  # [B, M, d]
 
-    def forward(self, image, image_present, input_ids, attention_mask, text_present, inputs_embeds=None):
-        feats, present = self.encode(image, image_present, input_ids, attention_mask, text_present, inputs_embeds)
+    def forward(self, image, image_present, input_ids, attention_mask, text_present, inputs_embeds=None, **study):
+        feats, present = self.encode(image, image_present, input_ids, attention_mask, text_present, inputs_embeds,
+                                     **study)
         out = self.fuse(feats, present)
         if not self.late and self.aux_heads is not None:
-            out["aux_logits"] = torch.stack([self.aux_heads[m](feats[:, m]) for m in range(2)], dim=1)  # [B, 2, C]
-            out["present"] = present
+            gf, gp = self.group_features(feats, present)
+            out["aux_logits"] = torch.stack([self.aux_heads[g](gf[:, g]) for g in range(gf.shape[1])], dim=1)
+            out["present"] = gp
         return out
 
     def fuse(self, feats: torch.Tensor, present: torch.Tensor) -> dict:
-        """Logits and modality weights from per-modality features ``[B, 2, d]`` and presence ``[B, 2]``.
+        """Logits and weights from token features ``[B, M, d]`` and presence ``[B, M]``.
 
         Inference calls it once per presence pattern on features encoded once: the probability with a
         modality hidden costs one fusion, not another pass through the encoders.
         """
+        gm = self.group_mask.to(feats.dtype)  # [G, M]
         if not self.late:
-            fused, weights = self.fusion(feats, present)
-            return {"logits": self.head(fused), "modality_weights": weights}
-        per = torch.stack([self.heads[m](feats[:, m]) for m in range(2)], dim=1)  # [B, 2, C]
-        weights = _presence_weights(present)
+            fused, tw = self.fusion(feats, present)
+            return {"logits": self.head(fused), "modality_weights": tw @ gm.T, "token_weights": tw}
+        gf, gp = self.group_features(feats, present)
+        per = torch.stack([self.heads[g](gf[:, g]) for g in range(gf.shape[1])], dim=1)  # [B, G, C]
+        weights = _presence_weights(gp)
         logits = (per * weights[..., None]).sum(1)
-        none = ~present.any(1)
+        none = ~gp.any(1)
         logits = torch.where(none[:, None], self.prior.expand_as(logits), logits)
-        return {"logits": logits, "modality_weights": weights}
+        per_token = present.to(feats.dtype) / (present.to(feats.dtype) @ gm.T @ gm).clamp(min=1.0)
+        tw = per_token * (weights @ gm)
+        return {"logits": logits, "modality_weights": weights, "token_weights": tw}
+
+
+def _scatter(val: torch.Tensor, rows: torch.Tensor, b: int) -> torch.Tensor:
+    out = torch.zeros(b, val.shape[-1], dtype=val.dtype, device=val.device)
+    return out.index_put((rows.nonzero(as_tuple=True)[0],), val)
 
 
 def probabilities(logits, task: str, temperature: float = 1.0) -> torch.Tensor:
@@ -129,9 +230,10 @@ def probabilities(logits, task: str, temperature: float = 1.0) -> torch.Tensor:
     return torch.softmax(z, -1) if task == "multiclass" else torch.sigmoid(z)
 
 
-def build_model(cfg: Config, n_outputs: int, text_hf_config) -> FusionModel:
-    """Build the architecture from the config (no weights are read, nothing is downloaded)."""
-    return FusionModel(cfg, n_outputs, text_hf_config)
+def build_model(cfg: Config, n_outputs: int, text_hf_config, variables=None) -> FusionModel:
+    """Build the architecture from the config (no weights are read, nothing is downloaded).
+    `variables`: the cohort's (or model.json's) variables declaration, or None."""
+    return FusionModel(cfg, n_outputs, text_hf_config, variables)
 
 
 def save_model(model: FusionModel, out_dir: str | Path, meta: dict, tokenizer, text_hf_config) -> Path:
@@ -160,7 +262,11 @@ def save_model(model: FusionModel, out_dir: str | Path, meta: dict, tokenizer, t
         text_hf_config.save_pretrained(text_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(text_dir)
-    full = {"format": MODEL_FORMAT, "clinfuse_version": __version__, **meta, "weights_sha256": digest}
+    net = _unwrap(model)
+    layout = getattr(net, "layout", None)
+    fmt = MODEL_FORMAT if layout is None or layout.two_tokens else MODEL_FORMAT_STUDY
+    extra = {"variables": net.variable_spec.to_json()} if layout is not None and layout.n_variables else {}
+    full = {"format": fmt, "clinfuse_version": __version__, **meta, **extra, "weights_sha256": digest}
     (work / "model.json").write_text(json.dumps(full, indent=2))
     if out.is_dir():  # keep what else lives in the folder
         for child in out.iterdir():
@@ -226,8 +332,9 @@ def load_model(model_dir: str | Path, map_location: str = "cpu") -> tuple[Fusion
     if not (d / "model.json").is_file() or not (d / "model.safetensors").is_file():
         raise ModelLoadError(f"{d}: not a clinfuse model folder (needs model.json and model.safetensors)")
     meta = json.loads((d / "model.json").read_text())
-    if meta.get("format") != MODEL_FORMAT:
-        raise ModelLoadError(f"{d}/model.json: format {meta.get('format')!r}, expected {MODEL_FORMAT!r}")
+    if meta.get("format") not in MODEL_FORMATS:
+        raise ModelLoadError(f"{d}/model.json: format {meta.get('format')!r}, expected one of {list(MODEL_FORMATS)} "
+                             "(a newer clinfuse wrote it? upgrade clinfuse)")
     want = meta.get("weights_sha256")
     if want is not None:
         import hashlib
@@ -241,7 +348,7 @@ def load_model(model_dir: str | Path, map_location: str = "cpu") -> tuple[Fusion
     if (d / "text" / "config.json").is_file():
         text_cfg = AutoConfig.from_pretrained(d / "text", local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(d / "text", local_files_only=True)
-    model = build_model(cfg, len(meta["output_names"]), text_cfg)
+    model = build_model(cfg, len(meta["output_names"]), text_cfg, meta.get("variables"))
     st_load(model, str(d / "model.safetensors"), device=map_location)
     model.eval()
     return model, meta, tokenizer

@@ -20,7 +20,7 @@ from ..errors import ClinfuseError, StudyInputError
 __all__ = ["ClinfusePyfunc", "ENTRY", "model_signature", "input_example", "decode_request", "ServingError"]
 
 ENTRY = Path(__file__).with_name("pyfunc_entry.py")
-COLUMNS = ("study_id", "dicom", "report")
+COLUMNS = ("study_id", "dicom", "report", "variables")
 
 
 class ServingError(MlflowException):
@@ -59,8 +59,26 @@ def _decode_one(v, row: int, k: int) -> bytes:
     raise StudyInputError(f"row {row + 1}: dicom[{k}] is a {type(v).__name__}; send base64 text or bytes")
 
 
+def _variables(v, row: int) -> dict | None:
+    """A ``variables`` cell: a JSON object as text, or a mapping; missing -> None."""
+    import json
+
+    if _is_missing(v) or (isinstance(v, str) and not v.strip()):
+        return None
+    if isinstance(v, str):
+        try:
+            v = json.loads(v)
+        except json.JSONDecodeError as e:
+            raise StudyInputError(f"row {row + 1}: variables is not valid JSON ({e.msg} at character {e.pos})") from None
+    if not isinstance(v, dict):
+        raise StudyInputError(f"row {row + 1}: variables must be a JSON object (name -> value), not a "
+                              f"{type(v).__name__}")
+    return v
+
+
 def decode_request(df: pd.DataFrame) -> list[dict]:
-    """The request DataFrame -> one study dict (``study_id``, ``images`` as bytes, ``report``) per row.
+    """The request DataFrame -> one study dict (``study_id``, ``images`` as bytes, ``report``,
+    ``variables``) per row.
 
     Raises:
         StudyInputError: no ``dicom`` and no ``report`` column, or an unknown column.
@@ -84,7 +102,8 @@ def decode_request(df: pd.DataFrame) -> list[dict]:
         report = None if _is_missing(report) else report
         sid = rec.get("study_id")
         studies.append({"study_id": str(sid) if not _is_missing(sid) else f"row-{i + 1}",
-                        "images": [_decode_one(v, i, k) for k, v in enumerate(raw)], "report": report})
+                        "images": [_decode_one(v, i, k) for k, v in enumerate(raw)], "report": report,
+                        "variables": _variables(rec.get("variables"), i)})
     return studies
 
 
@@ -107,21 +126,24 @@ class ClinfusePyfunc(PythonModel):
         return preds.to_frame()
 
 
-def model_signature(output_names: list[str]):
-    """The served model's signature: optional dicom (any: base64 list), report and study_id columns in;
-    the prediction table out."""
+def model_signature(output_names: list[str], groups=("image", "report")):
+    """The served model's signature: optional dicom (any: a list of base64 DICOM files, one study's
+    images), report, variables (a JSON object as text) and study_id columns in; the prediction table
+    out (a weight and a p_without column per modality group)."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import AnyType, ColSpec, DataType, Schema
 
-    inputs = Schema([ColSpec(DataType.string, "study_id", required=False), ColSpec(AnyType(), "dicom", required=False),
-                     ColSpec(DataType.string, "report", required=False)])
+    specs = [ColSpec(DataType.string, "study_id", required=False), ColSpec(AnyType(), "dicom", required=False),
+             ColSpec(DataType.string, "report", required=False)]
+    if "variables" in groups:
+        specs.append(ColSpec(DataType.string, "variables", required=False))
     cols = [ColSpec(DataType.string, "study_id"), ColSpec(DataType.string, "status"), ColSpec(DataType.string, "reason")]
     for n in output_names:
         cols += [ColSpec(DataType.double, f"p_{n}"), ColSpec(DataType.long, f"pred_{n}")]
-    cols += [ColSpec(DataType.double, "w_image"), ColSpec(DataType.double, "w_report")]
-    for m in ("image", "report"):
+    cols += [ColSpec(DataType.double, f"w_{m}") for m in groups]
+    for m in groups:
         cols += [ColSpec(DataType.double, f"p_{n}_without_{m}") for n in output_names]
-    return ModelSignature(inputs=inputs, outputs=Schema(cols))
+    return ModelSignature(inputs=Schema(specs), outputs=Schema(cols))
 
 
 def input_example() -> pd.DataFrame:

@@ -19,6 +19,7 @@ import gc
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ from ..data.augment import BatchAugment, augment_seeds
 from ..data.cohort import read_cohort
 from ..data.dataset import StudyDataset, label_tensor, n_outputs_for, output_names_for
 from ..inference.run import run_inference, to_device
-from ..models.model import FusionModel, build_model, probabilities, recover_folder, save_model
+from ..models.model import FusionModel, build_model, probabilities, recover_folder, save_model, study_kwargs
 from ..models.text import load_pretrained_text_weights, load_tokenizer, text_config_for
 from ..tracking import LocalTracker, NullTracker
 from .losses import build_loss
@@ -146,12 +147,12 @@ def _seed_all(seed: int) -> None:
 
 
 def aux_loss(loss_fn, out: dict, labels: torch.Tensor) -> torch.Tensor:
-    """Mean over the two modalities of the loss of each one's own head on the rows where it is present.
+    """Mean over the modality groups of the loss of each one's own head on the rows where it is present.
 
-    A modality absent from the whole batch adds a zero that still touches its head, so every parameter
+    A group absent from the whole batch adds a zero that still touches its head, so every parameter
     is in the graph (DistributedDataParallel needs that)."""
     terms = []
-    for m in range(2):
+    for m in range(out["present"].shape[1]):
         rows = out["present"][:, m]
         aux = out["aux_logits"][:, m]
         terms.append(loss_fn(aux[rows], labels[rows]) if rows.any() else aux.sum() * 0.0)
@@ -160,7 +161,7 @@ def aux_loss(loss_fn, out: dict, labels: torch.Tensor) -> torch.Tensor:
 
 def _forward(model, batch: dict) -> dict:
     return model(batch["image"], batch["image_present"], batch["input_ids"], batch["attention_mask"],
-                 batch["text_present"])
+                 batch["text_present"], **study_kwargs(batch))
 
 
 def _auroc(labels: np.ndarray, logits: np.ndarray, task: str) -> float:
@@ -274,6 +275,11 @@ def train(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *, resume: b
 
     rows, info = read_cohort(cohort_dir)
     _check(cfg, rows, info)
+    if is_main and cfg.model.image.max_images > 1 and cfg.model.image.spatial_dims == 2 and \
+            not any(int(r.get("n_images") or 0) > 1 for r in rows):
+        print(f"train: note: model.image.max_images is {cfg.model.image.max_images} but no study of {cohort_dir} has "
+              "more than one image (a cohort built with cohort.dicom.view_policy: frontal keeps frontal views only; "
+              "rebuild it with view_policy: all to give the model the lateral views)", file=sys.stderr, flush=True)
     train_rows = [r for r in rows if r["split"] == "train"]
     val_rows = [r for r in rows if r["split"] == "val"]
     task = info["task"]
@@ -284,7 +290,7 @@ def train(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *, resume: b
         corpus = [r["report"] for r in train_rows if r["report_present"]]
         tokenizer = load_tokenizer(cfg.model.text, corpus=corpus)
         hf_cfg = text_config_for(cfg.model.text, tokenizer)
-    model = build_model(cfg, n_out, hf_cfg)
+    model = build_model(cfg, n_out, hf_cfg, info.get("variables"))
     if model.text_encoder is not None and not resume:
         load_pretrained_text_weights(model.text_encoder, cfg.model.text)
     if model.image_encoder is not None and cfg.model.image.weights and not resume:
@@ -292,10 +298,14 @@ def train(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *, resume: b
     model.to(device)
 
     cache_root = out / "cache"
+    spec = model.variable_spec if model.variables_encoder is not None else None
     train_ds = StudyDataset(train_rows, info, cfg, tokenizer, cache_dir=cache_root / "train",
-                            progress=progress and is_main)
+                            progress=progress and is_main, variables=spec)
     val_ds = StudyDataset(val_rows, info, cfg, tokenizer, cache_dir=cache_root / "val",
-                          progress=progress and is_main) if val_rows else None
+                          progress=progress and is_main, variables=spec) if val_rows else None
+    if spec is not None and not resume:  # standardisation from the training split, kept in the weights
+        model.variables_encoder.fit_standardisation(train_ds.variables, train_ds.variables_present)
+        model.variables_encoder.to(device)
     augment = BatchAugment(cfg) if cfg.data.augment else None
     train_labels = label_tensor(train_rows, info)
     loss_fn = build_loss(cfg.loss, task, train_labels, n_out).to(device)

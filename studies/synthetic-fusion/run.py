@@ -7,11 +7,15 @@ On cohorts from `clinfuse synth` (the Bayes-optimal answer is known from truth.c
      against dedicated unimodal models;
   3. imbalance at 20%, 5% and 1% prevalence: each loss/sampler option, AUPRC and recall at 90% specificity;
   4. explanations: share of image attribution mass inside the planted opacity (pointing game) for IG,
-     Grad-CAM and Occlusion, trained vs randomised model.
+     Grad-CAM and Occlusion, trained vs randomised model;
+  5. whole studies: a frontal and a lateral view and structured variables (`synth --views 2
+     --variables 4`): the model with both image slots and the variables token against the same model on
+     the frontal view and the report only and against the Bayes optimum, overall and per pattern.
 
 Every model is trained with `train_and_audit` (one MLflow run each, in OUT/mlflow.db).
-Usage: python studies/synthetic-fusion/run.py [--out runs/synthetic-fusion] [--questions 1 2 3 4] [--seeds 0 1 2 3]
-(question 3 uses the first two seeds: it trains 15 models per seed on 2,400-study cohorts)
+Usage: python studies/synthetic-fusion/run.py [--out runs/synthetic-fusion] [--questions 1 2 3 4 5] [--seeds 0 1 2 3]
+(question 3 uses the first two seeds: it trains 15 models per seed on 2,400-study cohorts; question 5
+uses --q5-studies studies (default 4,000) and the first three seeds)
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from _common import auprc, auprc_ties_random, auroc, model_predictions, recall_at_specificity, split_rows, table  # noqa: E402
+from _common import (auprc, auprc_ties_random, auroc, derived_cohort, model_predictions,  # noqa: E402
+                     recall_at_specificity, split_rows, table)
 
 from clinfuse.config import load_config  # noqa: E402
 from clinfuse.data.cohort import build_cohort  # noqa: E402
@@ -93,42 +98,27 @@ def hide_in_training(base: Path, dst: Path, missing: float, seed: int) -> Path:
     """A copy of cohort ``base`` where a share ``missing`` of the train and val studies lose one modality
     (half the image, half the report); the test split is left whole, so every condition is scored on the
     very same test studies. cohort.json gets the new missingness and a fingerprint of the changed table."""
-    import hashlib
-    import json
-    import shutil
 
-    if (dst / "cohort.json").is_file():
-        return dst
-    shutil.copytree(base, dst)
-    with open(base / "cohort.csv", newline="", encoding="utf-8") as f:
-        rd = csv.DictReader(f)
-        fields, rows = rd.fieldnames, list(rd)
-    rng = np.random.default_rng(seed)
-    for r in rows:
-        if r["split"] == "test" or rng.random() >= missing:
-            continue
-        if rng.random() < 0.5:
-            r.update(image_present="0", image_paths="[]", n_images="0")
-        else:
-            r.update(report_present="0", report="")
-    with open(dst / "cohort.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    info = json.loads((base / "cohort.json").read_text())
+    def edit(rows):
+        rng = np.random.default_rng(seed)
+        for r in rows:
+            if r["split"] == "test" or rng.random() >= missing:
+                continue
+            if rng.random() < 0.5:
+                r.update(image_present="0", image_paths="[]", n_images="0")
+            else:
+                r.update(report_present="0", report="")
 
     def pattern(r):
         return {("1", "1"): "both", ("1", "0"): "image_only", ("0", "1"): "report_only"}[(r["image_present"], r["report_present"])]
 
-    info["missingness"] = {k: sum(pattern(r) == k for r in rows) for k in ("both", "image_only", "report_only")}
-    for split, s in info["splits"].items():
-        s["missingness"] = {k: sum(pattern(r) == k for r in rows if r["split"] == split)
-                            for k in ("both", "image_only", "report_only")}
-    digest = hashlib.sha256(info["fingerprint"]["sha256"].encode() + (dst / "cohort.csv").read_bytes()).hexdigest()
-    info["fingerprint"] = {"sha256": digest, "mode": f"derived: {missing:.0%} of train/val hidden (synthetic-fusion study)"}
-    info["files"] = {"cohort.csv": hashlib.sha256((dst / "cohort.csv").read_bytes()).hexdigest()}  # read_cohort checks it
-    (dst / "cohort.json").write_text(json.dumps(info, indent=2))
-    return dst
+    def edit_info(info, rows):
+        info["missingness"] = {k: sum(pattern(r) == k for r in rows) for k in ("both", "image_only", "report_only")}
+        for split, s in info["splits"].items():
+            s["missingness"] = {k: sum(pattern(r) == k for r in rows if r["split"] == split)
+                                for k in ("both", "image_only", "report_only")}
+
+    return derived_cohort(base, dst, edit, f"{missing:.0%} of train/val hidden (synthetic-fusion study)", edit_info)
 
 
 def aux_head_scores(best: Path, coh: Path, modality: int) -> np.ndarray:
@@ -263,13 +253,102 @@ def question_4(out: Path, seeds: list[int], studies: int, n: int = 30) -> None:
                   f"{sum(s > area for s in res[(m, 'trained')])}/{total}"] for m in ("ig", "gradcam", "occlusion")]),
           flush=True)
 
+def q5_spec(studies: int, seed: int) -> SynthSpec:
+    return SynthSpec(studies=studies, seed=seed, size=64, views=2, variables=4, missing_image=0.1, missing_report=0.1,
+                     missing_view=0.2, missing_variable=0.15)
+
+
+def q5_cohort(out: Path, studies: int, seed: int) -> tuple[Path, Path]:
+    exp, coh = out / "data" / f"q5-s{seed}" / "export", out / "data" / f"q5-s{seed}" / "cohort"
+    if not (coh / "cohort.json").is_file():
+        synthesize(exp, q5_spec(studies, seed), progress=False)
+        build_cohort(exp / "dicom", exp / "reports.csv", exp / "labels.csv", coh,
+                     load_config(HERE / "config.yaml", [f"cohort.split.seed={seed}", "cohort.dicom.view_policy=all"]),
+                     progress=False, variables=exp / "variables.csv")
+    return coh, exp / "truth.csv"
+
+
+def frontal_only(base: Path, dst: Path) -> Path:
+    """A copy of cohort ``base`` whose studies keep their frontal views only (a study with only a lateral
+    view becomes image-less): what the first version's model reads."""
+    import json
+
+    def edit(rows):
+        for r in rows:
+            paths, views = json.loads(r["image_paths"]), json.loads(r["image_views"] or "[]")
+            keep = [i for i, v in enumerate(views) if v in ("PA", "AP")]
+            r.update(image_paths=json.dumps([paths[i] for i in keep]), image_views=json.dumps([views[i] for i in keep]),
+                     n_images=str(len(keep)), image_present="1" if keep else "0")
+
+    return derived_cohort(base, dst, edit, "frontal views only (synthetic-fusion study)")
+
+
+def question_5(out: Path, seeds: list[int], studies: int) -> None:
+    conds = {"frontal + report (two tokens)": (["model.image.max_images=1", "model.variables.enabled=false"], True),
+             "frontal + lateral + report": (["model.image.max_images=2", "model.variables.enabled=false"], False),
+             "frontal + lateral + report + variables": (["model.image.max_images=2"], False)}
+    sees = {"frontal + report (two tokens)": ("frontal", "report"),
+            "frontal + lateral + report": ("frontal", "lateral", "report"),
+            "frontal + lateral + report + variables": ("frontal", "lateral", "report", "variables")}
+    res: dict[str, dict[str, list]] = {}
+    bayes_all: dict[str, list] = {}
+    times: dict[str, list] = {}
+    for seed in seeds:
+        base, truth_csv = q5_cohort(out, studies, seed)
+        for name, (ov, frontal) in conds.items():
+            coh = frontal_only(base, out / "data" / f"q5-s{seed}" / "frontal") if frontal else base
+            t0 = time.time()
+            best = train(out, coh, f"q5-s{seed}-" + name.split(" (")[0].replace(" + ", "-"),
+                         ov + ["cohort.dicom.view_policy=all"], seed)
+            times.setdefault(name, []).append(time.time() - t0)
+            y, p, _, rows = model_predictions(best, base)
+            t = truth_for(base, truth_csv, rows)
+            y = y[:, 0]
+
+            def limit(r, groups):
+                have = {"frontal": r["has_frontal"], "lateral": r["has_lateral"], "report": r["has_report"],
+                        "variables": str(int(int(r["n_variables"]) > 0))}
+                shown = [g for g in groups if have[g] == "1"]
+                return float(r[f"p_{'+'.join(shown)}_label"]) if shown else float("nan")
+
+            pb = np.array([limit(r, sees[name]) for r in t])
+            pb = np.where(np.isnan(pb), q5_spec(studies, seed).prevalence, pb)  # nothing seen: the prior
+            lat = np.array([r["has_lateral"] == "1" for r in t])
+            var = np.array([int(r["n_variables"]) > 0 for r in t])
+            cells = {"all test studies": np.ones_like(y, bool), "with a lateral view": lat,
+                     "frontal missing": np.array([r["has_frontal"] == "0" for r in t]),
+                     "with variables": var, "no report": np.array([r["has_report"] == "0" for r in t])}
+            c = res.setdefault(name, {})
+            for cell, m in cells.items():
+                c.setdefault(cell, []).append(auroc(y[m], p[m, 0]))
+                c.setdefault(f"{cell} (Bayes, what it sees)", []).append(auroc(y[m], pb[m]))
+            if name == next(iter(conds)):  # the same test studies for every model: once per seed
+                full = np.array([float(r["p_available_label"]) for r in t])
+                for cell, m in cells.items():
+                    bayes_all.setdefault(cell, []).append(auroc(y[m], full[m]))
+    cells = ["all test studies", "with a lateral view", "frontal missing", "with variables", "no report"]
+    rows = []
+    for name, c in res.items():
+        rows.append([name, *(mean_sd(c[k]) for k in cells)])
+        rows.append(["  its Bayes limit (the same inputs)", *(mean_sd(c[f"{k} (Bayes, what it sees)"]) for k in cells)])
+    rows.append(["Bayes optimum (everything present)", *(mean_sd(bayes_all[k]) for k in cells)])
+    print(f"{studies} studies per seed (views 2, 4 variables + sex, missing: image 10%, one view 20%, report 10%, each "
+          f"variable 15%); test split; AUROC mean ± sd over seeds {seeds}")
+    print(table(["model", *cells], rows), flush=True)
+    full = res["frontal + lateral + report + variables"]["all test studies"]
+    bayes = bayes_all["all test studies"]
+    print(f"\nwhole-study model: {100 * np.mean(np.array(full) / np.array(bayes)):.1f}% of the Bayes AUROC (all test "
+          "studies); training seconds per model: " + ", ".join(f"{k} {np.mean(v):.0f}" for k, v in times.items()),
+          flush=True)
+
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/synthetic-fusion"))
-    ap.add_argument("--questions", nargs="+", type=int, default=[1, 2, 3, 4], choices=[1, 2, 3, 4])
+    ap.add_argument("--questions", nargs="+", type=int, default=[1, 2, 3, 4, 5], choices=[1, 2, 3, 4, 5])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
     ap.add_argument("--studies", type=int, default=1200)
+    ap.add_argument("--q5-studies", type=int, default=4000, help="studies per seed of question 5 (default 4,000)")
     args = ap.parse_args(argv)
     t0 = time.time()
     for q in args.questions:
@@ -281,8 +360,10 @@ def main(argv=None) -> None:
             question_2(args.out, args.seeds, args.studies)
         elif q == 3:
             question_3(args.out, args.seeds[:2], args.studies * 2)  # 30 models per seed at 2,400 studies: two seeds
-        else:
+        elif q == 4:
             question_4(args.out, args.seeds, args.studies)
+        else:
+            question_5(args.out, args.seeds[:3], args.q5_studies)
         print(f"(question {q}: {time.time() - t:.0f} s)", flush=True)
     print(f"\nseeds {args.seeds}; total {time.time() - t0:.0f} s")
 
