@@ -119,3 +119,56 @@ def test_synthetic_fusion_hides_modalities_in_training_only(tmp_path):
     assert dinfo["missingness"]["both"] == len(d) - hidden_img - hidden_txt
     assert dinfo["missingness"]["report_only"] == hidden_img
     assert dinfo["fingerprint"]["sha256"] != binfo["fingerprint"]["sha256"]
+
+
+def test_covid_notes_prepare_and_patient_folds(tmp_path):
+    """Real covid-notes rows: PNG -> DICOM with the case's metadata, notes as the report, outcome
+    sentences removed for the leakage question, unknown outcomes set aside by the cohort builder with
+    their value named, and k folds in which every patient is tested exactly once."""
+    import shutil
+
+    import pydicom
+
+    from clinfuse.config import load_config
+    from clinfuse.data.cohort import build_cohort, read_cohort
+
+    src = _shared("covid-notes")
+    prep = _load("covid-notes", "prepare")
+    run = _load("covid-notes", "run")
+    rows = list(csv.DictReader(open(src / "labels.csv", newline="", encoding="utf-8")))
+    known = [r for r in rows if r["went_icu"] in ("Y", "N") and r["clinical_notes"].strip()][:30]
+    odd = [r for r in rows if r["went_icu"] not in ("Y", "N")][:4]
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    with open(data / "labels.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        for r in known + odd:
+            shutil.copy(src / r["file"], data / r["file"])
+            w.writerow(r)
+    exp = tmp_path / "export"
+    s = prep.prepare(data, exp, progress=False)
+    assert s["images"] == 34 and s["labelled"]["went_icu"] == 30
+    first = next((exp / "dicom").rglob("*.dcm"))
+    ds = pydicom.dcmread(first)
+    assert ds.PatientID.startswith("covid-") and ds.ViewPosition in ("PA", "AP", "") and len(ds.AccessionNumber) <= 16
+    assert prep.without_outcome("Bilateral opacities. She was admitted to the ICU. Intubated on day 3. Fever.") == (
+        "Bilateral opacities. Fever.", 2)
+    clean = {r["AccessionNumber"]: r["report"] for r in csv.DictReader(open(exp / "reports_no_outcome.csv"))}
+    assert not any(prep._WORDS.search(t) for t in clean.values())
+    cfg = load_config(REPO / "studies" / "covid-notes" / "config.yaml")
+    summary = build_cohort(exp / "dicom", exp / "reports.csv", exp / "labels_went_icu.csv", tmp_path / "c", cfg,
+                           progress=False)
+    assert summary.n_studies == 30
+    reasons = open(tmp_path / "c" / "quarantine.csv", encoding="utf-8").read()
+    assert reasons.count("no valid label for this AccessionNumber") == len(odd)  # each unknown outcome named
+    assert all(f"unknown class '{r['went_icu']}'" in reasons for r in odd if r["went_icu"])
+    pats = {}
+    for fold in range(3):
+        coh = run.refold(tmp_path / "c", tmp_path / f"f{fold}", fold, 3)
+        got, _ = read_cohort(coh)
+        for r in got:
+            if r["split"] == "test":
+                assert pats.setdefault(r["patient_id"], fold) == fold  # tested once
+        assert {r["split"] for r in got} == {"train", "val", "test"}
+    assert set(pats) == {r["patient_id"] for r in read_cohort(tmp_path / "c")[0]}
