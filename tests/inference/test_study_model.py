@@ -150,3 +150,21 @@ def test_evaluation_scores_the_variables_hidden(study_model, tmp_path):
     assert hidden["variables hidden"]["n"] == hidden["variables shown (same studies)"]["n"] > 0
     assert len(res["mean_modality_weights"]["both"]) == 3
     assert "variables hidden" in format_table(res)
+
+
+def test_cli_predict_and_explain_take_variables(study_model, tmp_path, capsys):
+    from clinfuse.cli import main
+
+    d, exp, model = study_model
+    files = next(v for v in _study_files(exp).values() if len(v) == 2)
+    assert main(["predict", "--model", str(model.dir), "--dicom", *files, "--variables", '{"crp": 60, "sex": "M"}',
+                 "--out", "-"]) == 0
+    out = capsys.readouterr().out
+    assert "variables" in out and "modality weights" in out
+    (tmp_path / "v.json").write_text('{"crp": 60}')
+    assert main(["explain", "--model", str(model.dir), "--dicom", *files, "--variables", str(tmp_path / "v.json"),
+                 "--out", str(tmp_path / "e"), "--no-mlflow", "--no-progress", "--method", "gradcam", "--steps", "4"]) == 0
+    e = json.loads(next((tmp_path / "e").rglob("explanation.json")).read_text())
+    assert len(e["images"]) == 2 and e["modalities"]["present"]["variables"]
+    assert main(["predict", "--model", str(model.dir), "--dicom", *files, "--variables", "[1, 2]", "--out", "-"]) == 2
+    assert "a JSON object" in capsys.readouterr().err
