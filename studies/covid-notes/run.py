@@ -20,7 +20,7 @@ same layout (hidden evaluation; every study there is a test study).
 
 Usage: python studies/covid-notes/run.py [--data ../shared/data/covid-notes] [--out runs/covid-notes]
            [--outcomes went_icu intubated] [--folds 5] [--questions 1 2 3 4] [--test-data DIR]
-           [--set KEY=VALUE ...]
+           [--only-folds F ...] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -87,6 +87,7 @@ def refold(base: Path, dst: Path, fold: int, k: int, seed: int = 0) -> Path:
 
 
 EXTRA: list[str] = []  # --set key=value, for every model of the run
+ONLY: list[int] = []  # --only-folds: score these folds only (their patients are still each tested once)
 
 
 def train(out: Path, coh: Path, name: str, overrides: list[str]) -> Path:
@@ -156,6 +157,8 @@ def run_folds(out: Path, base: Path, outcome: str, tag: str, kinds: dict, k: int
     pooled: dict[str, list] = {}
     per_fold: dict[str, list] = {}
     for fold in range(k):
+        if ONLY and fold + 1 not in ONLY:
+            continue
         coh = refold(base, out / "folds" / f"{outcome}-{tag}-f{fold + 1}", fold, k)
         tr = [r for r in split_rows(coh, "train")[0] + split_rows(coh, "val")[0]]
         te, info = split_rows(coh, "test")
@@ -190,7 +193,8 @@ def describe(base: Path, outcome: str) -> str:
 
 def question_1(out, exp, outcome, k):
     base = base_cohort(exp, out, outcome, "reports.csv")
-    print(describe(base, outcome) + f"; {k}-fold cross-validation by patient")
+    print(describe(base, outcome) + f"; {k}-fold cross-validation by patient"
+          + (f", folds {ONLY} only" if ONLY else ""))
     pooled, per_fold = run_folds(out, base, outcome, "notes", {n: (kd, None) for n, kd in KINDS.items()}, k)
     report(f"\n{outcome}: all labelled images (a study without notes is image-only for every model)", pooled, per_fold)
     return pooled
@@ -277,10 +281,13 @@ def main(argv=None) -> None:
     ap.add_argument("--outcomes", nargs="+", default=list(OUTCOMES), choices=list(OUTCOMES))
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--questions", nargs="+", type=int, default=[1, 2, 3, 4], choices=[1, 2, 3, 4])
+    ap.add_argument("--only-folds", nargs="+", type=int, metavar="F",
+                    help="run and score only these folds (1-based): a partial run, its patients each tested once")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for every model (e.g. train.epochs=20); use another --out")
     args = ap.parse_args(argv)
     EXTRA.extend(args.overrides)
+    ONLY.extend(args.only_folds or [])
     if args.folds < 3:
         sys.exit("covid-notes: --folds must be at least 3 (one fold tests, the next validates, the rest train)")
     if not (args.data / "labels.csv").is_file():
