@@ -274,6 +274,11 @@ class ImageEncoderConfig(_Strict):
         "with a learned embedding of its ViewPosition; a study with more keeps the first max_images. 1 = the "
         "first frontal image only (the two-token model). 3D studies always have one volume.")
 
+    @property
+    def slots(self) -> int:
+        """Image tokens per study: max_images for 2D, one volume for 3D."""
+        return self.max_images if self.spatial_dims == 2 else 1
+
 
 class VariablesModelConfig(_Strict):
     """How the model reads the structured clinical variables (``clinfuse cohort build --variables``)."""

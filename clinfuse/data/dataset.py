@@ -37,12 +37,9 @@ from .studies import _header_from, load_volume, select_images
 from .tokens import empty_tokens, tokenize_reports
 
 __all__ = ["StudyDataset", "label_tensor", "n_outputs_for", "output_names_for", "study_transform", "image_item",
-           "GREY_PHOTOMETRICS", "n_image_slots"]
+           "GREY_PHOTOMETRICS"]
 
 GREY_PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2")
-def n_image_slots(cfg: Config) -> int:
-    """Image tokens per study of a model with this config (3D: one volume)."""
-    return cfg.model.image.max_images if cfg.model.image.spatial_dims == 2 else 1
 
 
 def n_outputs_for(info: dict) -> int:
@@ -85,7 +82,7 @@ class _LoadStudyImage(_transform_base()):
         self.channels = cfg.model.image.in_channels
         self.spatial_dims = cfg.model.image.spatial_dims
         self.photometrics = photometrics
-        self.slots = n_image_slots(cfg)
+        self.slots = cfg.model.image.slots
 
     def __call__(self, item: dict) -> dict:
         item = dict(item)
@@ -244,7 +241,7 @@ class StudyDataset(torch.utils.data.Dataset):
         self.text_present = torch.tensor([bool(r["report_present"]) and bool(t.strip()) for r, t in zip(rows, texts)])
         self.image_present = torch.tensor([bool(r["image_present"]) for r in rows])
         self.image_shape = (cfg.model.image.in_channels, *cfg.data.image_size)
-        self.slots = n_image_slots(cfg)
+        self.slots = cfg.model.image.slots
         if self.slots > 1:
             views = torch.zeros(len(rows), self.slots, dtype=torch.long)
             for i, r in enumerate(rows):

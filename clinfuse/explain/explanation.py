@@ -128,15 +128,7 @@ def build_explanation(network, batch: dict, *, task: str, tokenizer, output_name
         maps = dict(a.image_maps)
     if a.variable_scores:
         spec = network.variables_encoder.spec
-        xv = x.extra["variables"][0]
-        values = {}
-        for name, sl in spec.slices().items():
-            if a.variable_scores[name] is None:
-                values[name] = None
-            elif name in spec.numeric:
-                values[name] = float(xv[sl.start])
-            else:
-                values[name] = dict(spec.categorical)[name][int(xv[sl].argmax())]
+        values = spec.decode(x.extra["variables"][0], x.extra["variables_present"][0])
         exp["variables"] = {"method": "integrated_gradients",
                             "items": [{"name": n, "value": values[n], "score": a.variable_scores[n]}
                                       for n in spec.names]}

@@ -136,9 +136,10 @@ class Prediction:
 class Predictions(list):
     """A list of :class:`Prediction` with ``to_frame()``."""
 
-    def __init__(self, items, output_names: list[str]):
+    def __init__(self, items, output_names: list[str], groups=("image", "report")):
         super().__init__(items)
         self.output_names = list(output_names)
+        self.groups = tuple(groups)  # the model's modality groups: a column each in to_frame
 
     def to_frame(self):
         """One row per study: ``study_id``, ``status``, ``reason``, ``p_<output>``, ``pred_<output>``,
@@ -152,11 +153,9 @@ class Predictions(list):
             for n in self.output_names:
                 r[f"p_{n}"] = p.probabilities.get(n, math.nan)
                 r[f"pred_{n}"] = int(p.decisions[n]) if n in p.decisions else -1
-            groups = ["image", "report"] + (["variables"] if any("variables" in q.modality_weights for q in self)
-                                            else [])
-            for m in groups:
+            for m in self.groups:
                 r[f"w_{m}"] = p.modality_weights.get(m, math.nan)
-            for m in groups:
+            for m in self.groups:
                 without = p.p_without.get(m) or {}
                 for n in self.output_names:
                     r[f"p_{n}_without_{m}"] = without.get(n, math.nan)
@@ -394,7 +393,7 @@ class Model:
                 results[i] = Prediction(s.study_id, "error", _one_line(e))
         for i, pred in zip(where, self.predict_rows(rows, batch_size=batch_size, progress=progress, check_input=True)):
             results[i] = pred
-        return Predictions(results, self.output_names)
+        return Predictions(results, self.output_names, self.groups)
 
     def predict_rows(self, rows: list[dict], *, batch_size: int = 16, progress: bool = False,
                      check_input: bool = False) -> Predictions:
@@ -418,7 +417,7 @@ class Model:
                 bar.update(len(batch))
                 batch = []
         bar.close()
-        return Predictions(results, self.output_names)
+        return Predictions(results, self.output_names, self.groups)
 
     @torch.no_grad()
     def forward_batch(self, batch: dict, hide: str | None = None) -> dict:

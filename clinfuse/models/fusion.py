@@ -14,10 +14,10 @@ variables the layout is today's two tokens (image, report) and every parameter k
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
-
-from dataclasses import dataclass
 
 from ..config import FusionConfig
 from ..errors import ClinfuseError
@@ -104,10 +104,10 @@ def pattern_index(present: torch.Tensor) -> torch.Tensor:
     return (present.long() * weights).sum(1)
 
 
-def group_presence(present: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-    """Token presence ``[B, M]`` -> group presence ``[B, G]`` (a group is present when any of its tokens is)."""
-    gm = layout.group_mask(present.device)  # [G, M]
-    return (present[:, None, :] & gm[None]).any(-1)
+def group_presence(present: torch.Tensor, group_mask: torch.Tensor) -> torch.Tensor:
+    """Token presence ``[B, M]`` -> group presence ``[B, G]`` (a group is present when any of its tokens
+    is), with ``group_mask [G, M]`` from :meth:`TokenLayout.group_mask`."""
+    return (present[:, None, :] & group_mask[None]).any(-1)
 
 
 @register_fusion("attention")
@@ -123,8 +123,8 @@ class AttentionFusion(nn.Module):
     def __init__(self, cfg: FusionConfig, layout: TokenLayout = TokenLayout()):
         super().__init__()
         d = cfg.dim
-        self.layout = layout
         self.register_buffer("groups", torch.tensor(layout.groups), persistent=False)
+        self.register_buffer("group_mask", layout.group_mask(), persistent=False)
         self.query = nn.Parameter(torch.randn(1, 1, d) * 0.02)
         self.type_embed = nn.Parameter(torch.randn(1, layout.n_groups, d) * 0.02)  # one per group
         self.attn = nn.MultiheadAttention(d, cfg.heads, batch_first=True)  # no dropout: weights stay exact
@@ -147,7 +147,7 @@ class AttentionFusion(nn.Module):
         fused = fused * keep
         weights = w[:, 0] * keep
         if self.missing is not None:
-            fused = fused + self.missing(pattern_index(group_presence(present, self.layout)))
+            fused = fused + self.missing(pattern_index(group_presence(present, self.group_mask)))
         return fused, weights
 
 

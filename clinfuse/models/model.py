@@ -17,7 +17,7 @@ from torch import nn
 from .. import __version__
 from ..config import VIEW_NAMES, Config
 from ..errors import ClinfuseError, ModelLoadError
-from .fusion import TokenLayout, _presence_weights, fusion_class
+from .fusion import TokenLayout, _presence_weights, fusion_class, group_presence
 from .image import ImageEncoder
 from .text import TextEncoder
 from .variables import VariablesEncoder, VariableSpec
@@ -66,12 +66,12 @@ class FusionModel(nn.Module):
         if not cfg.model.variables.enabled:
             spec = VariableSpec()
         self.variable_spec = spec
-        n_img = cfg.model.image.max_images if self.spatial_dims == 2 else 1
+        n_img = cfg.model.image.slots
         self.layout = layout = TokenLayout(n_img, spec.n_features)
         fusion = fusion_class(f.kind)
         self.late = bool(getattr(fusion, "late", False))
         uses = tuple(getattr(fusion, "uses", (True, True, True)))
-        self.uses = tuple((uses + (False,) * 3)[:3])[: layout.n_groups]
+        self.uses = (uses + (False,) * 3)[: layout.n_groups]  # a group a 'uses' does not list is not read
         if self.late and f.aux_weight > 0:
             raise ClinfuseError(f"model.fusion.aux_weight applies to fused kinds (e.g. 'attention', 'concat'), not "
                                 f"{f.kind!r}, whose modalities already have a head each; set aux_weight: 0")
@@ -124,7 +124,7 @@ class FusionModel(nn.Module):
 
     def group_presence(self, present: torch.Tensor) -> torch.Tensor:
         """Token presence ``[B, M]`` -> group presence ``[B, G]``."""
-        return (present[:, None, :] & self.group_mask[None]).any(-1)
+        return group_presence(present, self.group_mask)
 
     def group_features(self, feats: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The mean of each group's present token features ``[B, G, d]`` and group presence ``[B, G]``."""

@@ -80,6 +80,17 @@ class VariableSpec:
                 present[sl[name]] = True
         return x, present
 
+    def decode(self, x: torch.Tensor, present: torch.Tensor) -> dict[str, float | str | None]:
+        """The inverse of :meth:`features`: each variable's value (a number, a category, or None when
+        missing) from ``x [F]`` and ``present [F]``."""
+        out: dict[str, float | str | None] = {}
+        sl = self.slices()
+        for name in self.numeric:
+            out[name] = float(x[sl[name].start]) if bool(present[sl[name]].any()) else None
+        for name, cats in self.categorical:
+            out[name] = cats[int(x[sl[name]].argmax())] if bool(present[sl[name]].any()) else None
+        return out
+
     def problems(self, values: dict | None) -> list[str]:
         """What in `values` this spec cannot use: names it does not read, a numeric value that is not a
         finite number, a category it does not know (None and "" are missing values, not problems)."""

@@ -275,7 +275,7 @@ def train(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *, resume: b
 
     rows, info = read_cohort(cohort_dir)
     _check(cfg, rows, info)
-    if is_main and cfg.model.image.max_images > 1 and cfg.model.image.spatial_dims == 2 and \
+    if is_main and cfg.model.image.slots > 1 and \
             not any(int(r.get("n_images") or 0) > 1 for r in rows):
         print(f"train: note: model.image.max_images is {cfg.model.image.max_images} but no study of {cohort_dir} has "
               "more than one image (a cohort built with cohort.dicom.view_policy: frontal keeps frontal views only; "

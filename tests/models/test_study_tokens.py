@@ -162,3 +162,9 @@ def test_a_fusion_without_a_layout_is_refused_for_several_tokens():
             _model("test_old_style")
     finally:
         FUSIONS.pop("test_old_style")
+
+
+def test_decode_inverts_features():
+    spec = VariableSpec.from_info(SPEC)
+    values = {"crp": 12.5, "sex": "M"}
+    assert spec.decode(*spec.features(values)) == {"crp": 12.5, "temperature_c": None, "sex": "M"}
