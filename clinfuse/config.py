@@ -265,8 +265,9 @@ class ImageEncoderConfig(_Strict):
     spatial_dims: Literal[2, 3] = Field(2, description="2 for radiographs, 3 for CT/MR volumes.")
     in_channels: int = Field(1, ge=1, le=4, description="Input channels (1 for grey; must match cohort.dicom.channels).")
     weights: str | None = Field(
-        None, description="Local file of weights (safetensors or a torch state dict) loaded into the encoder; "
-        "never downloaded.")
+        None, description="Local file of weights (safetensors or a torch checkpoint) loaded into the encoder; "
+        "never downloaded. MONAI's layout and torchvision's DenseNet/ResNet (ImageNet, most chest X-ray "
+        "checkpoints) are mapped; a file matching under 90% of the backbone is refused (docs/model.md).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout inside the network where it has one.")
     max_images: int = Field(
         1, ge=1, le=16, description="2D studies: image tokens per study, one per image the cohort chose "

@@ -19,6 +19,18 @@ if [ ${#need[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" =
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}") >/dev/null 2>&1 \
     || echo "test.sh: ${need[*]} could not be installed; the tests that need them will say so and skip"
 fi
+# torchvision's model code (pure Python), for the test that loads torchvision-layout weights into the MONAI
+# encoders: its wheel needs a CUDA torch to import, so only the wheel's files are kept, unimported, under
+# .venv/share (7 MB, once; the wheel matching torch 2.13 is 0.28).
+tv=.venv/share/torchvision-0.28.0
+if [ ! -f "$tv/torchvision/models/densenet.py" ]; then
+  rm -rf "$tv.part" && mkdir -p "$tv.part" \
+    && .venv/bin/python -m pip download -q --no-deps torchvision==0.28.0 -d "$tv.part" >/dev/null 2>&1 \
+    && .venv/bin/python -c "import zipfile, glob, sys; zipfile.ZipFile(glob.glob(sys.argv[1] + '/torchvision-*.whl')[0]).extractall(sys.argv[1])" "$tv.part" \
+    && mv "$tv.part" "$tv" \
+    || echo "test.sh: torchvision 0.28.0 could not be fetched; the torchvision-layout weights test will skip"
+fi
+export CLINFUSE_TORCHVISION_SRC="$PWD/$tv"
 export MLFLOW_DISABLE_TELEMETRY=true HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 select=(-m "not slow")
 if [ "${CI:-}" = "true" ] || [ "${1:-}" = "--all" ]; then

@@ -294,7 +294,9 @@ def train(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *, resume: b
     if model.text_encoder is not None and not resume:
         load_pretrained_text_weights(model.text_encoder, cfg.model.text)
     if model.image_encoder is not None and cfg.model.image.weights and not resume:
-        model.image_encoder.load_local_weights(cfg.model.image.weights)
+        rep = model.image_encoder.load_local_weights(cfg.model.image.weights)
+        if is_main:
+            print(f"train: image weights {cfg.model.image.weights}: {rep.summary()}", flush=True)
     model.to(device)
 
     cache_root = out / "cache"

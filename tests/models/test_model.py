@@ -179,7 +179,8 @@ def test_local_image_weights_round_trip(tmp_path):
     a = ImageEncoder(ImageEncoderConfig(name="densenet_tiny"), 16, (32, 32))
     save_file({k: v.contiguous() for k, v in a.net.state_dict().items()}, str(tmp_path / "w.safetensors"))
     b = ImageEncoder(ImageEncoderConfig(name="densenet_tiny"), 16, (32, 32))
-    assert b.load_local_weights(tmp_path / "w.safetensors") == []
+    rep = b.load_local_weights(tmp_path / "w.safetensors")
+    assert rep.unused == [] and rep.missing == [] and rep.fraction == 1.0
     x = torch.randn(1, 1, 32, 32)
     torch.testing.assert_close(a.eval()(x), b.eval()(x))
     with pytest.raises(ClinfuseError, match="not found"):
