@@ -76,7 +76,9 @@ class DicomConfig(_Strict):
     verify_pixels: bool = Field(
         True,
         description="Decode every selected image during the build so that truncated or "
-        "undecodable files are quarantined there, not during training.",
+        "undecodable files are quarantined there, not during training; likewise each image a model object is "
+        "given (Model.predict, clinfuse predict, the served model, the PACS loop) is decoded first in a reading "
+        "process within max_seconds_per_file and max_worker_mb.",
     )
     max_file_mb: float = Field(
         2048, gt=0, description="Files larger than this are set aside unread (a chest radiograph is a few "

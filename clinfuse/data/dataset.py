@@ -141,22 +141,28 @@ def study_transform(cfg: Config, photometrics: tuple[str, ...] | None = None):
     return Compose([_LoadStudyImage(cfg, photometrics), _ScaleResize(cfg)])
 
 
-def image_item(sources: list, dicom_cfg: DicomConfig) -> dict:
+def image_item(sources: list, dicom_cfg: DicomConfig, screen: bool = True) -> dict:
     """A study's DICOM files -> the dataset's image item, with the images the cohort builder would choose.
 
     Args:
         sources: file paths, bytes of files, or pydicom datasets (any mix).
         dicom_cfg: ``cohort.dicom`` of the model's config (modalities, view policy).
+        screen: decode each chosen image first in a reading process, within
+            ``cohort.dicom.max_seconds_per_file`` and ``max_worker_mb`` (as the cohort build does), so that a
+            hostile file costs its own reason and never hangs or exhausts this process.
 
     Returns:
-        ``{"image_paths", "image_data", "image_present", "kind"}``; no image when `sources` is empty.
+        ``{"image_paths", "image_data", "image_present", "kind", "image_views", "set_aside"}``; no image when
+        `sources` is empty. ``set_aside``: ``"<file>: <reason>"`` for each source that could not be used while
+        others could (an unreadable header, pixels that do not decode).
 
     Raises:
         StudyInputError: no source is a usable DICOM image (each reason named).
     """
 
     if not sources:
-        return {"image_paths": [], "image_data": [], "image_present": False, "kind": "2d", "image_views": []}
+        return {"image_paths": [], "image_data": [], "image_present": False, "kind": "2d", "image_views": [],
+                "set_aside": []}
     headers, data_of, problems = [], {}, []
     for i, src in enumerate(sources):
         label, data = _source(src, i, dicom_cfg.max_file_mb)
@@ -167,6 +173,16 @@ def image_item(sources: list, dicom_cfg: DicomConfig) -> dict:
         except DicomReadError as e:
             problems.append(f"{label}: {e.reason}")
     chosen, kind, set_aside = select_images(headers, dicom_cfg)
+    if chosen and screen:
+        from .studies import screen_pixels
+
+        reasons = screen_pixels([(h.path, data_of[h.path]) for h in chosen], dicom_cfg)
+        bad = [f"{h.path}: {r}" for h, r in zip(chosen, reasons) if r]
+        if bad and kind == "3d":  # a slice left out would leave a gap in the volume: the series goes
+            raise StudyInputError(f"{len(bad)} of {len(chosen)} slices of the series cannot be decoded: "
+                                  + "; ".join(bad[:3]))
+        problems += bad
+        chosen = [h for h, r in zip(chosen, reasons) if not r]
     views = [h.view for h in chosen]
     if not chosen:
         problems += [f"{q.source}: {q.reason}" for q in set_aside]
@@ -176,7 +192,7 @@ def image_item(sources: list, dicom_cfg: DicomConfig) -> dict:
         raise StudyInputError("; ".join(problems))
     paths = [h.path for h in chosen]
     return {"image_paths": paths, "image_data": [data_of[p] for p in paths], "image_present": True, "kind": kind,
-            "image_views": views}
+            "image_views": views, "set_aside": problems}
 
 
 def _read_bounded(p: Path, limit_mb: float) -> bytes:

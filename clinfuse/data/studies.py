@@ -221,6 +221,35 @@ def examine_file(path: str, cfg_json: str) -> FileFacts:
     return FileFacts(digest.hexdigest(), h)
 
 
+def check_pixels(label: str, data: bytes, voi: str, window, channels: int, max_worker_mb: float) -> str | None:
+    """The build's decode check for one DICOM given as bytes (a model object's input): None when
+    :func:`read_dicom` would read it, else the reason. Runs in a worker process, like :func:`examine_file`."""
+    try:
+        check_dicom(label, voi=voi, window=tuple(window) if window else None, channels=channels,
+                    dataset=dcmread_robust(label, data=data))
+    except DicomReadError as e:
+        return e.reason
+    except MemoryError:
+        return (f"decoding needs more memory than a reading process may use (cohort.dicom.max_worker_mb = "
+                f"{max_worker_mb:g})")
+    return None
+
+
+def screen_pixels(sources: list[tuple[str, bytes]], d: DicomConfig) -> list[str | None]:
+    """:func:`check_pixels` for each (label, bytes) in the reading processes, within
+    ``cohort.dicom.max_seconds_per_file`` and ``max_worker_mb`` each: what the cohort build does to a file
+    before anything decodes it in this process."""
+    window = (d.window_center, d.window_width) if d.voi == "window" else None
+    out: list[str | None] = [None] * len(sources)
+    tasks = [(label, data, d.voi, window, d.channels, d.max_worker_mb) for label, data in sources]
+    for i, r in bounded_map("clinfuse.data.studies:check_pixels", tasks, seconds=d.max_seconds_per_file,
+                            memory_mb=d.max_worker_mb,
+                            what=lambda t: f"decoding took longer than {t:g} s (cohort.dicom.max_seconds_per_file): "
+                                           "a damaged or hostile file, or raise the limit"):
+        out[i] = r.reason if isinstance(r, Failed) else r
+    return out
+
+
 _CONFIGS: dict[str, CohortConfig] = {}
 
 

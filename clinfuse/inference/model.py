@@ -114,7 +114,8 @@ class Study:
 @dataclass
 class Prediction:
     """The result for one study. ``status`` is 'ok' or 'error' (then ``reason`` says why and the
-    numbers are empty)."""
+    numbers are empty); an 'ok' study with a ``reason`` was predicted from its other images, the reason
+    naming each file set aside and why."""
 
     study_id: str
     status: str
@@ -337,7 +338,7 @@ class Model:
                                       f"{MAX_REPORT_CHARS:,}; send the report text only")
             text = prepare_report(s.report, self.config.cohort.reports)
         try:
-            img = image_item(list(s.images), self.config.cohort.dicom)
+            img = image_item(list(s.images), self.config.cohort.dicom, screen=self.config.cohort.dicom.verify_pixels)
         except StudyInputError as e:
             raise StudyInputError(f"{s.study_id}: {e}") from None
         if img["image_present"] and img["kind"] == "3d" and self.input.spatial_dims == 2:
@@ -413,6 +414,8 @@ class Model:
                 results[j] = Prediction(rows[j]["study_id"], "error", _reason(e))
             if batch and (len(batch) == batch_size or j == len(rows) - 1):
                 for (k, _), pred in zip(batch, self._predict_items([it for _, it in batch])):
+                    if rows[k].get("set_aside"):  # predicted from the other images: say which were not read
+                        pred.reason = "set aside: " + "; ".join(rows[k]["set_aside"])
                     results[k] = pred
                 bar.update(len(batch))
                 batch = []

@@ -168,3 +168,30 @@ def test_cli_predict_and_explain_take_variables(study_model, tmp_path, capsys):
     assert len(e["images"]) == 2 and e["modalities"]["present"]["variables"]
     assert main(["predict", "--model", str(model.dir), "--dicom", *files, "--variables", "[1, 2]", "--out", "-"]) == 2
     assert "a JSON object" in capsys.readouterr().err
+
+
+def test_a_file_that_keeps_the_decoder_busy_costs_only_itself_within_the_deadline(study_model, tmp_path):
+    """Model.predict decodes each chosen image first in a reading process with the cohort build's deadline
+    (#15): a hostile lateral view is set aside by name and the study is predicted from its frontal view;
+    a study whose only image is hostile gets an error; neither holds up the batch."""
+    import shutil
+    import time
+
+    from ..data.test_workers import _slow_jpegls
+
+    d, exp, model = study_model
+    files = next(v for v in _study_files(exp).values() if len(v) == 2)
+    frontal, lateral = (shutil.copy(f, tmp_path / f"{i}.dcm") for i, f in enumerate(files))
+    _slow_jpegls(Path(lateral))
+    model.config.cohort.dicom.max_seconds_per_file = 1
+    try:
+        t = time.monotonic()
+        two, only, fine = model.predict([Study([frontal, lateral], None, "two"), Study([lateral], None, "only"),
+                                         Study([frontal], None, "fine")])
+        assert time.monotonic() - t < 30
+    finally:
+        model.config.cohort.dicom.max_seconds_per_file = 60
+    assert two.ok and two.reason.startswith(f"set aside: {lateral}: decoding took longer than 1 s")
+    assert two.probabilities == pytest.approx(fine.probabilities)  # predicted from the frontal view alone
+    assert only.status == "error" and "longer than 1 s (cohort.dicom.max_seconds_per_file)" in only.reason
+    assert fine.ok and fine.reason == ""
