@@ -30,6 +30,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _serve(d, uri: str, name: str, version) -> tuple[subprocess.Popen, str]:
+    """`mlflow models serve` of a registered version, from a fresh process; (process, base URL) once /ping answers."""
+    port = _free_port()
+    # the store of this test only (the parent's MLflow calls leave MLFLOW_* variables set); the venv's bin on
+    # PATH, since the scoring server is started as `uvicorn` from it
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, "MLFLOW_TRACKING_URI": uri,
+           "MLFLOW_REGISTRY_URI": uri, "MLFLOW_DISABLE_TELEMETRY": "true",
+           "PATH": f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+    log = open(d / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}/{version}",
+                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=d)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(base + "/ping", timeout=2).status == 200:
+                return proc, base
+        except OSError:
+            time.sleep(1)
+    proc.terminate()
+    pytest.fail("mlflow models serve did not answer /ping in 120 s: " + (d / "server.log").read_text()[-2000:])
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     d = tmp_path_factory.mktemp("serve")
@@ -39,27 +63,7 @@ def served(tmp_path_factory):
                       tracking={"tracking_uri": uri, "experiment": "serve", "register_as": "serve-test",
                                 "system_metrics": False})
     run = train_and_audit(d / "c", cfg, d / "run", progress=False, log=lambda m: None)
-    port = _free_port()
-    # the store of this test only (the parent's MLflow calls leave MLFLOW_* variables set); the venv's bin on
-    # PATH, since the scoring server is started as `uvicorn` from it
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, "MLFLOW_TRACKING_URI": uri,
-           "MLFLOW_REGISTRY_URI": uri, "MLFLOW_DISABLE_TELEMETRY": "true",
-           "PATH": f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
-    log = open(d / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/serve-test/{run.model['version']}",
-                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=d)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(base + "/ping", timeout=2).status == 200:
-                break
-        except OSError:
-            time.sleep(1)
-    else:
-        proc.terminate()
-        pytest.fail("mlflow models serve did not answer /ping in 120 s: " + (d / "server.log").read_text()[-2000:])
+    proc, base = _serve(d, uri, "serve-test", run.model["version"])
     yield d, base
     proc.terminate()
     proc.wait(timeout=30)
@@ -133,3 +137,60 @@ def test_bad_requests_get_one_line_4xx_and_the_server_goes_on(served, tmp_path):
         assert "clear clear clear" not in msg and "aGVsbG8" not in msg, f"{name}: the request is echoed back"
     code, body = _post(base, {"dataframe_records": [{"report": "FINDINGS: clear."}]})
     assert code == 200 and body["predictions"][0]["status"] == "ok"
+
+
+@pytest.fixture(scope="module")
+def served_study_model(tmp_path_factory):
+    """A whole-study model (frontal + lateral image tokens, a variables token), registered and served."""
+    from clinfuse.data.cohort import build_cohort
+    from clinfuse.data.synth import SynthSpec, synthesize
+
+    d = tmp_path_factory.mktemp("serve-study")
+    exp = d / "export"
+    synthesize(exp, SynthSpec(studies=100, seed=11, size=40, views=2, variables=3), progress=False)
+    uri = f"sqlite:///{d / 'mlflow.db'}"
+    cfg = tiny_config(train={"epochs": 2, "batch_size": 16}, eval={"bootstrap": 0},
+                      cohort={"dicom": {"voi": "file", "view_policy": "all"}},
+                      tracking={"tracking_uri": uri, "experiment": "serve-study", "register_as": "serve-study",
+                                "system_metrics": False})
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={
+        "image": cfg.model.image.model_copy(update={"max_images": 2})})})
+    build_cohort(exp / "dicom", exp / "reports.csv", exp / "labels.csv", d / "c", config=cfg, progress=False,
+                 variables=exp / "variables.csv")
+    run = train_and_audit(d / "c", cfg, d / "run", progress=False, log=lambda m: None)
+    proc, base = _serve(d, uri, "serve-study", run.model["version"])
+    yield d, exp, base
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_served_whole_study_model_takes_two_views_and_variables(served_study_model):
+    """#13 through the real server: two DICOM files and a JSON object of variables per study give
+    Model.predict's numbers, per image slot and per group; a bad variables cell is that study's error."""
+    from clinfuse.inference import Model, Study
+
+    d, exp, base = served_study_model
+    model = Model.load(d / "run")
+    by_study: dict[str, list] = {}
+    for p in sorted((exp / "dicom").rglob("*.dcm")):
+        by_study.setdefault(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID, []).append(p)
+    files = next(v for v in by_study.values() if len(v) == 2)
+    values = {"crp": 80, "wbc": 14.5, "sex": "F"}
+    studies = [{"study_id": "both-views", "dicom": [_b64(f) for f in files], "variables": json.dumps(values),
+                "report": "FINDINGS: patchy opacity."},
+               {"study_id": "frontal-only", "dicom": [_b64(files[0])], "variables": json.dumps(values)},
+               {"study_id": "no-variables", "dicom": [_b64(f) for f in files]},
+               {"study_id": "bad", "dicom": [_b64(files[0])], "variables": json.dumps({"crp": "high"})}]
+    want = model.predict([Study(files, "FINDINGS: patchy opacity.", "both-views", values),
+                          Study(files[:1], None, "frontal-only", values), Study(files, None, "no-variables")])
+    code, body = _post(base, {"dataframe_records": studies})
+    assert code == 200, body
+    got = pd.DataFrame(body["predictions"]).set_index("study_id")
+    assert list(got["status"]) == ["ok", "ok", "ok", "error"]
+    assert "crp='high' (not a finite number)" in got.loc["bad", "reason"]
+    for w in want:
+        row = got.loc[w.study_id]
+        assert row["p_positive"] == pytest.approx(w.probabilities["positive"], abs=1e-6)
+        for g in ("image", "report", "variables"):
+            assert row[f"w_{g}"] == pytest.approx(w.modality_weights[g], abs=1e-6), (w.study_id, g)
+    assert got.loc["both-views", "w_variables"] > 0 and got.loc["no-variables", "w_variables"] == 0
