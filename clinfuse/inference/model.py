@@ -319,9 +319,11 @@ class Model:
         """The modality groups of the model: image, report[, variables]."""
         return self.network.group_names
 
-    def row(self, study: Study | dict) -> dict:
+    def row(self, study: Study | dict, *, screen: bool = True) -> dict:
         """A cohort-like row for one study: the images the cohort builder would choose, the report as
-        the cohort builder would prepare it.
+        the cohort builder would prepare it. With `screen` (and ``cohort.dicom.verify_pixels``) each chosen
+        image is decoded first in a reading process, bounded in time and memory; a caller that has screened
+        the images itself passes ``screen=False``.
 
         Raises:
             StudyInputError: the report is too long, or no source is a usable DICOM image.
@@ -338,7 +340,8 @@ class Model:
                                       f"{MAX_REPORT_CHARS:,}; send the report text only")
             text = prepare_report(s.report, self.config.cohort.reports)
         try:
-            img = image_item(list(s.images), self.config.cohort.dicom, screen=self.config.cohort.dicom.verify_pixels)
+            img = image_item(list(s.images), self.config.cohort.dicom,
+                             screen=screen and self.config.cohort.dicom.verify_pixels)
         except StudyInputError as e:
             raise StudyInputError(f"{s.study_id}: {e}") from None
         if img["image_present"] and img["kind"] == "3d" and self.input.spatial_dims == 2:
@@ -359,14 +362,14 @@ class Model:
             row[c] = 0
         return row
 
-    def preprocess(self, study: Study | dict) -> dict:
+    def preprocess(self, study: Study | dict, *, screen: bool = True) -> dict:
         """One study -> the batch contract with a batch dimension of 1 (``image [1, C, *S]``, ...).
 
         Raises:
             StudyInputError / DicomReadError: the study cannot be read (the message says why).
         """
         try:
-            item = self.dataset([self.row(study)], check_input=True)[0]
+            item = self.dataset([self.row(study, screen=screen)], check_input=True)[0]
         except RuntimeError as e:  # MONAI wraps a transform's error
             inner = _clinfuse_cause(e)
             if inner is not None:
@@ -376,7 +379,7 @@ class Model:
         return _collate([item])
 
     # ------------------------------------------------------------------ prediction
-    def predict(self, studies, *, batch_size: int = 16, progress: bool = False) -> Predictions:
+    def predict(self, studies, *, batch_size: int = 16, progress: bool = False, screen: bool = True) -> Predictions:
         """Predict studies (:class:`Study` objects, dicts or DICOM paths).
 
         A study that cannot be read (not DICOM, no pixels, non-finite values, a photometric the
@@ -388,7 +391,7 @@ class Model:
         rows, where = [], []
         for i, s in enumerate(studies):
             try:
-                rows.append(self.row(s))
+                rows.append(self.row(s, screen=screen))
                 where.append(i)
             except ClinfuseError as e:
                 results[i] = Prediction(s.study_id, "error", _one_line(e))
@@ -469,7 +472,7 @@ class Model:
 
     # ------------------------------------------------------------------ explanation
     def explain(self, study: Study | dict, *, method: str | None = None, steps: int | None = None,
-                target: str | int | None = None):
+                target: str | int | None = None, screen: bool = True):
         """Explain one study: a :class:`clinfuse.explain.Explanation` (``.to_json()``, ``.html()``, ``.save(dir)``).
 
         Args:
@@ -477,7 +480,7 @@ class Model:
             steps: Integrated Gradients steps (default: explain.steps).
             target: output name or index to explain (default: the predicted one).
         """
-        return self.explain_item(self.preprocess(study), method=method, steps=steps, target=target)
+        return self.explain_item(self.preprocess(study, screen=screen), method=method, steps=steps, target=target)
 
     def explain_item(self, batch: dict, *, method: str | None = None, steps: int | None = None,
                      target: str | int | None = None):

@@ -163,6 +163,7 @@ def predict_study(model, identity: ModelIdentity, datasets: list, report: str | 
     study goes on with the rest; with nothing readable the SR says so and carries no outputs.
     """
     from ..data.dicom import DicomReadError, read_dicom
+    from ..data.studies import screen_pixels
     from ..inference import Study
 
     t = {}
@@ -171,16 +172,32 @@ def predict_study(model, identity: ModelIdentity, datasets: list, report: str | 
     report = report if report else sr_report
     spec = model.input
     good, pixels, problems = [], [], []
+
+    def not_read(k, ds, reason):
+        problems.append(f"instance {k + 1} of {len(images)} ({getattr(ds, 'Modality', '?')}): not read: "
+                        f"{' '.join(str(reason).split())[:300]}")
+
+    encoded = []
     for k, ds in enumerate(images):
         try:
-            data = _bytes_of(ds)
+            encoded.append((k, ds, _bytes_of(ds)))
+        except (ValueError, TypeError, AttributeError, OSError) as e:
+            not_read(k, ds, f"{type(e).__name__}: {e}")
+    # each instance is decoded first in a reading process, bounded in time and memory (a hostile instance
+    # costs its own reason); only what passed is decoded here, and the model is told it is screened
+    dcfg = model.config.cohort.dicom
+    verdicts = (screen_pixels([(f"instance {k + 1}", data) for k, _, data in encoded], dcfg) if dcfg.verify_pixels
+                else [None] * len(encoded))
+    for (k, ds, data), why in zip(encoded, verdicts):
+        if why:
+            not_read(k, ds, why)
+            continue
+        try:
             img = read_dicom(f"instance {k + 1}", voi=spec.voi, window=spec.window, channels=1, data=data)
             good.append((ds, data))
             pixels.append(img.pixels[0])
         except (DicomReadError, ValueError, TypeError, AttributeError, OSError) as e:
-            reason = e.reason if isinstance(e, DicomReadError) else f"{type(e).__name__}: {e}"
-            problems.append(f"instance {k + 1} of {len(images)} ({getattr(ds, 'Modality', '?')}): not read: "
-                            f"{' '.join(str(reason).split())[:300]}")
+            not_read(k, ds, e.reason if isinstance(e, DicomReadError) else f"{type(e).__name__}: {e}")
     t["decode"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     study = Study([d for _, d in good], report, pseudonym)
@@ -190,10 +207,10 @@ def predict_study(model, identity: ModelIdentity, datasets: list, report: str | 
         why = "no image of the study could be read" if images else "the study holds no image"
         pred = Prediction(pseudonym, "error", f"{why}, and there is no report: nothing to predict from")
     else:
-        pred = model.predict([study])[0]
+        pred = model.predict([study], screen=False)[0]
     exp = None
     if pred.ok and explain:
-        exp = model.explain(study)
+        exp = model.explain(study, screen=False)
     t["model"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     result = StudyResult(pseudonym, pred.status, pred.reason, dict(pred.probabilities), dict(pred.decisions),
@@ -204,7 +221,7 @@ def predict_study(model, identity: ModelIdentity, datasets: list, report: str | 
         return result, [], None
     sc = chosen = None
     if pred.ok and pred.used.get("image"):
-        label = model.row(study)["image_paths"][0]  # '<dicom #k>': the image the model read
+        label = model.row(study, screen=False)["image_paths"][0]  # '<dicom #k>': the image the model read
         chosen = int(label.split("#")[1].rstrip(">")) - 1
     if chosen is not None and exp is not None and exp.image_map is not None and spec.spatial_dims == 2:
         sc = heatmap_capture(good[chosen][0], _scaled(pixels[chosen], spec.intensity), exp.image_map,

@@ -155,6 +155,34 @@ def test_study_without_report_and_an_instance_that_does_not_decode(pacs_model):
     assert "No result" in fhir["conclusion"]
 
 
+def test_an_instance_that_keeps_the_decoder_busy_is_set_aside_at_the_deadline(pacs_model, tmp_path):
+    """The PACS loop decodes each instance first in a reading process (#15): a hostile instance (a JPEG-LS
+    frame header claiming 20000 x 20000 pixels) costs its deadline and its own reason, not the loop."""
+    import time
+
+    from clinfuse.pacs.results import ModelIdentity
+    from clinfuse.pacs.run import predict_study
+
+    from ..data.test_workers import _slow_jpegls
+
+    d, model = pacs_model
+    uid, items = next((u, [(f, ds) for f, ds in v if ds.get("ViewPosition") in ("PA", "AP")])
+                      for u, v in sorted(_studies(d).items()) if any(ds.get("ViewPosition") in ("PA", "AP") for _, ds in v))
+    hostile = tmp_path / "hostile.dcm"
+    pydicom.dcmread(items[0][0]).save_as(hostile)
+    _slow_jpegls(hostile)
+    model.config.cohort.dicom.max_seconds_per_file = 1
+    try:
+        t = time.monotonic()
+        res, new, _ = predict_study(model, ModelIdentity(model), [pydicom.dcmread(hostile), items[0][1]], None, "pacs-h")
+        assert time.monotonic() - t < 30
+    finally:
+        model.config.cohort.dicom.max_seconds_per_file = 60
+    assert res.status == "ok" and res.used["image"]
+    assert len(res.problems) == 1 and "instance 1 of 2" in res.problems[0] and "longer than 1 s" in res.problems[0]
+    assert len(_sr_items(new[-1])["Input not read"]) == 1
+
+
 def test_a_report_stored_as_sr_in_the_study_is_read(pacs_model):
     """With no reports file, a text SR of the study (not clinfuse's own) is the report the model reads."""
     from pydicom.dataset import Dataset
