@@ -348,3 +348,43 @@ def test_orthanc_explorer_shows_the_new_series(pacs_env, tmp_path):
     finally:
         page.close()
     assert "clinfuse result (decision support)" in text and "clinfuse heatmap (decision support)" in text
+
+
+def test_pacs_run_reads_every_view_of_a_study_with_a_whole_study_model(pacs_env, tmp_path, capsys):
+    """#13 through the PACS: a model with two image slots and a variables token reads both views of a study
+    pulled from Orthanc; the SR holds Model.predict's number on the same two files (no variables in a PACS)."""
+    from clinfuse.data.cohort import build_cohort
+    from clinfuse.data.synth import SynthSpec, synthesize
+    from clinfuse.inference import Model, Study
+    from clinfuse.pipeline import train_and_audit
+
+    from ..conftest import tiny_config
+
+    exp = tmp_path / "export"
+    synthesize(exp, SynthSpec(studies=80, seed=21, size=40, views=2, variables=2), progress=False)
+    cfg = tiny_config(train={"epochs": 1, "batch_size": 16}, eval={"bootstrap": 0}, tracking={"enabled": False},
+                      cohort={"dicom": {"voi": "file", "view_policy": "all"}})
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={
+        "image": cfg.model.image.model_copy(update={"max_images": 2})})})
+    build_cohort(exp / "dicom", exp / "reports.csv", exp / "labels.csv", tmp_path / "c", config=cfg, progress=False,
+                 variables=exp / "variables.csv")
+    train_and_audit(tmp_path / "c", cfg, tmp_path / "run", progress=False, log=lambda m: None)
+    model = Model.load(tmp_path / "run")
+    by = defaultdict(list)
+    for f in sorted((exp / "dicom").rglob("*.dcm")):
+        by[str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID)].append(str(f))
+    with open(exp / "reports.csv", newline="") as fh:
+        reports = {r["StudyInstanceUID"]: r["report"] for r in csv.DictReader(fh)}
+    uid = next(u for u, fs in sorted(by.items()) if len(fs) == 2 and u in reports)
+    assert pacs_env.upload(by[uid]) == 2
+    rc = main(["pacs", "run", "--model", str(tmp_path / "run"), "--url", pacs_env.url, "--study", uid,
+               "--reports", str(exp / "reports.csv"), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    row = next(csv.DictReader(open(tmp_path / "out" / "results.csv")))
+    assert row["status"] == "ok" and row["instances_set_aside"] == "0"
+    v = _sr_items(_stored_results(pacs_env, uid)["SR"])
+    both = model.predict([Study(by[uid], reports[uid], "both", None)])[0]
+    assert both.ok and len(both.image_weights) == 2 and min(both.image_weights) > 0  # both views read
+    name = model.output_names[0]
+    assert v["Calibrated probability"][0] == pytest.approx(both.probabilities[name], abs=1e-6)
+    assert v["Modalities used"] == ["image, report"]
