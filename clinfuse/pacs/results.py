@@ -56,6 +56,8 @@ CODES = {
     "heatmap": ("CF0022", "Heatmap overlay"),
     "input_problem": ("CF0023", "Input not read"),
     "top_words": ("CF0024", "Report words that raised the explained output most"),
+    "image_token": ("CF0025", "Image read by the model"),
+    "attention_image_token": ("CF0026", "Attention weight of this image"),
 }
 POSITIVE, NEGATIVE = ("10828004", "SCT", "Positive"), ("260385009", "SCT", "Negative")
 
@@ -124,7 +126,8 @@ def _verdict(f: dict | None) -> str | None:
 
 
 def structured_report(sources: list, prediction, model: ModelIdentity, *, explanation=None, heatmap=None,
-                      source_image=None, problems: list[str] | None = None, series_number: int = 990):
+                      source_image=None, problems: list[str] | None = None, series_number: int = 990,
+                      slot_images: list | None = None):
     """The SR of one study (a ``highdicom.sr.ComprehensiveSR``).
 
     Args:
@@ -136,6 +139,8 @@ def structured_report(sources: list, prediction, model: ModelIdentity, *, explan
         heatmap: the Secondary Capture of the map (referenced from the SR and recorded as evidence).
         source_image: the instance the model read (referenced as the source image).
         problems: one line per input that could not be read.
+        slot_images: for a model with several image slots, the instance in each slot (in slot order): each
+            gets an "Image read by the model" container with its reference and its attention weight.
     """
     import highdicom as hd
     from pydicom.sr.coding import Code
@@ -156,6 +161,14 @@ def structured_report(sources: list, prediction, model: ModelIdentity, *, explan
         for m in ("image", "report"):
             items.append(hd.sr.NumContentItem(_code(f"attention_{m}"), float(prediction.modality_weights[m]), _unit(),
                                               relationship_type="CONTAINS"))
+        weights = list(prediction.image_weights or [])
+        for ds, w in zip(slot_images or [], weights) if len(weights) > 1 else ():
+            token = hd.sr.ContainerContentItem(_code("image_token"), relationship_type="CONTAINS")
+            token.ContentSequence = hd.sr.ContentSequence([
+                hd.sr.ImageContentItem(_code("source_image"), ds.SOPClassUID, ds.SOPInstanceUID,
+                                       relationship_type="CONTAINS"),
+                hd.sr.NumContentItem(_code("attention_image_token"), float(w), _unit(), relationship_type="CONTAINS")])
+            items.append(token)
         for k, name in enumerate(model.output_names):
             p = prediction.probabilities[name]
             dec = POSITIVE if prediction.decisions[name] else NEGATIVE

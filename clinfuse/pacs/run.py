@@ -220,16 +220,19 @@ def predict_study(model, identity: ModelIdentity, datasets: list, report: str | 
         result.status, result.reason = "error", "the study holds no instance"
         return result, [], None
     sc = chosen = None
+    slots = []
     if pred.ok and pred.used.get("image"):
-        label = model.row(study, screen=False)["image_paths"][0]  # '<dicom #k>': the image the model read
-        chosen = int(label.split("#")[1].rstrip(">")) - 1
+        # '<dicom #k>': the images the model read, in slot order; the first is the one the map is drawn on
+        slots = [int(label.split("#")[1].rstrip(">")) - 1 for label in model.row(study, screen=False)["image_paths"]]
+        chosen = slots[0]
     if chosen is not None and exp is not None and exp.image_map is not None and spec.spatial_dims == 2:
         sc = heatmap_capture(good[chosen][0], _scaled(pixels[chosen], spec.intensity), exp.image_map,
                              exp["image"]["method"], explained_output=exp["explained_output"])
     sources = [ds for ds, _ in good] or [header_src]
     sr = structured_report(sources, pred if pred.ok else None, identity, explanation=exp, heatmap=sc,
                            source_image=good[chosen][0] if chosen is not None else None,
-                           problems=problems + ([] if pred.ok else [f"no result: {pred.reason}"]))
+                           problems=problems + ([] if pred.ok else [f"no result: {pred.reason}"]),
+                           slot_images=[good[k][0] for k in slots])
     fhir = fhir_report(header_src, pred, identity, sr_uid=str(sr.SOPInstanceUID), explanation=exp, problems=problems)
     t["encode"] = time.perf_counter() - t0
     result.seconds = t

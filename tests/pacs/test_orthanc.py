@@ -388,3 +388,7 @@ def test_pacs_run_reads_every_view_of_a_study_with_a_whole_study_model(pacs_env,
     name = model.output_names[0]
     assert v["Calibrated probability"][0] == pytest.approx(both.probabilities[name], abs=1e-6)
     assert v["Modalities used"] == ["image, report"]
+    # one "Image read by the model" entry per slot: the instance and its attention weight
+    assert v["Attention weight of this image"] == pytest.approx(both.image_weights, abs=1e-6)
+    sops = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in by[uid]}
+    assert sops <= set(v["Source image"])
