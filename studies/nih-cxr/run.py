@@ -9,8 +9,15 @@ Questions (see README.md):
      when only the view word is flipped (AP <-> PA).
   3. Explanations on real images: deletion faithfulness against random orders for IG, Grad-CAM and
      Occlusion on 30 test images, and a figure of 6 overlays.
+  4. The plain MONAI recipe (monai_recipe.py: MONAI alone, on the PNGs) against clinfuse's DenseNet121
+     on the same split, with its settings and with the recipe's schedule (Adam-like 1e-4, 20 epochs).
 
-Usage: python studies/nih-cxr/run.py [--data ../shared/data/nih-cxr] [--out runs/nih] [--questions 1 2 3]
+``--test-data DIR`` scores the models this command trained on --data (question 1's ResNet18 and
+DenseNet121, question 4's DenseNet121 with the recipe schedule, the MONAI recipe's saved weights) and the
+pixel baseline on a second folder of the same layout (labels.csv + images/), every image a test image.
+
+Usage: python studies/nih-cxr/run.py [--data ../shared/data/nih-cxr] [--out runs/nih] [--questions 1 2 3 4]
+           [--test-data DIR]
 """
 
 from __future__ import annotations
@@ -250,11 +257,118 @@ def figure(exps: dict, out: Path, dst: Path) -> None:
     print(f"figure: {dst}")
 
 
+def train_seconds(run: Path) -> float:
+    """Seconds of the training loop (all epochs with their validation), from the run's metrics.jsonl."""
+    import json
+
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return sum(x.get("train_seconds", 0) + x.get("val_seconds", 0) for x in lines)
+
+
+RECIPE_SETTINGS = ["model.image.name=densenet121", "train.epochs=20", "train.lr_image=1.0e-4", "train.lr_head=1.0e-4",
+                   "train.patience=0"]
+
+
+def question_4(img: Path, data: Path, out: Path, n_boot: int, epochs: int) -> None:
+    """The MONAI tutorial recipe, written with MONAI alone on the original PNGs, against clinfuse's DenseNet121
+    on the same patient split; every model's epoch chosen by validation AUROC, the choice between clinfuse
+    configs by validation AUROC too (the test split only reports)."""
+    import json
+
+    from monai_recipe import train_recipe
+
+    def items(split):
+        rows, info = split_rows(img, split)
+        y = labels_of(rows, info)[:, 0]
+        return rows, [(str(data / "images" / f"{Path(first_path(r)).stem}.png"), int(t)) for r, t in zip(rows, y)]
+
+    (tr_rows, tr), (va_rows, va), (te_rows, te) = items("train"), items("val"), items("test")
+    missing = [p for p, _ in tr + va + te if not Path(p).is_file()]
+    if missing:
+        sys.exit(f"nih study: {len(missing)} PNGs of the cohort are not under {data}/images (first: {missing[0]})")
+    cache = out / "monai-recipe.json"
+    if cache.is_file():
+        rec = json.loads(cache.read_text())
+    else:
+        import torch
+
+        torch.manual_seed(0)
+        r = train_recipe(tr, va, te, log=lambda s: print(s, flush=True), save=str(out / "monai-recipe.pt"))
+        rec = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()}
+        cache.write_text(json.dumps(rec))
+    y = np.array([t for _, t in te])[:, None]
+    g = [r["patient_id"] for r in te_rows]
+    yv = np.array([t for _, t in va])
+    results = {"MONAI recipe (plain MONAI, PNG)": (y, np.array(rec["p_test"])[:, None], g)}
+    facts = [["MONAI recipe (plain MONAI, PNG)", "20", str(rec["best_epoch"]), f"{rec['val_auroc']:.3f}",
+              f"{rec['seconds']:.0f}"]]
+    for name, run, extra, n_ep in (
+            ("clinfuse DenseNet121, study config", "densenet121", ["model.image.name=densenet121",
+                                                                   f"train.epochs={epochs}"], epochs),
+            ("clinfuse DenseNet121, recipe schedule", "densenet121-recipe", RECIPE_SETTINGS, 20)):
+        best = train_model(img, run, extra, out)
+        yy, p, gg, _ = model_predictions(best, img)
+        _, pv, _, _ = model_predictions(best, img, "val")
+        results[name] = (yy, p, gg)
+        meta = json.loads((best / "model.json").read_text())
+        facts.append([name, str(n_ep), str(meta.get("epoch", "?")), f"{auroc(yv, pv[:, 0]):.3f}",
+                      f"{train_seconds(out / 'runs' / run):.0f}"])
+    v = views(te_rows)
+    print(f"test split: {len(te)} images; image size 128; 95% bootstrap CIs over patients")
+    print(table(["model", "AUROC", "AUPRC", "AUROC within AP", "AUROC within PA"], strat_rows(results, v, n_boot)))
+    print(table(["model", "epochs", "best epoch", "val AUROC (chooses)", "train s"], facts), flush=True)
+
+
+def hidden_evaluation(img: Path, data: Path, test_data: Path, out: Path, n_boot: int) -> None:
+    """The trained models and the pixel baseline on a second folder: prepared and built like --data,
+    every image in the test split; models that this command has not trained yet are named and skipped."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    texp, hidden = out / "test-export", out / "cohort-hidden"
+    if not (texp / "labels.csv").is_file():
+        prepare(test_data, texp, progress=False)
+    if not (hidden / "cohort.json").is_file():
+        cfg = load_config(HERE / "config.yaml", ["cohort.split.train=0", "cohort.split.val=0", "cohort.split.test=1"])
+        build_cohort(texp / "dicom", None, texp / "labels.csv", hidden, cfg, progress=False)
+    te, info = split_rows(hidden, "test")
+    y = labels_of(te, info)
+    g = [r["patient_id"] for r in te]
+    tr, tinfo = split_rows(img, "train")
+    lr = make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=3000)).fit(pixels(tr), labels_of(tr, tinfo)[:, 0])
+    results = {"LR on 32x32 pixels (baseline)": (y, lr.predict_proba(pixels(te))[:, 1:], g)}
+    recipe = out / "monai-recipe.pt"
+    if recipe.is_file():
+        from monai_recipe import predict_recipe
+
+        results["MONAI recipe (plain MONAI, PNG)"] = (y, predict_recipe(
+            recipe, [str(test_data / "images" / f"{Path(first_path(r)).stem}.png") for r in te])[:, None], g)
+    else:
+        print(f"(MONAI recipe: no saved weights {recipe}; run --questions 4 first)")
+    for name, run in (("ResNet18 (MONAI, from scratch)", "resnet18"), ("DenseNet121 (MONAI, from scratch)", "densenet121"),
+                      ("clinfuse DenseNet121, recipe schedule", "densenet121-recipe")):
+        best = out / "runs" / run / "best"
+        if not (best / "model.json").is_file():
+            print(f"({name}: not trained under {out}; run the question that trains it first)")
+            continue
+        yy, p, gg, _ = model_predictions(best, hidden)
+        results[name] = (yy, p, gg)
+    torch.manual_seed(0)
+    v = views(te)
+    print(f"hidden evaluation on {test_data}: {len(te)} images of {len(set(g))} patients; "
+          f"AP {int((v == 'AP').sum())}, PA {int((v == 'PA').sum())}; models trained on {data}")
+    print(table(["model", "AUROC", "AUPRC", "AUROC within AP", "AUROC within PA"], strat_rows(results, v, n_boot)),
+          flush=True)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--out", type=Path, default=Path("runs/nih"))
-    ap.add_argument("--questions", nargs="+", type=int, default=[1, 2, 3], choices=[1, 2, 3])
+    ap.add_argument("--questions", nargs="+", type=int, default=[1, 2, 3], choices=[1, 2, 3, 4])
+    ap.add_argument("--test-data", type=Path, help="a second folder of the same layout to score the trained models on")
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--bootstrap", type=int, default=1000)
     args = ap.parse_args(argv)
@@ -271,8 +385,15 @@ def main(argv=None) -> None:
             question_1(img, args.out, args.bootstrap, args.epochs)
         elif q == 2:
             question_2(ctx, img, args.out, args.bootstrap, args.epochs)
-        else:
+        elif q == 3:
             question_3(img, args.out)
+        else:
+            question_4(img, args.data, args.out, args.bootstrap, args.epochs)
+    if args.test_data:
+        if not (args.test_data / "labels.csv").is_file():
+            sys.exit(f"nih study: {args.test_data}/labels.csv not found (--test-data needs the layout of --data)")
+        print("\n## Hidden evaluation", flush=True)
+        hidden_evaluation(img, args.data, args.test_data, args.out, args.bootstrap)
     print(f"\nseed 0; data {args.data}; image size 128; total {time.time() - t0:.0f} s")
 
 
