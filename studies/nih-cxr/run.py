@@ -346,7 +346,8 @@ def hidden_evaluation(img: Path, data: Path, test_data: Path, out: Path, n_boot:
         results["MONAI recipe (plain MONAI, PNG)"] = (y, predict_recipe(
             recipe, [str(test_data / "images" / f"{Path(first_path(r)).stem}.png") for r in te])[:, None], g)
     else:
-        print(f"(MONAI recipe: no saved weights {recipe}; run --questions 4 first)")
+        print(f"(MONAI recipe: no saved weights {recipe}: question 4 writes them when it trains the recipe; "
+              f"delete {out / 'monai-recipe.json'} to retrain it)")
     for name, run in (("ResNet18 (MONAI, from scratch)", "resnet18"), ("DenseNet121 (MONAI, from scratch)", "densenet121"),
                       ("clinfuse DenseNet121, recipe schedule", "densenet121-recipe")):
         best = out / "runs" / run / "best"
