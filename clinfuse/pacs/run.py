@@ -171,7 +171,7 @@ def predict_study(model, identity: ModelIdentity, datasets: list, report: str | 
     images, sr_report = study_sources(datasets)
     report = report if report else sr_report
     spec = model.input
-    good, pixels, problems = [], [], []
+    good, problems = [], []
 
     def not_read(k, ds, reason):
         problems.append(f"instance {k + 1} of {len(images)} ({getattr(ds, 'Modality', '?')}): not read: "
@@ -184,20 +184,15 @@ def predict_study(model, identity: ModelIdentity, datasets: list, report: str | 
         except (ValueError, TypeError, AttributeError, OSError) as e:
             not_read(k, ds, f"{type(e).__name__}: {e}")
     # each instance is decoded first in a reading process, bounded in time and memory (a hostile instance
-    # costs its own reason); only what passed is decoded here, and the model is told it is screened
-    dcfg = model.config.cohort.dicom
-    verdicts = (screen_pixels([(f"instance {k + 1}", data) for k, _, data in encoded], dcfg) if dcfg.verify_pixels
-                else [None] * len(encoded))
+    # costs its own reason; done whatever cohort.dicom.verify_pixels says: a PACS instance is not a
+    # cohort file the user has vouched for); the model decodes what passed (screen=False: screened),
+    # and this process decodes only the one image the heatmap is drawn on
+    verdicts = screen_pixels([(f"instance {k + 1}", data) for k, _, data in encoded], model.config.cohort.dicom)
     for (k, ds, data), why in zip(encoded, verdicts):
         if why:
             not_read(k, ds, why)
-            continue
-        try:
-            img = read_dicom(f"instance {k + 1}", voi=spec.voi, window=spec.window, channels=1, data=data)
+        else:
             good.append((ds, data))
-            pixels.append(img.pixels[0])
-        except (DicomReadError, ValueError, TypeError, AttributeError, OSError) as e:
-            not_read(k, ds, e.reason if isinstance(e, DicomReadError) else f"{type(e).__name__}: {e}")
     t["decode"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     study = Study([d for _, d in good], report, pseudonym)
@@ -226,8 +221,13 @@ def predict_study(model, identity: ModelIdentity, datasets: list, report: str | 
         slots = [int(label.split("#")[1].rstrip(">")) - 1 for label in model.row(study, screen=False)["image_paths"]]
         chosen = slots[0]
     if chosen is not None and exp is not None and exp.image_map is not None and spec.spatial_dims == 2:
-        sc = heatmap_capture(good[chosen][0], _scaled(pixels[chosen], spec.intensity), exp.image_map,
-                             exp["image"]["method"], explained_output=exp["explained_output"])
+        try:
+            shown = read_dicom(f"instance {chosen + 1}", voi=spec.voi, window=spec.window, channels=1,
+                               data=good[chosen][1]).pixels[0]
+            sc = heatmap_capture(good[chosen][0], _scaled(shown, spec.intensity), exp.image_map,
+                                 exp["image"]["method"], explained_output=exp["explained_output"])
+        except (DicomReadError, ValueError, TypeError, AttributeError, OSError) as e:  # the model read it; cannot happen
+            problems.append(f"heatmap not drawn: {e.reason if isinstance(e, DicomReadError) else f'{type(e).__name__}: {e}'}")
     sources = [ds for ds, _ in good] or [header_src]
     sr = structured_report(sources, pred if pred.ok else None, identity, explanation=exp, heatmap=sc,
                            source_image=good[chosen][0] if chosen is not None else None,
