@@ -3,7 +3,8 @@
 Before anything is logged (params, tags, metric names, dataset fields, every artifact file's bytes)
 it is screened against the cohort's identifying values (``<cohort>/private/identifiers.json``:
 patient names, IDs, birth dates, UIDs, accession numbers, original keys); a purely numeric value
-counts only where no other digit touches it. A hit raises
+counts only where no other digit touches it, and not inside a hexadecimal digest (a checksum is
+computed, never typed). A hit raises
 :class:`PhiError`; the message names where and which *kind* of identifier, never the value.
 """
 
@@ -141,7 +142,7 @@ class PhiGuard:
             # iter() reports every occurrence, overlapping ones included, by the index of its last character
             for end, i in self._automaton.iter(view):
                 ident = self._idents[i]
-                if not ident.isdigit() or _digits_alone(view, end - len(ident) + 1, end + 1, n):
+                if not ident.isdigit() or _numeric_hit(view, end - len(ident) + 1, end + 1, n):
                     return self.kind_of[ident]
         return None
 
@@ -161,7 +162,7 @@ class PhiGuard:
         for end, i in self._automaton.iter(low):
             ident = self._idents[i]
             start = end - len(ident) + 1
-            if not ident.isdigit() or _digits_alone(low, start, end + 1, n):
+            if not ident.isdigit() or _numeric_hit(low, start, end + 1, n):
                 spans.append((start, end + 1))
         if not spans:
             return text, 0
@@ -197,6 +198,29 @@ class PhiGuard:
         files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
         for f in files:
             self.check(where or f"artifact '{f.name}'", _screenable_text(f))
+
+
+_HEX = frozenset("0123456789abcdef")
+_DIGEST_LEN = 32  # an MD5 is 32 hex digits, a SHA-256 64: no identifier is typed as such a run
+
+
+def _numeric_hit(text: str, start: int, end: int, n: int) -> bool:
+    """A numeric identifier at text[start:end] counts: no digit touches it and it is not part of a digest."""
+    return _digits_alone(text, start, end, n) and not _in_digest(text, start, end, n)
+
+
+def _in_digest(text: str, start: int, end: int, n: int) -> bool:
+    """text[start:end] lies in a run of at least 32 hexadecimal characters with a letter in it (a checksum
+    such as the SHA-256 a cohort.json lists for its files: 'f00292f' holds accession CN00292's digits).
+    Reads at most 32 characters either side, so the check costs the same whatever the text."""
+    a = start
+    while a > 0 and start - a < _DIGEST_LEN and text[a - 1] in _HEX:
+        a -= 1
+    b = end
+    while b < n and b - end < _DIGEST_LEN and text[b] in _HEX:
+        b += 1
+    run = text[a:b]
+    return b - a >= _DIGEST_LEN and not run.isdigit()
 
 
 def _digits_alone(text: str, start: int, end: int, n: int) -> bool:

@@ -60,11 +60,19 @@ def _reference_hits(guard: PhiGuard, text: str) -> list[str]:
 
     from clinfuse.phi import _normal, _words
 
+    def numeric_in(ident, view):
+        for m in re.finditer(rf"(?=(?<!\d){re.escape(ident)}(?!\d))", view):
+            s, e = m.start(), m.start() + len(ident)
+            run = (re.search(r"[0-9a-f]*$", view[:s]).group() + ident + re.match(r"[0-9a-f]*", view[e:]).group())
+            if len(run) < 32 or run.isdigit():  # else: part of a hexadecimal digest
+                return True
+        return False
+
     low = text.lower()
     hits = []
     for view in (low, _normal(low), _words(low)):
         hits += [ident for ident in guard.kind_of
-                 if (re.search(rf"(?<!\d){re.escape(ident)}(?!\d)", view) if ident.isdigit() else ident in view)]
+                 if (numeric_in(ident, view) if ident.isdigit() else ident in view)]
     return hits
 
 
@@ -142,3 +150,16 @@ def test_numeric_ids_match_whole_numbers_only():
     assert g.find("parameters: 11172609") is None and g.find('"time": 1795330805.2') is None
     assert g.find("patient 11172 seen") == "patient_id"
     assert g.find("MRN11172") == "patient_id" and g.find("id=30805;") == "patient_id"
+
+
+def test_digits_inside_a_checksum_are_not_an_identifier():
+    """A cohort.json lists the SHA-256 of its files; 'f00292f' inside one is not accession CN00292 (a covid-notes
+    study run stopped on exactly that). Typed forms next to a short hex word still count."""
+    g = PhiGuard({"accession": ["CN00292"], "patient_id": ["MRN44363330"]})
+    digest = "a8b8d07d29ff001b4d047d4a4ab157386f386bab9f00292fb9feac2512f51d03"
+    assert g.find(f'"cohort.csv": "{digest}"') is None
+    assert g.find("md5 0123456789abcdef00292abcdef01234") is None  # 32 hex digits
+    assert g.find("acc 00292 and cafe00292") == "accession"  # 'cafe00292' is too short to be a digest
+    assert g.find("ref ab00292cdef then x") == "accession"
+    assert g.find("MRN44363330") == "patient_id"
+    assert g.redact(f"{digest} / acc 00292")[0] == f"{digest} / acc [ID]"
