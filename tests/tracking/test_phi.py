@@ -16,6 +16,10 @@ def test_variants_and_case():
     assert g.find("born 1965-04-12") == "birth_date" and g.find("dob 12/04/1965") == "birth_date"
     assert g.find("/export/mrn12345678/x.dcm") == "patient_id"
     assert g.find("1.2.826.0.1.3680043.8.498.1234567.dcm") == "sop_uid"
+    assert g.find("series 1.2.826.0.1.3680043.8.498.1234567.2 of") == "sop_uid"  # a UID below it
+    assert g.find("9.1.2.826.0.1.3680043.8.498.1234567") == "sop_uid"
+    assert g.find("1.2.826.0.1.3680043.8.498.12345670") is None  # another UID: a digit touches it
+    assert g.redact("uid 1.2.826.0.1.3680043.8.498.1234567, ok") == ("uid [ID], ok", 1)
     assert g.find("nothing identifying, 0.19650 auroc") is None
     assert PhiGuard(None).find("KAZUMIR") is None
 
@@ -58,7 +62,7 @@ def _reference_hits(guard: PhiGuard, text: str) -> list[str]:
     """The rule stated plainly (every identifier, one regex each, over each view): the oracle for the automaton."""
     import re
 
-    from clinfuse.phi import _normal, _words
+    from clinfuse.phi import _UID_LIKE, _normal, _words
 
     def numeric_in(ident, view):
         for m in re.finditer(rf"(?=(?<!\d){re.escape(ident)}(?!\d))", view):
@@ -72,7 +76,10 @@ def _reference_hits(guard: PhiGuard, text: str) -> list[str]:
     hits = []
     for view in (low, _normal(low), _words(low)):
         hits += [ident for ident in guard.kind_of
-                 if (numeric_in(ident, view) if ident.isdigit() else ident in view)]
+                 if (numeric_in(ident, view) if ident.isdigit()
+                     # a UID: where no digit touches it, and only as typed (dots are not in the other views)
+                     else view is low and re.search(rf"(?<!\d){re.escape(ident)}(?!\d)", view) if _UID_LIKE.fullmatch(ident)
+                     else ident in view)]
     return hits
 
 
