@@ -188,3 +188,56 @@ def test_covid_notes_prepare_and_patient_folds(tmp_path):
                 assert pats.setdefault(r["patient_id"], fold) == fold  # tested once
         assert {r["split"] for r in got} == {"train", "val", "test"}
     assert set(pats) == {r["patient_id"] for r in read_cohort(tmp_path / "c")[0]}
+
+
+def _covid_folder(dst, rows, src):
+    import shutil
+
+    (dst / "images").mkdir(parents=True)
+    with open(dst / "labels.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        for r in rows:
+            shutil.copy(src / r["file"], dst / r["file"])
+            w.writerow(r)
+
+
+@pytest.mark.slow
+def test_covid_notes_hidden_evaluation_scores_fold_1_models_on_a_second_folder(tmp_path, capsys):
+    """`run.py --test-data DIR`: the study's own command, trained on one folder of real covid-notes rows
+    (tiny models, one epoch, fold 1 only), scores its fold-1 models and the baselines on a second folder
+    of the same layout, holding other patients, without code changes."""
+    src = _shared("covid-notes")
+    run = _load("covid-notes", "run")
+    rows = [r for r in csv.DictReader(open(src / "labels.csv", newline="", encoding="utf-8"))
+            if r["went_icu"] in ("Y", "N") and r["clinical_notes"].strip()]
+    by_patient: dict[str, list[dict]] = {}
+    for r in rows:
+        by_patient.setdefault(r["patient_id"], []).append(r)
+    yes = [p for p, rs in by_patient.items() if rs[0]["went_icu"] == "Y"]
+    no = [p for p, rs in by_patient.items() if rs[0]["went_icu"] == "N"]
+    train_p, hidden_p = yes[:9] + no[:9], yes[9:14] + no[9:14]
+    _covid_folder(tmp_path / "data", [r for p in train_p for r in by_patient[p]], src)
+    hidden_rows = [r for p in hidden_p for r in by_patient[p]]
+    _covid_folder(tmp_path / "hidden", hidden_rows, src)
+    tiny = ["model.image.name=densenet_tiny", "model.text.name_or_path=tiny", "train.epochs=1",
+            "data.image_size=[32, 32]", "model.fusion.dim=32"]
+    run.EXTRA.clear()
+    run.ONLY.clear()
+    try:
+        run.main(["--data", str(tmp_path / "data"), "--test-data", str(tmp_path / "hidden"), "--out",
+                  str(tmp_path / "out"), "--outcomes", "went_icu", "--folds", "3", "--questions", "1",
+                  "--only-folds", "1"] + [a for o in tiny for a in ("--set", o)])
+    finally:
+        run.EXTRA.clear()
+        run.ONLY.clear()
+    out = capsys.readouterr().out
+    hidden = out[out.index("hidden evaluation on"):]
+    assert f"({len(hidden_rows)} labelled images), models of fold 1" in hidden
+    for name in ["TF-IDF + LR on the notes (baseline)", "LR on 32x32 pixels (baseline)", *run.KINDS]:
+        line = next(ln for ln in hidden.splitlines() if ln.startswith(f"| {name}"))
+        auroc = float(line.split("|")[2].split()[0])
+        assert 0.0 <= auroc <= 1.0, line
+    # the second folder was prepared on its own, through the study's prepare step: its images, not the first's
+    assert len(list((tmp_path / "out/test-export/dicom").rglob("*.dcm"))) == len(hidden_rows)
+    assert len(list((tmp_path / "out/export/dicom").rglob("*.dcm"))) == sum(len(by_patient[p]) for p in train_p)
