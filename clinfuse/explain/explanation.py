@@ -17,7 +17,7 @@ import numpy as np
 
 from .attributions import StudyInput, explain_study, p_without
 from .faithfulness import image_deletion, text_deletion
-from .render import explanation_html, overlay_of, write_explanation
+from .render import explanation_html, overlays_of, write_explanation
 
 __all__ = ["Explanation", "build_explanation", "EXPLANATION_FORMAT", "summary_line"]
 
@@ -51,13 +51,11 @@ class Explanation:
 
     def html(self) -> str:
         """The self-contained page (overlay inlined)."""
-        return explanation_html(self.data, overlay_of(self.data, self.image, self.image_map), self._overlays())
-
-    def _overlays(self) -> dict:
-        return {j: overlay_of(self.data, self.images[j], m, slot=j) for j, m in (self.image_maps or {}).items()}
+        return explanation_html(self.data, *overlays_of(self.data, self.image, self.image_map, self.images,
+                                                        self.image_maps))
 
     def overlay_png(self) -> bytes | None:
-        return overlay_of(self.data, self.image, self.image_map)
+        return overlays_of(self.data, self.image, self.image_map, self.images, self.image_maps)[0]
 
     def save(self, out_dir: str | Path) -> list[str]:
         """Write the study's folder; returns the file names."""

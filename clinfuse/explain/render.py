@@ -89,14 +89,12 @@ def write_explanation(out_dir: Path, exp: dict, image: np.ndarray | None, amap: 
     (`images`, `maps` per slot), each slot's map and overlay are written too."""
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []
-    png = overlay_of(exp, image, amap)
+    png, overlays = overlays_of(exp, image, amap, images, maps)
     if png is not None:
         np.save(out_dir / "image_attribution.npy", amap.astype(np.float32))
         (out_dir / "overlay.png").write_bytes(png)
         files += ["image_attribution.npy", "overlay.png"]
-    overlays = {}
     for j, m in (maps or {}).items():
-        overlays[j] = overlay_of(exp, images[j], m, slot=j)
         np.save(out_dir / f"image_attribution_{j}.npy", m.astype(np.float32))
         (out_dir / f"overlay_{j}.png").write_bytes(overlays[j])
         files += [f"image_attribution_{j}.npy", f"overlay_{j}.png"]
@@ -105,6 +103,16 @@ def write_explanation(out_dir: Path, exp: dict, image: np.ndarray | None, amap: 
     (out_dir / "explanation.html").write_text(explanation_html(exp, png, overlays), encoding="utf-8")
     files.append("explanation.html")
     return files
+
+
+def overlays_of(exp: dict, image, amap, images: dict | None, maps: dict | None) -> tuple[bytes | None, dict]:
+    """The overlay of the explanation's map and one per image slot. The explanation's map is the first
+    slot's (the same array): its overlay is drawn once, with the slot's title, and serves as both."""
+    overlays = {j: overlay_of(exp, images[j], m, slot=j) for j, m in (maps or {}).items()}
+    first = min(overlays, default=None)
+    if first is not None and amap is not None and maps[first] is amap:
+        return overlays[first], overlays
+    return overlay_of(exp, image, amap), overlays
 
 
 def overlay_of(exp: dict, image: np.ndarray | None, amap: np.ndarray | None, slot: int | None = None) -> bytes | None:

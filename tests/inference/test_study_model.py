@@ -99,7 +99,9 @@ def test_explanation_maps_every_image_and_scores_every_variable(study_model, tmp
     assert ig["image"]["method"] == "integrated_gradients" and len(ig["images"]) == 2
     files_written = e.save(tmp_path / "s1")
     assert {"overlay_0.png", "overlay_1.png", "image_attribution_0.npy", "image_attribution_1.npy"} <= set(files_written)
-    page = (tmp_path / "s1" / "explanation.html").read_text()
+    d = tmp_path / "s1"
+    assert (d / "overlay.png").read_bytes() == (d / f"overlay_{e['images'][0]['slot']}.png").read_bytes()  # drawn once
+    page = (d / "explanation.html").read_text()
     assert page.count("data:image/png;base64,") == 2 and "Structured variables" in page and "crp" in page
     assert sum(sh.values()) == pytest.approx(p_all - _p_none(model, files[key]), abs=1e-4)
 
