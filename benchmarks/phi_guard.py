@@ -8,7 +8,13 @@ plus one pass of a compiled regex (``[0-9]{5,}``, the cheapest scan that reads e
 The ratio guard / floor must not grow with the number of identifiers. For scale, the prefix index
 that the automaton replaced is timed on 1 MB with 1k and 10k identifiers.
 
-Usage: python benchmarks/phi_guard.py [--sizes-mb 1 10] [--ids 1000 10000 100000]
+Memory (``--export-files``): the guard of an export of that many DICOM files, each with its own
+study, series and SOP instance UID, accession number, patient ID, name and birth date (two studies
+per patient), as the cohort builder makes it; resident memory it adds (psutil, a fresh process per
+row) against the design before 2026-12-03, measured in the same run: every UID in the Aho-Corasick
+automaton, where the guard now looks UIDs up in a set.
+
+Usage: python benchmarks/phi_guard.py [--sizes-mb 1 10] [--ids 1000 10000 100000] [--export-files 2000 20000]
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from __future__ import annotations
 import argparse
 import random
 import re
+import subprocess
+import sys
 import time
 
 from clinfuse.phi import _MIN_LEN, PhiGuard
@@ -46,6 +54,65 @@ def make_text(mb: float, seed: int = 0) -> str:
         parts.append(w)
         size += len(w) + 1
     return " ".join(parts)
+
+
+def export_identifiers(files: int, seed: int = 0) -> dict[str, list[str]]:
+    """The identifiers of an export of `files` DICOM files (one image per study, two studies per patient)."""
+    rng = random.Random(seed)
+    root = "1.2.826.0.1.3680043.8.498."  # a UID root as pydicom's generate_uid writes it
+
+    def uid() -> str:
+        return root + str(rng.randrange(10**29, 10**30)) + "." + str(rng.randrange(10**9))
+
+    ids: dict[str, list[str]] = {k: [] for k in ("study_uid", "series_uid", "sop_uid", "accession",
+                                                 "patient_id", "patient_name", "birth_date")}
+    for i in range(files):
+        for k in ("study_uid", "series_uid", "sop_uid"):
+            ids[k].append(uid())
+        ids["accession"].append(f"ACC{i:09d}")
+        if i % 2 == 0:
+            ids["patient_id"].append(str(44_000_000 + 7 * i))
+            ids["patient_name"].append(f"FAMILY{i:06d}^GIVEN{i:05d}")
+            ids["birth_date"].append(f"19{rng.randrange(30, 99)}{rng.randrange(1, 13):02d}{rng.randrange(1, 29):02d}")
+    return ids
+
+
+def _memory_child(files: int, design: str) -> None:
+    """Print the MiB of resident memory that building the guard of an export adds (run in a fresh process)."""
+    import gc
+
+    import psutil
+
+    ids = export_identifiers(files)
+    gc.collect()
+    proc = psutil.Process()
+    before = proc.memory_info().rss
+    t = time.perf_counter()
+    g = PhiGuard(ids)
+    if design == "automaton":  # before 2026-12-03: every UID in the automaton too
+        import ahocorasick
+
+        a = ahocorasick.Automaton(ahocorasick.STORE_INTS)
+        for i, x in enumerate(g.kind_of):
+            a.add_word(x, i)
+        a.make_automaton()
+        g._automaton, g._idents = a, list(g.kind_of)
+    build = time.perf_counter() - t
+    gc.collect()
+    print(f"{(proc.memory_info().rss - before) / 2**20:.1f} {build:.2f} {len(g)}")
+
+
+def memory_table(sizes: list[int]) -> None:
+    print(f"{'files':>7} {'variants':>9} {'set MiB':>8} {'build s':>8} {'automaton MiB':>14} {'build s':>8} {'ratio':>6}")
+    for files in sizes:
+        row = {}
+        for design in ("set", "automaton"):
+            out = subprocess.run([sys.executable, __file__, "--_memory-child", str(files), design],
+                                 capture_output=True, text=True, check=True).stdout.split()
+            row[design] = (float(out[0]), float(out[1]), int(out[2]))
+        (m_set, b_set, n), (m_aut, b_aut, _) = row["set"], row["automaton"]
+        print(f"{files:>7} {n:>9} {m_set:>8.1f} {b_set:>8.2f} {m_aut:>14.1f} {b_aut:>8.2f} {m_set / m_aut:>6.2f}")
+    print("ratio = guard memory (UIDs in a set) / guard memory (UIDs in the automaton, the design before)")
 
 
 def floor(text: str) -> float:
@@ -82,7 +149,13 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes-mb", type=float, nargs="+", default=[1, 10])
     ap.add_argument("--ids", type=int, nargs="+", default=[1000, 10000, 100000])
+    ap.add_argument("--export-files", type=int, nargs="*", default=[2000, 20000],
+                    help="exports (DICOM files) whose guard memory is measured; none to skip")
+    ap.add_argument("--_memory-child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args._memory_child:
+        _memory_child(int(args._memory_child[0]), args._memory_child[1])
+        return
     texts = {mb: make_text(mb) for mb in args.sizes_mb}
     floors = {mb: best_of(lambda: floor(text), repeat=5) for mb, text in texts.items()}
     print(f"{'identifiers':>11} {'variants':>9} {'build s':>8} {'text MB':>8} {'guard s':>8} {'MB/s':>8} "
@@ -111,6 +184,9 @@ def main(argv=None) -> None:
         now = best_of(lambda: g.find(texts[small]))
         print(f"previous prefix index, {n} identifiers, {small:.0f} MB: {secs:.2f} s "
               f"(automaton {now:.3f} s, {secs / now:.0f}x)")
+    if args.export_files:
+        print()
+        memory_table(args.export_files)
 
 
 if __name__ == "__main__":
