@@ -11,7 +11,8 @@ temperature, input spec, tokenizer, where it came from) and does the work:
   weights and ``p_without`` per study; a study that cannot be read gets a status with the reason and
   the rest of the batch goes on;
 - ``explain(study)``: a :class:`clinfuse.explain.Explanation` (Captum maps, word scores, Shapley
-  shares, faithfulness), rendered and saved by the object itself.
+  shares, faithfulness), rendered and saved by the object itself;
+- ``predict_and_explain(study)``: both from one read and decode of the study's files.
 
 Evaluation, explanation, ``clinfuse predict``, the served MLflow model, the demo and the studies
 all use this object, loaded once per command.
@@ -481,6 +482,34 @@ class Model:
             target: output name or index to explain (default: the predicted one).
         """
         return self.explain_item(self.preprocess(study, screen=screen), method=method, steps=steps, target=target)
+
+    def predict_and_explain(self, study: Study | dict, *, explain: bool = True, screen: bool = True,
+                            method: str | None = None, steps: int | None = None, target: str | int | None = None):
+        """Predict one study and explain it from the same preprocessed input: its files are read, screened
+        and decoded once (:meth:`predict` then :meth:`explain` does that twice). Returns ``(prediction,
+        explanation)``; the explanation is None when not asked for or when the study could not be read
+        (the prediction then has ``status='error'`` and the reason)."""
+        pred, exp, _ = self._predict_and_explain(Study.coerce(study), explain=explain, screen=screen,
+                                                 method=method, steps=steps, target=target)
+        return pred, exp
+
+    def _predict_and_explain(self, study: Study, *, explain: bool, screen: bool, method=None, steps=None, target=None):
+        """(prediction, explanation or None, the study's row or None)."""
+        try:
+            row = self.row(study, screen=screen)
+            item = self.dataset([row], check_input=True)[0]
+            _check_finite(item)
+        except ClinfuseError as e:  # as predict: this study's error, with its reason
+            return Prediction(study.study_id, "error", _one_line(e)), None, None
+        except Exception as e:  # noqa: BLE001 - a file pydicom or a decoder chokes on
+            return Prediction(study.study_id, "error", _reason(e)), None, None
+        pred = self._predict_items([item])[0]
+        if row.get("set_aside"):
+            pred.reason = "set aside: " + "; ".join(row["set_aside"])
+        exp = None
+        if explain and pred.ok:
+            exp = self.explain_item(_collate([item]), method=method, steps=steps, target=target)
+        return pred, exp, row
 
     def explain_item(self, batch: dict, *, method: str | None = None, steps: int | None = None,
                      target: str | int | None = None):

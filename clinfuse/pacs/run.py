@@ -201,11 +201,9 @@ def predict_study(model, identity: ModelIdentity, datasets: list, report: str | 
 
         why = "no image of the study could be read" if images else "the study holds no image"
         pred = Prediction(pseudonym, "error", f"{why}, and there is no report: nothing to predict from")
-    else:
-        pred = model.predict([study], screen=False)[0]
-    exp = None
-    if pred.ok and explain:
-        exp = model.explain(study, screen=False)
+        exp = row = None
+    else:  # read, decoded and preprocessed once for the prediction and its explanation
+        pred, exp, row = model._predict_and_explain(study, explain=explain, screen=False)
     t["model"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     result = StudyResult(pseudonym, pred.status, pred.reason, dict(pred.probabilities), dict(pred.decisions),
@@ -218,7 +216,7 @@ def predict_study(model, identity: ModelIdentity, datasets: list, report: str | 
     slots = []
     if pred.ok and pred.used.get("image"):
         # '<dicom #k>': the images the model read, in slot order; the first is the one the map is drawn on
-        slots = [int(label.split("#")[1].rstrip(">")) - 1 for label in model.row(study, screen=False)["image_paths"]]
+        slots = [int(label.split("#")[1].rstrip(">")) - 1 for label in row["image_paths"]]
         chosen = slots[0]
     if chosen is not None and exp is not None and exp.image_map is not None and spec.spatial_dims == 2:
         try:

@@ -153,3 +153,26 @@ def test_predict_cli_on_one_study_given_as_files(trained, tmp_path, capsys):
     (tmp_path / "bad.dcm").write_bytes(b"not dicom" * 50)
     assert main(["predict", "--model", str(d / "run"), "--dicom", str(tmp_path / "bad.dcm"), "--out", "-"]) == 1
     assert "bad.dcm" in capsys.readouterr().err
+
+
+def test_predict_and_explain_reads_once_and_agrees_with_predict_then_explain(trained, tmp_path, monkeypatch):
+    from clinfuse.inference import model as model_mod
+
+    d, model = trained
+    rows, _ = read_cohort(d / "c")
+    r = next(r for r in rows if r["image_present"])
+    study = Study(r["image_paths"], "FINDINGS: opacity in the right lower lobe.", "s1")
+    pred = model.predict([study])[0]
+    exp = model.explain(study, method="gradcam")
+    calls = []
+    real = model_mod.image_item
+    monkeypatch.setattr(model_mod, "image_item", lambda *a, **k: calls.append(1) or real(*a, **k))
+    p2, e2 = model.predict_and_explain(study, method="gradcam")
+    assert p2.probabilities["positive"] == pytest.approx(pred.probabilities["positive"], abs=1e-6)
+    assert e2["probabilities"]["positive"] == pytest.approx(exp["probabilities"]["positive"], abs=1e-6)
+    assert np.allclose(e2.image_map, exp.image_map, atol=1e-6)
+    assert [w for w, _ in e2["report"]["words"]] == [w for w, _ in exp["report"]["words"]]
+    assert len(calls) == 1  # the files are read once for both (predict then explain: twice)
+    p3, e3 = model.predict_and_explain(Study([b"not a dicom file at all" * 10], None, "junk"))
+    assert p3.status == "error" and p3.reason and e3 is None
+    assert model.predict_and_explain(study, explain=False)[1] is None
