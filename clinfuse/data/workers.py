@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -125,6 +126,9 @@ class BoundedPool:
         self.memory_mb = memory_mb
         self.size = workers or default_workers()
         self._idle: list[_Worker] = []
+        # a map owns the workers it took until it ends; only the hand-over of idle ones is shared between
+        # threads (a server screening two requests at once), so only that is locked
+        self._lock = threading.Lock()
 
     def _spawn(self) -> _Worker:
         return _Worker(self.target, self.memory_mb)
@@ -144,8 +148,9 @@ class BoundedPool:
         """
         pending = list(enumerate(tasks))
         pending.reverse()
-        workers = self._idle[: self.size]
-        self._idle = self._idle[self.size:]
+        with self._lock:
+            workers = self._idle[: self.size]
+            self._idle = self._idle[self.size:]
         workers += [self._spawn() for _ in range(min(self.size, len(pending)) - len(workers))]
         busy: dict[Connection, _Worker] = {}
         try:
@@ -205,27 +210,31 @@ class BoundedPool:
             workers = []
             raise
         finally:
-            self._idle += [w for w in workers if w.task is None]
+            with self._lock:
+                self._idle += [w for w in workers if w.task is None]
             for w in workers:
                 if w.task is not None:
                     w.kill()
 
     def close(self) -> None:
-        for w in self._idle:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for w in idle:
             w.stop()
-        self._idle = []
 
 
 _POOLS: dict[tuple[str, float | None], BoundedPool] = {}
+_POOLS_LOCK = threading.Lock()
 
 
 def bounded_map(target: str, tasks: list[tuple], *, workers: int | None = None, seconds: float | None = None,
                 memory_mb: float | None = None, what: Callable[[float], str] | None = None
                 ) -> Iterator[tuple[int, Any]]:
     """:meth:`BoundedPool.map` on a pool kept for this process (one per target and memory cap)."""
-    pool = _POOLS.get((target, memory_mb))
-    if pool is None:
-        pool = _POOLS[(target, memory_mb)] = BoundedPool(target, workers, memory_mb)
+    with _POOLS_LOCK:
+        pool = _POOLS.get((target, memory_mb))
+        if pool is None:
+            pool = _POOLS[(target, memory_mb)] = BoundedPool(target, workers, memory_mb)
     pool.size = workers or default_workers()
     return pool.map(tasks, seconds, what)
 
@@ -233,9 +242,11 @@ def bounded_map(target: str, tasks: list[tuple], *, workers: int | None = None, 
 @atexit.register
 def close_pools() -> None:
     """Stop every idle worker (also run at exit)."""
-    for pool in _POOLS.values():
+    with _POOLS_LOCK:
+        pools = list(_POOLS.values())
+        _POOLS.clear()
+    for pool in pools:
         pool.close()
-    _POOLS.clear()
 
 
 def _serve(fd: int, target: str, memory_mb: float) -> None:

@@ -192,3 +192,40 @@ def test_relative_paths_mean_the_callers_folder_after_a_change_of_directory(tmp_
         monkeypatch.chdir(tmp_path / name)
         s = build_cohort("export/dicom", "export/reports.csv", "export/labels.csv", "cohort", progress=False)
         assert s.n_studies == n and s.info["counts"]["images"] >= n
+
+
+def test_threads_sharing_a_pool_each_get_their_own_results():
+    """A server answers requests in threads that screen files through the same process-wide pool: no
+    worker may be handed to two threads at once (a verdict would reach the wrong request)."""
+    import threading
+
+    from clinfuse.data.workers import bounded_map
+
+    errors: list[str] = []
+
+    def client(c: int) -> None:
+        for rnd in range(15):
+            tasks = [(f"client {c} round {rnd} task {i}",) for i in range(4)]
+            try:
+                got = dict(bounded_map(T + "echo", tasks, workers=2, seconds=30))
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(f"client {c}: {type(e).__name__}: {e}")
+                return
+            if got != {i: t[0] for i, t in enumerate(tasks)}:
+                errors.append(f"client {c} round {rnd}: got {got}")
+                return
+
+    import sys
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(4)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can: races show up
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not any(t.is_alive() for t in threads), "a thread hung on the pool"
+    assert not errors, errors[:3]
