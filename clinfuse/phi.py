@@ -32,7 +32,6 @@ _TAG = re.compile(r"<[^>]{0,500}>")
 _WORD = re.compile(r"[^\W\d_]+")  # runs of letters
 _DIGITS = re.compile(r"\d{%d,}" % _MIN_LEN)
 _UID_LIKE = re.compile(r"\d+(\.\d+)+")
-_DOTTED = re.compile(r"\d+(?:\.\d+)+")  # the dotted numbers of a text, each as long as it runs
 # an inlined image (explanation.html carries its overlay so): binary data, not text, where any 5-letter
 # name part turns up by chance about once per few hundred pages
 _DATA_URI = re.compile(r"data:[\w/+.-]{1,100};base64,[A-Za-z0-9+/=\s]+")
@@ -90,7 +89,7 @@ class PhiGuard:
                     if _UID_LIKE.fullmatch(x):
                         # a UID is copied by machines, not typed: only its own dotted form, looked up in a
                         # set (three UIDs per file were 95% of the automaton's nodes, 120 MiB at 21,608 files)
-                        self.kind_of.setdefault(x, kind)
+                        self.kind_of.setdefault(x, kind)  # (_variants keeps no value under _MIN_LEN)
                         self._uids.add(x)
                         continue
                     for form in {x.lower(), _normal(x)}:  # as typed, and as the normalised views read it
@@ -197,7 +196,7 @@ class PhiGuard:
         numbers; each run of their components up to the longest UID's length is a set lookup."""
         if not self._uids:
             return
-        for m in _DOTTED.finditer(low):
+        for m in _UID_LIKE.finditer(low):
             token, base = m.group(), m.start()
             if len(token) < _MIN_LEN:
                 continue

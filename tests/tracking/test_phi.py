@@ -22,6 +22,8 @@ def test_variants_and_case():
     assert g.redact("uid 1.2.826.0.1.3680043.8.498.1234567, ok") == ("uid [ID], ok", 1)
     assert g.find("nothing identifying, 0.19650 auroc") is None
     assert PhiGuard(None).find("KAZUMIR") is None
+    # a dotted value under the 5-character floor is not screened, as no short value is
+    assert PhiGuard({"study_uid": ["1.2"]}).find("transfer syntax 1.2.840.10008.1.2") is None
 
 
 class _CountingAutomaton:
