@@ -17,7 +17,7 @@ import numpy as np
 
 from .attributions import StudyInput, explain_study, p_without
 from .faithfulness import image_deletion, text_deletion
-from .render import explanation_html, overlays_of, write_explanation
+from .render import explanation_html, main_overlay, overlays_of, write_explanation
 
 __all__ = ["Explanation", "build_explanation", "EXPLANATION_FORMAT", "summary_line"]
 
@@ -55,7 +55,7 @@ class Explanation:
                                                         self.image_maps))
 
     def overlay_png(self) -> bytes | None:
-        return overlays_of(self.data, self.image, self.image_map, self.images, self.image_maps)[0]
+        return main_overlay(self.data, self.image, self.image_map, self.images, self.image_maps)
 
     def save(self, out_dir: str | Path) -> list[str]:
         """Write the study's folder; returns the file names."""

@@ -105,14 +105,24 @@ def write_explanation(out_dir: Path, exp: dict, image: np.ndarray | None, amap: 
     return files
 
 
+def _slot_of(amap, maps: dict | None) -> int | None:
+    """The image slot whose map is the explanation's map (the first slot's: the same array), if any."""
+    first = min(maps, default=None) if maps else None
+    return first if first is not None and amap is not None and maps[first] is amap else None
+
+
+def main_overlay(exp: dict, image, amap, images: dict | None, maps: dict | None) -> bytes | None:
+    """The overlay of the explanation's map (overlay.png): its slot's overlay where it has one."""
+    j = _slot_of(amap, maps)
+    return overlay_of(exp, image, amap) if j is None else overlay_of(exp, images[j], amap, slot=j)
+
+
 def overlays_of(exp: dict, image, amap, images: dict | None, maps: dict | None) -> tuple[bytes | None, dict]:
-    """The overlay of the explanation's map and one per image slot. The explanation's map is the first
-    slot's (the same array): its overlay is drawn once, with the slot's title, and serves as both."""
+    """The overlay of the explanation's map and one per image slot; the map's slot is drawn once and
+    serves as both."""
     overlays = {j: overlay_of(exp, images[j], m, slot=j) for j, m in (maps or {}).items()}
-    first = min(overlays, default=None)
-    if first is not None and amap is not None and maps[first] is amap:
-        return overlays[first], overlays
-    return overlay_of(exp, image, amap), overlays
+    j = _slot_of(amap, maps)
+    return (overlay_of(exp, image, amap) if j is None else overlays[j]), overlays
 
 
 def overlay_of(exp: dict, image: np.ndarray | None, amap: np.ndarray | None, slot: int | None = None) -> bytes | None:
