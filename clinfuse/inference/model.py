@@ -418,9 +418,7 @@ class Model:
                 results[j] = Prediction(rows[j]["study_id"], "error", _reason(e))
             if batch and (len(batch) == batch_size or j == len(rows) - 1):
                 for (k, _), pred in zip(batch, self._predict_items([it for _, it in batch])):
-                    if rows[k].get("set_aside"):  # predicted from the other images: say which were not read
-                        pred.reason = "set aside: " + "; ".join(rows[k]["set_aside"])
-                    results[k] = pred
+                    results[k] = _note_set_aside(pred, rows[k])
                 bar.update(len(batch))
                 batch = []
         bar.close()
@@ -503,9 +501,7 @@ class Model:
             return Prediction(study.study_id, "error", _one_line(e)), None, None
         except Exception as e:  # noqa: BLE001 - a file pydicom or a decoder chokes on
             return Prediction(study.study_id, "error", _reason(e)), None, None
-        pred = self._predict_items([item])[0]
-        if row.get("set_aside"):
-            pred.reason = "set aside: " + "; ".join(row["set_aside"])
+        pred = _note_set_aside(self._predict_items([item])[0], row)
         exp = None
         if explain and pred.ok:
             exp = self.explain_item(_collate([item]), method=method, steps=steps, target=target)
@@ -529,6 +525,13 @@ class Model:
             raise ClinfuseError(f"target '{target}' is not an output of this model (outputs: "
                                 f"{', '.join(self.output_names)})")
         return self.output_names.index(target)
+
+
+def _note_set_aside(pred: Prediction, row: dict) -> Prediction:
+    """A study predicted from the other images says which were not read."""
+    if row.get("set_aside"):
+        pred.reason = "set aside: " + "; ".join(row["set_aside"])
+    return pred
 
 
 def _collate(items: list[dict]) -> dict:
