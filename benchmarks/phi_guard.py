@@ -88,18 +88,32 @@ def _memory_child(files: int, design: str) -> None:
     proc = psutil.Process()
     before = proc.memory_info().rss
     t = time.perf_counter()
-    g = PhiGuard(ids)
-    if design == "automaton":  # before 2026-12-03: every UID in the automaton too
-        import ahocorasick
-
-        a = ahocorasick.Automaton(ahocorasick.STORE_INTS)
-        for i, x in enumerate(g.kind_of):
-            a.add_word(x, i)
-        a.make_automaton()
-        g._automaton, g._idents = a, list(g.kind_of)
+    g = PhiGuard(ids) if design == "set" else _guard_before(ids)
     build = time.perf_counter() - t
     gc.collect()
-    print(f"{(proc.memory_info().rss - before) / 2**20:.1f} {build:.2f} {len(g)}")
+    print(f"{(proc.memory_info().rss - before) / 2**20:.1f} {build:.2f} {len(g[0] if isinstance(g, tuple) else g)}")
+
+
+def _guard_before(ids: dict[str, list[str]]):
+    """What PhiGuard held before 2026-12-03 (kept here only to measure it): every variant, UIDs in their
+    dotted form, in one automaton storing an index into the list of identifiers."""
+    import ahocorasick
+
+    from clinfuse.phi import _UID_LIKE, _normal, _variants
+
+    kind_of: dict[str, str] = {}
+    for kind, values in ids.items():
+        for v in values:
+            for x in _variants(kind, str(v)):
+                for form in ({x.lower()} if _UID_LIKE.fullmatch(x) else {x.lower(), _normal(x)}):
+                    if len(form) >= _MIN_LEN:
+                        kind_of.setdefault(form, kind)
+    idents = list(kind_of)
+    a = ahocorasick.Automaton(ahocorasick.STORE_INTS)
+    for i, x in enumerate(idents):
+        a.add_word(x, i)
+    a.make_automaton()
+    return kind_of, idents, a
 
 
 def memory_table(sizes: list[int]) -> None:
