@@ -69,8 +69,10 @@ class DicomConfig(_Strict):
     )
     view_policy: Literal["frontal", "all"] = Field(
         "frontal",
-        description="For 2D studies: 'frontal' keeps images whose ViewPosition is in "
-        "frontal_views (all images when none states a view); 'all' keeps every image, frontal views first.",
+        description="Which images of a study enter. 2D studies: 'frontal' keeps images whose ViewPosition is in "
+        "frontal_views (all images when none states a view); 'all' keeps every image, frontal views first. "
+        "CT/MR studies: 'frontal' keeps the series with the most slices as the volume; 'all' keeps every series, "
+        "one volume each (largest first, its plane from ImageOrientationPatient as its view).",
     )
     frontal_views: list[str] = Field(["PA", "AP"], description="ViewPosition values counted as frontal.")
     verify_pixels: bool = Field(
@@ -192,17 +194,21 @@ class NumericVariable(_Strict):
     max: float | None = Field(None, description="Largest accepted value (None: no bound).")
 
 
-# The view vocabulary of the model's view embedding (index = position): ViewPosition -> view_id
-VIEW_NAMES = ("", "PA", "AP", "lateral", "other")
+# The view vocabulary of the model's view embedding (index = position): ViewPosition of a radiograph, or the
+# plane of a CT/MR series (clinfuse.data.studies.volume_view) -> view_id. New names go at the end: a saved
+# model's embedding keeps its rows, and an index it has no row for reads as "other" (FusionModel.forward).
+VIEW_NAMES = ("", "PA", "AP", "lateral", "other", "axial", "coronal", "sagittal")
+_PLANES = {"AXIAL": 5, "CORONAL": 6, "SAGITTAL": 7}
 _LATERAL_VIEWS = {"LL", "RL", "LATERAL", "LAT", "LLD", "RLD", "LAO", "RAO", "LPO", "RPO"}
 
 
 def view_id(view: str | None) -> int:
-    """The view embedding index of a ViewPosition: 0 not stated, 1 PA, 2 AP, 3 lateral/oblique, 4 other."""
+    """The view embedding index of a ViewPosition or series plane: 0 not stated, 1 PA, 2 AP, 3 lateral/oblique,
+    4 other, 5 axial, 6 coronal, 7 sagittal."""
     v = (view or "").strip().upper()
     if not v:
         return 0
-    return {"PA": 1, "AP": 2}.get(v, 3 if v in _LATERAL_VIEWS else 4)
+    return {"PA": 1, "AP": 2, **_PLANES}.get(v, 3 if v in _LATERAL_VIEWS else 4)
 
 
 def view_name(vid: int) -> str:
@@ -272,15 +278,16 @@ class ImageEncoderConfig(_Strict):
         "checkpoints) are mapped; a file matching under 90% of the backbone is refused (docs/model.md).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout inside the network where it has one.")
     max_images: int = Field(
-        1, ge=1, le=16, description="2D studies: image tokens per study, one per image the cohort chose "
-        "(cohort.dicom.view_policy: 'frontal' or 'all', frontal views first), all through the one encoder, each "
-        "with a learned embedding of its ViewPosition; a study with more keeps the first max_images. 1 = the "
-        "first frontal image only (the two-token model). 3D studies always have one volume.")
+        1, ge=1, le=16, description="Image tokens per study, one per image the cohort chose (2D: its views, "
+        "cohort.dicom.view_policy 'frontal' or 'all', frontal views first; 3D: its series as volumes, largest "
+        "first, all of them under view_policy 'all'), all through the one encoder, each with a learned embedding "
+        "of its ViewPosition or series plane; a study with more keeps the first max_images. 1 = the first frontal "
+        "image or the largest series only (the two-token model).")
 
     @property
     def slots(self) -> int:
-        """Image tokens per study: max_images for 2D, one volume for 3D."""
-        return self.max_images if self.spatial_dims == 2 else 1
+        """Image tokens per study (one image or volume each)."""
+        return self.max_images
 
 
 class VariablesModelConfig(_Strict):

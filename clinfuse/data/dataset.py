@@ -33,7 +33,7 @@ import torch
 from ..config import Config, DicomConfig
 from ..errors import StudyInputError
 from .dicom import DicomReadError, dcmread_robust, read_dicom
-from .studies import _header_from, load_volume, select_images
+from .studies import _header_from, load_volume, select_images, series_runs, volume_view
 from .tokens import empty_tokens, tokenize_reports
 
 __all__ = ["StudyDataset", "label_tensor", "n_outputs_for", "output_names_for", "study_transform", "image_item",
@@ -91,16 +91,15 @@ class _LoadStudyImage(_transform_base()):
             return item
         window = (self.dicom.window_center, self.dicom.window_width) if self.dicom.voi == "window" else None
         paths, data = item["image_paths"], item.get("image_data") or [None] * len(item["image_paths"])
-        if self.spatial_dims == 3:
-            vol, _ = _volume_from_paths(paths, self.dicom, data)
-            arr = vol[None]  # [1, Z, H, W]
+        if self.spatial_dims == 3:  # one volume per series, the first `slots` of them: [1, Z, H, W] each
+            arrs = [vol[None] for vol, _ in _volumes_from_paths(paths, self.dicom, data, self.slots)]
         else:
             arrs = [self._read_2d(p, d, window) for p, d in list(zip(paths, data))[: self.slots]]
-            if self.slots > 1:  # one array per image; sizes differ until resized
-                item["image"] = arrs
-                item.pop("image_data", None)
-                return item
-            arr = arrs[0]
+        if self.slots > 1:  # one array per image or volume; sizes differ until resized
+            item["image"] = arrs
+            item.pop("image_data", None)
+            return item
+        arr = arrs[0]
         item["image"] = np.ascontiguousarray(arr, dtype=np.float32)
         item.pop("image_data", None)  # the decoded image is what is cached, not the file bytes
         return item
@@ -116,7 +115,10 @@ class _LoadStudyImage(_transform_base()):
         return np.ascontiguousarray(arr, dtype=np.float32)
 
 
-def _volume_from_paths(paths: list[str], dicom_cfg, data: list[bytes | None] | None = None):
+def _volumes_from_paths(paths: list[str], dicom_cfg, data: list[bytes | None] | None = None,
+                        limit: int | None = None) -> list:
+    """The volumes of a 3D study's slices, one per series (:func:`series_runs`), at most `limit`:
+    ``(volume [Z, H, W], spacing)`` each. `paths` are in the cohort's order (series together, slices sorted)."""
     import pydicom
 
     if data is not None and any(d is not None for d in data):  # in-memory slices: read them as files
@@ -128,9 +130,10 @@ def _volume_from_paths(paths: list[str], dicom_cfg, data: list[bytes | None] | N
                 f = Path(tmp) / f"{i:05d}.dcm"
                 f.write_bytes(d if d is not None else Path(p).read_bytes())
                 files.append(str(f))
-            return _volume_from_paths(files, dicom_cfg)
+            return _volumes_from_paths(files, dicom_cfg, limit=limit)
     headers = [_header_from(pydicom.dcmread(p, stop_before_pixels=True, force=True), p) for p in paths]
-    return load_volume(headers, dicom_cfg)  # paths are already in slice order (cohort build sorted them)
+    # each run is already in slice order (the cohort build or image_item sorted it)
+    return [load_volume(run, dicom_cfg) for run in series_runs(headers)[:limit]]
 
 
 def study_transform(cfg: Config, photometrics: tuple[str, ...] | None = None):
@@ -178,12 +181,21 @@ def image_item(sources: list, dicom_cfg: DicomConfig, screen: bool = True) -> di
 
         reasons = screen_pixels([(h.path, data_of[h.path]) for h in chosen], dicom_cfg)
         bad = [f"{h.path}: {r}" for h, r in zip(chosen, reasons) if r]
-        if bad and kind == "3d":  # a slice left out would leave a gap in the volume: the series goes
-            raise StudyInputError(f"{len(bad)} of {len(chosen)} slices of the series cannot be decoded: "
-                                  + "; ".join(bad[:3]))
-        problems += bad
-        chosen = [h for h, r in zip(chosen, reasons) if not r]
-    views = [h.view for h in chosen]
+        if bad and kind == "3d":  # a slice left out would leave a gap in its volume: that series goes
+            reason_of = {h.path: r for h, r in zip(chosen, reasons)}
+            runs = series_runs(chosen)
+            whole = [run for run in runs if not any(reason_of[h.path] for h in run)]
+            if not whole:
+                raise StudyInputError(f"{len(bad)} of {len(chosen)} slices of the series cannot be decoded: "
+                                      + "; ".join(bad[:3]))
+            problems += bad[:3] + [f"{len(runs) - len(whole)} of {len(runs)} series set aside: a slice cannot be "
+                                   "decoded"]
+            chosen = [h for run in whole for h in run]
+        else:
+            problems += bad
+            chosen = [h for h, r in zip(chosen, reasons) if not r]
+    # one view per image; per volume for 3D (its plane)
+    views = [volume_view(run[0]) for run in series_runs(chosen)] if kind == "3d" else [h.view for h in chosen]
     if not chosen:
         problems += [f"{q.source}: {q.reason}" for q in set_aside]
         if not problems:

@@ -1,7 +1,8 @@
 """Scanning a DICOM tree (headers only) and grouping files into studies and series.
 
 A 2D study (CR/DX and other projection modalities) yields its images, the frontal ones by default.
-A CT/MR/PT series yields a 3D volume sorted along the slice normal with its spacing.
+A CT/MR/PT series yields a 3D volume sorted along the slice normal with its spacing: the series with the
+most slices by default, every series (one volume each, the largest first) under ``view_policy: all``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .workers import Failed, bounded_map
 from ..progress import progress as progress_of
 
 __all__ = ["DicomHeader", "FileFacts", "ScanResult", "scan_dicom", "examine_file", "group_studies", "select_images", "load_volume",
-           "VOLUME_MODALITIES"]
+           "VOLUME_MODALITIES", "series_runs", "volume_view"]
 
 VOLUME_MODALITIES = {"CT", "MR", "PT", "NM"}
 _HEADER_BYTES = 64 * 1024  # fingerprint='header' reads this much of each file (more only if the header is longer)
@@ -327,7 +328,8 @@ def group_studies(headers: list[DicomHeader], key: str) -> tuple[dict[str, list[
 
 
 def select_images(files: list[DicomHeader], cfg: DicomConfig) -> tuple[list[DicomHeader], str, list[QuarantineEntry]]:
-    """Choose what one study contributes: 2D images (views) or the slices of one 3D series.
+    """Choose what one study contributes: 2D images (views) or the slices of its 3D series (the largest
+    series; every series under ``view_policy: all``, each a run of sorted slices, see :func:`series_runs`).
 
     Returns:
         (selected headers in order, "2d" or "3d", entries for files set aside)
@@ -347,9 +349,12 @@ def select_images(files: list[DicomHeader], cfg: DicomConfig) -> tuple[list[Dico
         series: dict[str, list[DicomHeader]] = defaultdict(list)
         for h in keep:
             series[h.series_uid].append(h)
-        # The series with the most slices (ties: the first by UID) makes the volume.
-        best = sorted(series.items(), key=lambda kv: (-sum(x.frames for x in kv[1]), kv[0]))[0][1]
-        return sort_slices(best), "3d", quarantine
+        # The series with the most slices (ties: the first by UID) comes first and is the volume of a one-volume
+        # policy; under 'all' every series follows, one run of sorted slices each (see series_runs).
+        ordered = [v for _, v in sorted(series.items(), key=lambda kv: (-sum(x.frames for x in kv[1]), kv[0]))]
+        if cfg.view_policy != "all":
+            ordered = ordered[:1]
+        return [h for v in ordered for h in sort_slices(v)], "3d", quarantine
     frontal = {v.upper() for v in cfg.frontal_views}
     # frontal views first (the image a one-image model reads), then by series and instance
     keep.sort(key=lambda h: (h.view not in frontal, h.series_uid, h.instance_number or 0, h.path))
@@ -358,6 +363,27 @@ def select_images(files: list[DicomHeader], cfg: DicomConfig) -> tuple[list[Dico
             chosen = [h for h in keep if h.view in frontal]
             return chosen, "2d", quarantine
     return keep, "2d", quarantine
+
+
+def series_runs(slices: list) -> list[list]:
+    """The volumes of a 3D selection: consecutive runs of one SeriesInstanceUID (``select_images`` puts each
+    series' slices together, the largest series first). Items are headers or anything with ``series_uid``."""
+    runs: list[list] = []
+    for h in slices:
+        if runs and runs[-1][0].series_uid == h.series_uid:
+            runs[-1].append(h)
+        else:
+            runs.append([h])
+    return runs
+
+
+def volume_view(h: DicomHeader) -> str:
+    """The plane of a CT/MR series, its 'view' for the view embedding: 'axial', 'coronal' or 'sagittal' from
+    the slice normal of ImageOrientationPatient (the axis it is closest to); '' when the file states none."""
+    n = _normal(h)
+    if n is None:
+        return ""
+    return ("sagittal", "coronal", "axial")[int(np.argmax(np.abs(n)))]
 
 
 def _normal(h: DicomHeader) -> np.ndarray | None:

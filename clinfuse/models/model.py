@@ -29,6 +29,7 @@ MODEL_FORMAT = "clinfuse-model/1"  # one image and the report (two tokens): the 
 MODEL_FORMAT_STUDY = "clinfuse-model/2"  # several image slots and/or a variables token
 MODEL_FORMATS = (MODEL_FORMAT, MODEL_FORMAT_STUDY)
 
+_OTHER_VIEW = VIEW_NAMES.index("other")
 STUDY_KEYS = ("image_view", "variables", "variables_present")  # keyword inputs beyond the first five
 
 
@@ -52,7 +53,7 @@ class FusionModel(nn.Module):
     linear head per group on its own features, for the trainer's auxiliary loss.
     """
 
-    def __init__(self, cfg: Config, n_outputs: int, text_hf_config, variables=None):
+    def __init__(self, cfg: Config, n_outputs: int, text_hf_config, variables=None, n_views: int | None = None):
         super().__init__()
         import inspect
 
@@ -94,7 +95,8 @@ class FusionModel(nn.Module):
                                         for _ in range(g)])
             self.prior = nn.Parameter(torch.zeros(n_outputs))
         # created last, so that a two-token model draws its initial weights exactly as before
-        self.view_embed = nn.Embedding(len(VIEW_NAMES), d) if n_img > 1 and self.uses[0] else None
+        # n_views: the rows of a saved model's embedding (a model saved before the series planes has 5)
+        self.view_embed = nn.Embedding(n_views or len(VIEW_NAMES), d) if n_img > 1 and self.uses[0] else None
         if self.view_embed is not None:
             nn.init.zeros_(self.view_embed.weight)
         self.variables_encoder = VariablesEncoder(spec, d, cfg.model.variables.hidden, f.dropout) \
@@ -168,6 +170,7 @@ class FusionModel(nn.Module):
             if self.view_embed is not None:
                 vid = image_view[:, :n].long() if image_view is not None else torch.zeros(b, n, dtype=torch.long,
                                                                                            device=out.device)
+                vid = vid.masked_fill(vid >= self.view_embed.num_embeddings, _OTHER_VIEW)  # a view it has no row for
                 out = out + self.view_embed(vid).to(out.dtype) * img_rows[..., None].to(out.dtype)
             for j in range(n):
                 tokens[j] = out[:, j]
@@ -230,10 +233,11 @@ def probabilities(logits, task: str, temperature: float = 1.0) -> torch.Tensor:
     return torch.softmax(z, -1) if task == "multiclass" else torch.sigmoid(z)
 
 
-def build_model(cfg: Config, n_outputs: int, text_hf_config, variables=None) -> FusionModel:
+def build_model(cfg: Config, n_outputs: int, text_hf_config, variables=None, n_views: int | None = None) -> FusionModel:
     """Build the architecture from the config (no weights are read, nothing is downloaded).
-    `variables`: the cohort's (or model.json's) variables declaration, or None."""
-    return FusionModel(cfg, n_outputs, text_hf_config, variables)
+    `variables`: the cohort's (or model.json's) variables declaration, or None; `n_views`: the rows of the
+    view embedding (default: every name of ``VIEW_NAMES``; a saved model's own count when it is loaded)."""
+    return FusionModel(cfg, n_outputs, text_hf_config, variables, n_views)
 
 
 def save_model(model: FusionModel, out_dir: str | Path, meta: dict, tokenizer, text_hf_config) -> Path:
@@ -315,6 +319,14 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+def _saved_rows(path: Path, key: str) -> int | None:
+    """The first dimension of tensor `key` in a safetensors file (read from its header), None when absent."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_slice(key).get_shape()[0] if key in f.keys() else None
+
+
 def load_model(model_dir: str | Path, map_location: str = "cpu") -> tuple[FusionModel, dict, object]:
     """Rebuild a saved model from its folder (no YAML, no network, no code execution).
 
@@ -348,7 +360,8 @@ def load_model(model_dir: str | Path, map_location: str = "cpu") -> tuple[Fusion
     if (d / "text" / "config.json").is_file():
         text_cfg = AutoConfig.from_pretrained(d / "text", local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(d / "text", local_files_only=True)
-    model = build_model(cfg, len(meta["output_names"]), text_cfg, meta.get("variables"))
+    model = build_model(cfg, len(meta["output_names"]), text_cfg, meta.get("variables"),
+                        _saved_rows(d / "model.safetensors", "view_embed.weight"))
     st_load(model, str(d / "model.safetensors"), device=map_location)
     model.eval()
     return model, meta, tokenizer
