@@ -162,8 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "object or a .json file, e.g. '{\"crp\": 42, \"sex\": \"F\"}' (a model that reads variables)")
     x.add_argument("--split", default="test", choices=["train", "val", "test"], help="split (default test)")
     x.add_argument("--limit", type=int, default=10, metavar="N", help="at most N studies (default 10; 0 = all)")
-    x.add_argument("--method", choices=["ig", "gradcam", "occlusion"],
-                   help="image method (default: the model config's explain.image_method, ig)")
+    x.add_argument("--method", choices=["auto", "ig", "gradcam", "occlusion"],
+                   help="image method (default: the model config's explain.image_method; 'auto' for models trained "
+                   "since it became the default: Occlusion for 2D images, Grad-CAM for volumes)")
     x.add_argument("--steps", type=int, metavar="N", help="Integrated Gradients steps (default: explain.steps, 32)")
     x.add_argument("--target", metavar="OUTPUT", help="output to explain (default: the predicted one)")
     x.add_argument("--out", metavar="DIR", default="explanations", help="output folder (default ./explanations)")

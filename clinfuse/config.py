@@ -442,8 +442,10 @@ class EvalConfig(_Strict):
 class ExplainConfig(_Strict):
     """Explanations (``clinfuse explain``; its flags override these)."""
 
-    image_method: Literal["ig", "gradcam", "occlusion"] = Field(
-        "ig", description="Image attribution: Integrated Gradients, Grad-CAM (last conv block) or Occlusion.")
+    image_method: Literal["auto", "ig", "gradcam", "occlusion"] = Field(
+        "auto", description="Image attribution: Integrated Gradients, Grad-CAM (last conv block), Occlusion, or "
+        "'auto': Occlusion for 2D images (the most faithful on real radiographs), Grad-CAM for volumes (cost). "
+        "Chosen by evidence: docs/explanations.md. The report is explained by Integrated Gradients whatever this is.")
     steps: int = Field(32, ge=2, le=512, description="Integrated Gradients steps (all in one batch).")
 
 

@@ -30,7 +30,7 @@ from torch import nn
 from ..models.model import probabilities as _probs
 from ..errors import ClinfuseError
 
-__all__ = ["StudyInput", "Attribution", "explain_study", "merge_wordpieces", "modality_shapley", "gradcam_layer",
+__all__ = ["StudyInput", "Attribution", "explain_study", "auto_image_method", "merge_wordpieces", "modality_shapley", "gradcam_layer",
            "p_without"]
 
 
@@ -248,6 +248,20 @@ def gradcam_layer(model) -> nn.Module:
     raise ClinfuseError(f"Grad-CAM needs a convolutional encoder; '{type(net).__name__}' has no known last block")
 
 
+def auto_image_method(model, x: StudyInput) -> str:
+    """The image method of ``explain.image_method: auto``, chosen by evidence (docs/explanations.md, "The
+    default image method"): Occlusion for 2D images, the most faithful on real radiographs; Grad-CAM for
+    volumes, where Occlusion's sliding window costs the cube of the positions per side (3,375 passes of a 3D
+    network instead of 225), or Occlusion there too when the encoder has no convolutional block."""
+    if x.slot_image(0).ndim == 4:  # [1, C, H, W]
+        return "occlusion"
+    try:
+        gradcam_layer(model)
+    except ClinfuseError:
+        return "occlusion"
+    return "gradcam"
+
+
 def explain_study(model, x: StudyInput, *, task: str, tokenizer=None, target: int | None = None,
                   image_method: str = "ig", steps: int = 32, internal_batch_size: int | None = None,
                   temperature: float = 1.0, occlusion_window: int | None = None) -> Attribution:
@@ -259,12 +273,15 @@ def explain_study(model, x: StudyInput, *, task: str, tokenizer=None, target: in
         task: 'binary', 'multilabel' or 'multiclass'.
         tokenizer: the model's tokenizer (needed for the report).
         target: output index to explain (default: the predicted one; for a binary model, 0).
-        image_method: 'ig', 'gradcam' or 'occlusion'.
+        image_method: 'ig', 'gradcam', 'occlusion' or 'auto' (:func:`auto_image_method`: Occlusion for 2D
+            images, Grad-CAM for volumes).
         steps: Integrated Gradients steps.
         internal_batch_size: IG steps per forward batch (default: all steps in one batch).
     """
     from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion
 
+    if image_method == "auto":
+        image_method = auto_image_method(model, x)
     model.eval()
     with torch.no_grad():
         out = x.run(model)

@@ -475,7 +475,7 @@ class Model:
         """Explain one study: a :class:`clinfuse.explain.Explanation` (``.to_json()``, ``.html()``, ``.save(dir)``).
 
         Args:
-            method: image method 'ig', 'gradcam' or 'occlusion' (default: the model's explain.image_method).
+            method: image method 'ig', 'gradcam', 'occlusion' or 'auto' (default: the model's explain.image_method).
             steps: Integrated Gradients steps (default: explain.steps).
             target: output name or index to explain (default: the predicted one).
         """

@@ -248,6 +248,32 @@ def test_volumes_are_explained_too(method, tmp_path):
     assert overlay_png(x.image[0, 0].numpy(), a.image_map, method, "volume")[:4] == b"\x89PNG"
 
 
+def test_auto_method_is_occlusion_for_images_and_gradcam_for_volumes():
+    """explain.image_method 'auto' (the default, chosen by faithfulness on real radiographs: docs/explanations.md)."""
+    from clinfuse.config import Config
+    from clinfuse.explain.attributions import auto_image_method
+    from clinfuse.models.model import build_model
+    from clinfuse.models.text import tiny_bert_config
+
+    assert Config().explain.image_method == "auto"
+    tok = build_tiny_tokenizer(CORPUS)
+    ids, mask = tokenize_reports(tok, [CORPUS[0]], config_from_dict({}).model.text)
+    for dims, size, name, want in ((2, [32, 32], "densenet_tiny", "occlusion"), (3, [16, 32, 32], "densenet_tiny", "gradcam"),
+                                   (3, [16, 32, 32], "vit", "occlusion")):
+        cfg = config_from_dict({"data": {"image_size": size},
+                                "model": {"image": {"name": name, "spatial_dims": dims},
+                                          "text": {"name_or_path": "tiny", "max_length": 16},
+                                          "fusion": {"dim": 16, "heads": 2}}})
+        torch.manual_seed(0)
+        model = build_model(cfg, 1, tiny_bert_config(len(tok))).eval()
+        x = StudyInput(torch.rand(1, 1, *size), torch.tensor([True]), ids[:, :, :16], mask[:, :, :16],
+                       torch.tensor([True]))
+        assert auto_image_method(model, x) == want, (dims, name)
+        if name != "vit":  # the attribution itself (a ViT occlusion at 16x32x32 is slow and adds nothing here)
+            a = explain_study(model, x, task="binary", tokenizer=tok, image_method="auto", steps=8)
+            assert a.image_method == want and a.image_map.shape == tuple(size) and a.tokens  # words by IG still
+
+
 def test_explain_one_study_given_as_files(trained, tmp_path, capsys):
     import pydicom
 
