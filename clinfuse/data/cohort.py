@@ -166,25 +166,21 @@ def build_cohort(
     digest = hashlib.sha256()
 
     # Cheap, whole-input checks first: labels and reports fail fast on a missing column.
-    label_table = load_labels(labels, cfg.labels.key_column or key, cfg.labels)
+    # each loader feeds the fingerprint the bytes it parsed (read once: what is hashed is what was read)
+    label_table = load_labels(labels, cfg.labels.key_column or key, cfg.labels, digest)
     quarantine += label_table.quarantine
     warnings += label_table.warnings
-    digest.update(b"labels\0" + Path(labels).read_bytes())
     report_table = None
     if reports is not None:
-        report_table = load_reports(reports, cfg.reports.key_column or key, cfg.reports)
+        report_table = load_reports(reports, cfg.reports.key_column or key, cfg.reports, digest)
         quarantine += report_table.quarantine
         warnings += report_table.warnings
-        rp = Path(reports)
-        for f in sorted(rp.rglob("*.txt")) if rp.is_dir() else [rp]:
-            digest.update(b"report\0" + f.read_bytes())
 
     var_table = None
     if variables is not None:
-        var_table = load_variables(variables, cfg.variables.key_column or key, cfg.variables)
+        var_table = load_variables(variables, cfg.variables.key_column or key, cfg.variables, digest)
         quarantine += var_table.quarantine
         warnings += var_table.warnings
-        digest.update(b"variables\0" + Path(variables).read_bytes())
         if var_table.inferred:  # the cohort's config records what was inferred: training reads it from there
             cfg = cfg.model_copy(update={"variables": var_table.declared})
             if isinstance(config, Config):

@@ -68,17 +68,19 @@ def _parse_row(row: dict, cfg: LabelConfig) -> tuple[list[int] | None, str]:
     return None, f"unknown class '{raw}' in column '{col}' (allowed: {', '.join(cfg.class_names)})"
 
 
-def load_labels(path: str | Path, key_column: str, cfg: LabelConfig) -> LabelTable:
+def load_labels(path: str | Path, key_column: str, cfg: LabelConfig, digest=None) -> LabelTable:
     """Read the labels CSV.
 
     Unknown classes, empty cells and conflicting duplicates are quarantined (a conflicting key loses
-    every row); identical duplicates are merged.
+    every row); identical duplicates are merged. `digest` (a hashlib object, e.g. the cohort fingerprint's)
+    is fed the bytes that were parsed, so the fingerprint is of what was read.
 
     Raises:
         CohortInputError: the file is missing or lacks the key or a label column.
     """
     path = Path(path)
-    reader, cols, warnings = open_keyed_csv(path, key_column, "labels", "--labels-key or cohort.labels.key_column")
+    reader, cols, warnings = open_keyed_csv(path, key_column, "labels", "--labels-key or cohort.labels.key_column",
+                                           digest)
     missing = [c for c in cfg.columns if c not in cols]
     if missing:
         raise CohortInputError(

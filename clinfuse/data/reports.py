@@ -105,9 +105,10 @@ def _make_report(raw: str, cfg: ReportConfig, source: str, patient: str | None) 
     return Report(sections, model_text(sections, cfg.read_sections), source, patient)
 
 
-def _records_from_file(path: Path, key_column: str, cfg: ReportConfig, warnings: list[str]):
+def _records_from_file(path: Path, key_column: str, cfg: ReportConfig, warnings: list[str], digest=None):
     """Yield (row_label, key, text, patient) from a CSV or JSON-lines file."""
     data = path.read_bytes()
+    _feed(digest, "report", data)
     text, warn = decode_bytes(data, cfg.encoding, cfg.fallback_encoding)
     if warn:
         warnings.append(f"{path}: {warn}")
@@ -155,15 +156,24 @@ def _allow_long_fields() -> None:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 
-def open_keyed_csv(path: Path, key_column: str, what: str, key_setting: str):
-    """A CSV of records keyed by `key_column` (labels, variables): ``(reader, columns, warnings)``.
+def _feed(digest, tag: str, data: bytes) -> None:
+    """Add the bytes of one input file, as parsed, to the cohort fingerprint (`digest`; None: no fingerprint)."""
+    if digest is not None:
+        digest.update(tag.encode() + b"\0" + data)
+
+
+def open_keyed_csv(path: Path, key_column: str, what: str, key_setting: str, digest=None):
+    """A CSV of records keyed by `key_column` (labels, variables): ``(reader, columns, warnings)``;
+    `digest` is fed the bytes parsed, tagged `what`.
 
     Raises:
         CohortInputError: the file is missing or lacks the key column (the message names `key_setting`).
     """
     if not path.is_file():
         raise CohortInputError(f"{path}: {what} file not found")
-    text, warn = decode_bytes(path.read_bytes())
+    data = path.read_bytes()
+    _feed(digest, what, data)
+    text, warn = decode_bytes(data)
     _allow_long_fields()
     reader = csv.DictReader(io.StringIO(text, newline=""))
     cols = list(reader.fieldnames or [])
@@ -173,10 +183,11 @@ def open_keyed_csv(path: Path, key_column: str, what: str, key_setting: str):
     return reader, cols, ([f"{path}: {warn}"] if warn else [])
 
 
-def load_reports(path: str | Path, key_column: str, cfg: ReportConfig) -> ReportTable:
+def load_reports(path: str | Path, key_column: str, cfg: ReportConfig, digest=None) -> ReportTable:
     """Read reports keyed by `key_column` from a CSV, a JSON-lines file or a folder of ``<key>.txt``.
 
-    Empty reports and conflicting duplicates are quarantined; identical duplicates are merged.
+    Empty reports and conflicting duplicates are quarantined; identical duplicates are merged. `digest`
+    is fed the bytes parsed, file by file (see ``load_labels``).
 
     Raises:
         CohortInputError: the source is missing or has no key/text column.
@@ -200,17 +211,19 @@ def load_reports(path: str | Path, key_column: str, cfg: ReportConfig) -> Report
         def records():
             for f in files:
                 try:
-                    text, warn = decode_bytes(f.read_bytes(), cfg.encoding, cfg.fallback_encoding)
+                    data = f.read_bytes()
                 except OSError as e:
                     yield str(f), None, f"cannot read file: {e.strerror or e}", None
                     continue
+                _feed(digest, "report", data)
+                text, warn = decode_bytes(data, cfg.encoding, cfg.fallback_encoding)
                 if warn:
                     warnings.append(f"{f}: {warn}")
                 yield str(f), f.stem, text, None
 
         rows = records()
     else:
-        rows = _records_from_file(path, key_column, cfg, warnings)
+        rows = _records_from_file(path, key_column, cfg, warnings, digest)
 
     records = KeyedRecords("report", "report", quarantine)
     n = 0

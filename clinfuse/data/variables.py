@@ -66,15 +66,15 @@ def _infer(path: Path, rows: list[dict], columns: list[str], quarantine: list[Qu
     return VariablesConfig(numeric=numeric, categorical=categorical)
 
 
-def load_variables(path: str | Path, key_column: str, cfg: VariablesConfig) -> VariableTable:
-    """Read the variables CSV (see the module doc).
+def load_variables(path: str | Path, key_column: str, cfg: VariablesConfig, digest=None) -> VariableTable:
+    """Read the variables CSV (see the module doc); `digest` is fed the bytes parsed (see ``load_labels``).
 
     Raises:
         CohortInputError: the file is missing, lacks the key column or a declared variable, or holds no
             usable column.
     """
     path = Path(path)
-    reader, cols, warnings = open_keyed_csv(path, key_column, "variables", "cohort.variables.key_column")
+    reader, cols, warnings = open_keyed_csv(path, key_column, "variables", "cohort.variables.key_column", digest)
     rows = list(reader)
     quarantine: list[QuarantineEntry] = []
     others = [c for c in cols if c != key_column and c.lower() not in _IGNORED]

@@ -225,3 +225,34 @@ def test_a_decoder_that_panics_is_a_read_error_not_a_crash():
         if panics >= 3:
             break
     assert errors >= 1, "no mutation was refused: the test no longer exercises the decoder's failures"
+
+
+def test_odd_entries_in_a_reports_folder_do_not_stop_the_build_or_change_the_fingerprint(tmp_path):
+    """A folder or dangling link named *.txt is set aside by the reports loader and the build goes on: the
+    fingerprint is fed the bytes each loader parsed (read once), so it equals the clean folder's. The
+    fingerprint of a reports file is the same digest as before the loaders fed it (a known value)."""
+    import hashlib
+
+    labels = tmp_path / "labels.csv"
+    labels.write_text("StudyInstanceUID,label\n1.2.3,1\n1.2.4,0\n")
+    fps = []
+    for name, odd in (("clean", False), ("odd", True)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "1.2.3.txt").write_text("FINDINGS: small effusion.")
+        (folder / "1.2.4.txt").write_text("FINDINGS: clear.")
+        if odd:
+            (folder / "odd.txt").mkdir()
+            os.symlink(tmp_path / "nowhere", folder / "gone.txt")
+        build_cohort(None, folder, labels, tmp_path / f"c-{name}", progress=False)
+        fps.append(json.loads((tmp_path / f"c-{name}" / "cohort.json").read_text())["fingerprint"]["sha256"])
+    assert fps[0] == fps[1]
+    q = {os.path.basename(r["source"]) for r in csv.DictReader(open(tmp_path / "c-odd" / "quarantine.csv"))}
+    assert {"odd.txt", "gone.txt"} <= q
+    # a single reports file: labels then reports, each tagged, as the fingerprint was computed before
+    reports = tmp_path / "reports.csv"
+    reports.write_text("StudyInstanceUID,report\n1.2.3,FINDINGS: small effusion.\n1.2.4,FINDINGS: clear.\n")
+    build_cohort(None, reports, labels, tmp_path / "c-file", progress=False)
+    want = hashlib.sha256(b"labels\0" + labels.read_bytes() + b"report\0" + reports.read_bytes()).hexdigest()
+    info = json.loads((tmp_path / "c-file" / "cohort.json").read_text())
+    assert info["fingerprint"]["sha256"] == want
