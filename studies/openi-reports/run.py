@@ -5,10 +5,12 @@ Questions (see README.md):
   2. `abnormal` from INDICATION alone (no label leak): the same three models.
   3. The rarest findings: unweighted BCE vs the package default (focal + effective-number weights).
   4. Explanations of 20 test reports: top words and deletion faithfulness against random orders.
+  5. Repeated splits: questions 1 and 2's TF-IDF baseline and MiniLM over several split seeds (the model
+     choice judged over splits, not one test split), with the mean of the two as a ten-line ensemble.
 
 Every clinfuse model is trained with `train_and_audit`, so each run is in the study's MLflow store.
 
-Usage: python studies/openi-reports/run.py [--out runs/openi] [--questions 1 2 3 4] [--quick]
+Usage: python studies/openi-reports/run.py [--out runs/openi] [--questions 1 2 3 4 5] [--splits 0 1 2 3 4]
 """
 
 from __future__ import annotations
@@ -51,15 +53,16 @@ def overrides_for(q: str) -> list[str]:
             f"cohort.labels.columns={json.dumps(spec['columns'])}", f"model.text.max_length={spec.get('max_length', 128)}"]
 
 
-def make_cohort(out: Path, q: str) -> Path:
-    exp, coh = out / "export", out / f"cohort-{q}"
+def make_cohort(out: Path, q: str, split_seed: int = 0) -> Path:
+    """The question's cohort; `split_seed` other than 0 (the config's) gives another stratified split."""
+    exp, coh = out / "export", out / (f"cohort-{q}" + (f"-split{split_seed}" if split_seed else ""))
     if not (exp / "labels.csv").is_file():
         if not DEFAULT_CSV.is_file():
             sys.exit(f"openi study: {DEFAULT_CSV} not found (the shared Open-I reports.csv)")
         write_export(from_csv(DEFAULT_CSV), exp, None)
     if not (coh / "cohort.json").is_file():
         build_cohort(None, exp / "reports.csv", exp / "labels.csv", coh, load_config(HERE / "config.yaml",
-                     overrides_for(q)), progress=False)
+                     overrides_for(q) + [f"cohort.split.seed={split_seed}"]), progress=False)
     return coh
 
 
@@ -82,8 +85,9 @@ def tfidf_lr(cohort: Path):
     return yte, p, [r["patient_id"] for r in te]
 
 
-def train_model(cohort: Path, q: str, name: str, extra: list[str], out: Path, epochs: int) -> tuple[Path, float]:
-    run = out / "runs" / f"{q}-{name.split(' (')[0].replace(' ', '_').lower()}"
+def train_model(cohort: Path, q: str, name: str, extra: list[str], out: Path, epochs: int,
+                split_seed: int = 0) -> tuple[Path, float]:
+    run = out / "runs" / (f"{q}-{name.split(' (')[0].replace(' ', '_').lower()}" + (f"-split{split_seed}" if split_seed else ""))
     cfg = load_config(HERE / "config.yaml", overrides_for(q) + extra + [f"train.epochs={epochs}",
                       f"tracking.tracking_uri=sqlite:///{(out / 'mlflow.db').resolve()}"])
     t0 = time.time()
@@ -143,6 +147,52 @@ def question_3(out: Path, epochs: int, n_boot: int) -> None:
     print(table(["finding", "test +", "loss", "AUPRC [95% CI]", "sensitivity @ spec 0.90 [95% CI]"], rows), flush=True)
 
 
+def question_5(out: Path, splits: list[int], epochs: int) -> None:
+    """TF-IDF + LR vs MiniLM (and their mean) over split seeds, on questions 1 (macro over 11 findings) and 2."""
+    from scipy import stats
+
+    name = "MiniLM (pretrained, fine-tuned)"
+    models = ["TF-IDF + LR (baseline)", name, "mean of the two (ensemble)"]
+    for q, what in (("q1", "11 findings, macro over labels"), ("q2", "abnormal from INDICATION")):
+        per = {m: {"auroc": [], "auprc": []} for m in models}
+        secs = []
+        for sd in splits:
+            coh = make_cohort(out, q, sd)
+            yb, pb, _ = tfidf_lr(coh)
+            best, t = train_model(coh, q, name, ENCODERS[name], out, epochs, sd)
+            secs.append(t)
+            y, p, _, rows = model_predictions(best, coh)
+            te, _ = split_rows(coh, "test")
+            assert [r["study_id"] for r in rows] == [r["study_id"] for r in te], "the baseline and the model score one test split"
+            for m, pp in zip(models, (pb, p, (pb + p) / 2)):
+                k = range(y.shape[1])
+                per[m]["auroc"].append(float(np.nanmean([auroc(y[:, j], pp[:, j]) for j in k])))
+                per[m]["auprc"].append(float(np.nanmean([auprc(y[:, j], pp[:, j]) for j in k])))
+            print(f"  {q} split seed {sd}: " + ", ".join(f"{m.split(' (')[0]} {per[m]['auprc'][-1]:.3f}" for m in models)
+                  + f" (AUPRC; MiniLM trained in {t:.0f} s)", flush=True)
+        n = len(splits)
+        tq = stats.t.ppf(0.975, n - 1) if n > 1 else float("nan")
+        rows = []
+        for m in models:
+            row = [m]
+            for met in ("auroc", "auprc"):
+                v = np.array(per[m][met])
+                row.append(f"{v.mean():.3f} ± {v.std(ddof=1) if n > 1 else 0:.3f}")
+                if m == models[0]:
+                    row.append("")
+                else:
+                    d = v - np.array(per[models[0]][met])
+                    half = tq * d.std(ddof=1) / np.sqrt(n) if n > 1 else float("nan")
+                    row.append(f"{d.mean():+.3f} [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}], ahead in "
+                               f"{int((d > 0).sum())}/{n}")
+            rows.append(row)
+        print(f"{what}: {n} stratified splits (split seeds {splits}), test 25% each; mean ± sd over splits; "
+              "difference to the baseline: mean [95% t-interval over splits], splits where ahead")
+        print(table(["model", "AUROC", "AUROC - baseline", "AUPRC", "AUPRC - baseline"], rows))
+        print(f"MiniLM training s per split: {np.mean(secs):.0f} (0 where the split's model was already trained)",
+              flush=True)
+
+
 def question_4(out: Path, coh: Path, n: int = 20) -> None:
     from clinfuse.inference import Model, explain_rows
 
@@ -169,7 +219,10 @@ def question_4(out: Path, coh: Path, n: int = 20) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/openi"))
-    ap.add_argument("--questions", nargs="+", type=int, default=[1, 2, 3, 4], choices=[1, 2, 3, 4])
+    ap.add_argument("--questions", nargs="+", type=int, default=[1, 2, 3, 4], choices=[1, 2, 3, 4, 5],
+                    help="questions to run (default 1-4; 5, the repeated splits, trains one MiniLM per split and task)")
+    ap.add_argument("--splits", nargs="+", type=int, default=[0, 1, 2, 3, 4], metavar="SEED",
+                    help="split seeds of question 5 (default 0-4; 0 is the split of questions 1 and 2)")
     ap.add_argument("--epochs-minilm", type=int, default=3)
     ap.add_argument("--epochs-tiny", type=int, default=20)
     ap.add_argument("--bootstrap", type=int, default=1000)
@@ -187,6 +240,8 @@ def main(argv=None) -> None:
             q1 = r["cohort"] if q == 1 else q1
         elif q == 3:
             question_3(args.out, args.epochs_tiny, args.bootstrap)
+        elif q == 5:
+            question_5(args.out, args.splits, args.epochs_minilm)
         else:
             question_4(args.out, q1 or make_cohort(args.out, "q1"))
     print(f"\nseed 0; data {DEFAULT_CSV}; total {time.time() - t0:.0f} s")
