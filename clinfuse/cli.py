@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser(
         "explain", help="explain predictions: heatmap, report words, modality shares",
-        description="Explain studies with Captum: Integrated Gradients (or Grad-CAM / Occlusion) on the image, "
+        description="Explain studies with Captum: an image map by the model's explain.image_method or --method "
+        "(auto: Occlusion for 2D images, Grad-CAM for volumes; or ig, gradcam, occlusion), "
         "Integrated Gradients on the report's word embeddings merged into words, exact Shapley values of the "
         "modalities, and deletion-curve faithfulness against random orders. One folder per study under --out "
         "(explanation.json, image_attribution.npy, overlay.png, explanation.html); logged to the model's MLflow run.",
