@@ -198,7 +198,7 @@ class NumericVariable(_Strict):
 # plane of a CT/MR series (clinfuse.data.studies.volume_view) -> view_id. New names go at the end: a saved
 # model's embedding keeps its rows, and an index it has no row for reads as "other" (FusionModel.forward).
 VIEW_NAMES = ("", "PA", "AP", "lateral", "other", "axial", "coronal", "sagittal")
-_PLANES = {"AXIAL": 5, "CORONAL": 6, "SAGITTAL": 7}
+_PLANES = {n.upper(): VIEW_NAMES.index(n) for n in ("axial", "coronal", "sagittal")}
 _LATERAL_VIEWS = {"LL", "RL", "LATERAL", "LAT", "LLD", "RLD", "LAO", "RAO", "LPO", "RPO"}
 
 

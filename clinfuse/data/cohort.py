@@ -34,7 +34,7 @@ from .labels import load_labels
 from .quarantine import CohortInputError, QuarantineEntry, reason_category, write_quarantine
 from .reports import load_reports
 from .variables import load_variables
-from .studies import DicomHeader, group_studies, scan_dicom, select_images, series_runs, volume_view
+from .studies import DicomHeader, group_studies, scan_dicom, select_images, selection_views, whole_series
 from ..progress import progress as progress_of
 
 __all__ = ["build_cohort", "assign_splits", "read_cohort", "format_summary", "CohortSummary", "COHORT_COLUMNS",
@@ -232,13 +232,9 @@ def build_cohort(
                     n_unreadable += 1
             if kind == "3d" and len(good) != len(selected):  # a series with a gap goes; the study's others stay
                 ok = {h.path for h in good}
-                good = []
-                for run in series_runs(selected):
-                    if all(h.path in ok for h in run):
-                        good += run
-                    else:
-                        quarantine += [QuarantineEntry("dicom", h.path, "another slice of its series is unreadable")
-                                       for h in run if h.path in ok]
+                good, dropped = whole_series(selected, {h.path for h in selected} - ok)
+                quarantine += [QuarantineEntry("dicom", h.path, "another slice of its series is unreadable")
+                               for run in dropped for h in run if h.path in ok]
             selected = good
         if files and not selected and not q and not n_unreadable:
             quarantine.append(QuarantineEntry("study", files[0].path, "no image of the study was selected "
@@ -266,8 +262,7 @@ def build_cohort(
             "image_present": int(bool(selected)), "report_present": int(rep is not None),
             "modality": selected[0].modality if selected else "", "kind": kind if selected else "",
             "n_images": len(selected), "image_paths": json.dumps([str(Path(h.path).resolve()) for h in selected]),
-            "image_views": json.dumps([volume_view(run[0]) for run in series_runs(selected)] if kind == "3d"
-                                      else [h.view for h in selected]),  # one per image; per volume for 3D
+            "image_views": json.dumps(selection_views(selected, kind)),  # one per image; per volume for 3D
             "report": rep.text if rep else "",
             "variables": json.dumps(study_vars, sort_keys=True),
         }

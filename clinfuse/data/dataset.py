@@ -33,7 +33,7 @@ import torch
 from ..config import Config, DicomConfig
 from ..errors import StudyInputError
 from .dicom import DicomReadError, dcmread_robust, read_dicom
-from .studies import _header_from, load_volume, select_images, series_runs, volume_view
+from .studies import _header_from, load_volume, select_images, selection_views, series_runs, whole_series
 from .tokens import empty_tokens, tokenize_reports
 
 __all__ = ["StudyDataset", "label_tensor", "n_outputs_for", "output_names_for", "study_transform", "image_item",
@@ -182,20 +182,18 @@ def image_item(sources: list, dicom_cfg: DicomConfig, screen: bool = True) -> di
         reasons = screen_pixels([(h.path, data_of[h.path]) for h in chosen], dicom_cfg)
         bad = [f"{h.path}: {r}" for h, r in zip(chosen, reasons) if r]
         if bad and kind == "3d":  # a slice left out would leave a gap in its volume: that series goes
-            reason_of = {h.path: r for h, r in zip(chosen, reasons)}
-            runs = series_runs(chosen)
-            whole = [run for run in runs if not any(reason_of[h.path] for h in run)]
-            if not whole:
+            kept, dropped = whole_series(chosen, {h.path for h, r in zip(chosen, reasons) if r})
+            if not kept:
                 raise StudyInputError(f"{len(bad)} of {len(chosen)} slices of the series cannot be decoded: "
                                       + "; ".join(bad[:3]))
-            problems += bad[:3] + [f"{len(runs) - len(whole)} of {len(runs)} series set aside: a slice cannot be "
-                                   "decoded"]
-            chosen = [h for run in whole for h in run]
+            n_series = len(dropped) + len(series_runs(kept))
+            problems += bad[:3] + [f"{len(dropped)} of {n_series} series set aside: a slice cannot be decoded"]
+            chosen = kept
         else:
             problems += bad
             chosen = [h for h, r in zip(chosen, reasons) if not r]
     # one view per image; per volume for 3D (its plane)
-    views = [volume_view(run[0]) for run in series_runs(chosen)] if kind == "3d" else [h.view for h in chosen]
+    views = selection_views(chosen, kind)
     if not chosen:
         problems += [f"{q.source}: {q.reason}" for q in set_aside]
         if not problems:

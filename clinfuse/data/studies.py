@@ -24,7 +24,7 @@ from .workers import Failed, bounded_map
 from ..progress import progress as progress_of
 
 __all__ = ["DicomHeader", "FileFacts", "ScanResult", "scan_dicom", "examine_file", "group_studies", "select_images", "load_volume",
-           "VOLUME_MODALITIES", "series_runs", "volume_view"]
+           "VOLUME_MODALITIES", "series_runs", "volume_view", "whole_series", "selection_views"]
 
 VOLUME_MODALITIES = {"CT", "MR", "PT", "NM"}
 _HEADER_BYTES = 64 * 1024  # fingerprint='header' reads this much of each file (more only if the header is longer)
@@ -375,6 +375,23 @@ def series_runs(slices: list) -> list[list]:
         else:
             runs.append([h])
     return runs
+
+
+def whole_series(slices: list, bad: set[str]) -> tuple[list, list[list]]:
+    """Split a 3D selection by :func:`series_runs` into the slices of the series none of whose paths is in
+    `bad` (kept, in order) and the runs of the others (a slice left out would leave a gap in its volume)."""
+    kept, dropped = [], []
+    for run in series_runs(slices):
+        if any(h.path in bad for h in run):
+            dropped.append(run)
+        else:
+            kept.extend(run)
+    return kept, dropped
+
+
+def selection_views(selected: list, kind: str) -> list[str]:
+    """The views of a selection, one per image token: each image's ViewPosition (2D), each series' plane (3D)."""
+    return [volume_view(run[0]) for run in series_runs(selected)] if kind == "3d" else [h.view for h in selected]
 
 
 def volume_view(h: DicomHeader) -> str:
