@@ -197,3 +197,20 @@ def test_a_model_saved_with_five_view_rows_loads_and_reads_a_plane_as_other(tmp_
     other = m(*x, image_view=torch.tensor([[4, 4]]))["logits"]
     torch.testing.assert_close(plane, other)
     assert not torch.allclose(plane, m(*x, image_view=torch.tensor([[1, 3]]))["logits"])
+
+
+def test_a_study_given_as_files_keeps_its_whole_series_when_one_has_a_bad_slice(tmp_path):
+    """The model object's path (image_item): the series with an undecodable slice is set aside and named,
+    the other series is the study's image; with every series broken the study is refused."""
+    from clinfuse.data.dataset import image_item
+    from clinfuse.errors import StudyInputError
+
+    dicom, _, _ = _export(tmp_path)
+    bad = sorted((dicom / "P0" / "coronal").glob("*.dcm"))[1]
+    bad.write_bytes(bad.read_bytes()[:-300])
+    files = sorted(str(p) for p in dicom.rglob("*.dcm"))
+    item = image_item(files, _config("all").cohort.dicom)
+    assert item["kind"] == "3d" and item["image_views"] == ["axial"] and len(item["image_paths"]) == 6
+    assert any(str(bad) in s for s in item["set_aside"]) and "1 of 2 series set aside" in item["set_aside"][-1]
+    with pytest.raises(StudyInputError, match="slices of the series cannot be decoded"):
+        image_item([str(p) for p in sorted((dicom / "P0" / "coronal").glob("*.dcm"))], _config("all").cohort.dicom)
