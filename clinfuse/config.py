@@ -299,6 +299,26 @@ class VariablesModelConfig(_Strict):
     hidden: int = Field(64, ge=4, le=4096, description="Hidden width of the variables MLP.")
 
 
+class LexicalConfig(_Strict):
+    """A lexical branch beside the report encoder: TF-IDF of the report's own tokens (the tokenizer's word
+    pieces and, hashed, their bigrams) through one logistic regression per output, fitted on the training
+    split after the network is trained, its logits blended with the network's where a report is present.
+    Why, and what it costs: docs/model.md ("The lexical branch")."""
+
+    enabled: bool = Field(
+        False, description="Fit the lexical branch after training (clinfuse train) and blend it into the "
+        "logits of studies with a report. Models that have one keep it; false: the network alone.")
+    bigrams: bool = Field(True, description="Also count adjacent word-piece pairs (hashed into `buckets`).")
+    buckets: int = Field(262144, ge=1024, le=4194304, description="Hash buckets for the bigrams.")
+    min_df: int = Field(2, ge=1, description="A feature seen in fewer training reports than this is not used.")
+    C: float = Field(4.0, gt=0, description="Inverse L2 strength of the logistic regression (scikit-learn's C).")
+    class_weight: Literal["balanced", "none"] = Field(
+        "balanced", description="Weight the classes of each output inversely to their training frequency.")
+    weight: float = Field(
+        0.5, ge=0, le=1, description="Blend: logits = (1 - weight) * network + weight * lexical, for studies "
+        "with a report (the network alone where the report is missing). 0.5: the mean of the two.")
+
+
 class TextEncoderConfig(_Strict):
     """The Hugging Face report encoder."""
 
@@ -315,6 +335,8 @@ class TextEncoderConfig(_Strict):
     long_text: Literal["truncate", "chunks"] = Field(
         "truncate", description="Reports longer than max_length: truncate, or split into chunks pooled by mean.")
     max_chunks: int = Field(4, ge=1, le=32, description="At most this many chunks per report (long_text='chunks').")
+    lexical: LexicalConfig = Field(default_factory=LexicalConfig, description="The lexical branch (TF-IDF + "
+                                   "logistic regression on the report's tokens) blended with the encoder.")
 
 
 class FusionConfig(_Strict):

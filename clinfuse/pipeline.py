@@ -1,8 +1,8 @@
 """Compositions of the stages that the CLI, the demo and the studies share.
 
-``train_and_audit``: train -> calibrate on validation -> evaluate on test -> MLflow (one run with
-params, tags, cohort lineage, per-epoch and test metrics, plots, the served model, registered), every
-value screened by the PHI guard. The trained model is one :class:`clinfuse.Model`, loaded once and
+``train_and_audit``: train -> fit the lexical branch on training reports (when enabled) -> calibrate on
+validation -> evaluate on test -> MLflow (one run with params, tags, cohort lineage, per-epoch and test
+metrics, plots, the served model, registered), every value screened by the PHI guard. The trained model is one :class:`clinfuse.Model`, loaded once and
 handed from stage to stage. This module composes; the stages hold the logic.
 """
 
@@ -110,6 +110,15 @@ def train_and_audit(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *,
         result = train(cohort_dir, cfg, out, resume=resume, max_steps=max_steps, progress=progress, tracker=tracker)
         if rank == 0 and not result.interrupted and result.best_dir is not None:
             model = Model.load(result.best_dir)
+            lex = getattr(model.network, "lexical", None)
+            if lex is not None and not lex.is_fitted:  # after the network: fitted on the training split
+                from .models.lexical import fit_lexical
+
+                summary = fit_lexical(model, [r for r in rows if r["split"] == "train"], log=log)
+                model.save(result.best_dir)
+                model = Model.load(result.best_dir)
+                tracker.log_metrics({"lexical_features": summary["n_features"],
+                                     "lexical_fit_seconds": summary["seconds"]}, step=result.global_step)
             if mlf is not None:
                 mlf.set_tags({"clinfuse.weights_sha256": model.meta.get("weights_sha256", "")})
             if any(r["split"] == "val" for r in rows):  # temperature + operating points, on validation only

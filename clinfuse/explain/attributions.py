@@ -343,6 +343,13 @@ def explain_study(model, x: StudyInput, *, task: str, tokenizer=None, target: in
             res.image_method = "integrated_gradients"
         if "text" in got:
             scores = got["text"][0].sum(-1).detach()  # [K, L]
+            lex = getattr(model, "lexical", None)
+            if lex is not None and lex.is_fitted:
+                # IG moves the embeddings only; the lexical branch reads the ids, so its share of each
+                # token is added exactly (LexicalHead.token_scores), and the baseline loses what it adds
+                extra = lex.token_scores(x.input_ids, x.attention_mask, target)[0].to(scores.dtype)
+                scores = scores + extra
+                res.baseline_logit -= float(extra.sum())
             res.tokens, res.token_positions = merge_wordpieces(tokenizer, x.input_ids[0], x.attention_mask[0], scores)
         if "variables" in got:
             a = got["variables"][0].detach()

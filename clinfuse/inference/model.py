@@ -435,10 +435,11 @@ class Model:
         b = hide_modality({k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}, hide)
         feats, present = net.encode(b["image"], b["image_present"], b["input_ids"], b["attention_mask"],
                                     b["text_present"], **study_kwargs(b))
-        out = net.fuse(feats, present)
+        lex = net.lexical_logits(b["input_ids"], b["attention_mask"])
+        out = net.fuse(feats, present, lex)
         out["present"] = net.group_presence(present)
         for g, name in enumerate(net.group_names):
-            out[f"logits_without_{name}"] = net.fuse(feats, present & ~net.group_mask[g])["logits"]
+            out[f"logits_without_{name}"] = net.fuse(feats, present & ~net.group_mask[g], lex)["logits"]
         return out
 
     def probabilities(self, logits) -> np.ndarray:

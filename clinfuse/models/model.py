@@ -19,6 +19,7 @@ from ..config import VIEW_NAMES, Config
 from ..errors import ClinfuseError, ModelLoadError
 from .fusion import TokenLayout, _presence_weights, fusion_class, group_presence
 from .image import ImageEncoder
+from .lexical import LexicalHead
 from .text import TextEncoder
 from .variables import VariablesEncoder, VariableSpec
 
@@ -101,6 +102,9 @@ class FusionModel(nn.Module):
             nn.init.zeros_(self.view_embed.weight)
         self.variables_encoder = VariablesEncoder(spec, d, cfg.model.variables.hidden, f.dropout) \
             if layout.n_variables and self.uses[2] else None
+        lex = cfg.model.text.lexical
+        self.lexical = LexicalHead(lex, text_hf_config.vocab_size, n_outputs) \
+            if lex.enabled and self.text_encoder is not None else None
         self.register_buffer("group_mask", layout.group_mask(), persistent=False)  # [G, M]
         self.register_buffer("token_groups", torch.tensor(layout.groups), persistent=False)  # [M]
 
@@ -190,22 +194,38 @@ class FusionModel(nn.Module):
         feats = [x if x is not None else torch.zeros_like(ref) for x in tokens]
         return torch.stack(feats, dim=1), present  # [B, M, d]
 
+    def lexical_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """The fitted lexical branch's logits ``[B, C]`` (None without one, or before it is fitted)."""
+        if self.lexical is None or not self.lexical.is_fitted:
+            return None
+        return self.lexical(input_ids, attention_mask)
+
     def forward(self, image, image_present, input_ids, attention_mask, text_present, inputs_embeds=None, **study):
         feats, present = self.encode(image, image_present, input_ids, attention_mask, text_present, inputs_embeds,
                                      **study)
-        out = self.fuse(feats, present)
+        out = self.fuse(feats, present, self.lexical_logits(input_ids, attention_mask))
         if not self.late and self.aux_heads is not None:
             gf, gp = self.group_features(feats, present)
             out["aux_logits"] = torch.stack([self.aux_heads[g](gf[:, g]) for g in range(gf.shape[1])], dim=1)
             out["present"] = gp
         return out
 
-    def fuse(self, feats: torch.Tensor, present: torch.Tensor) -> dict:
-        """Logits and weights from token features ``[B, M, d]`` and presence ``[B, M]``.
+    def fuse(self, feats: torch.Tensor, present: torch.Tensor, lexical: torch.Tensor | None = None) -> dict:
+        """Logits and weights from token features ``[B, M, d]`` and presence ``[B, M]``; `lexical`: the
+        lexical branch's logits ``[B, C]`` (:meth:`lexical_logits`), blended in where the report is present.
 
         Inference calls it once per presence pattern on features encoded once: the probability with a
         modality hidden costs one fusion, not another pass through the encoders.
         """
+        out = self._fuse(feats, present)
+        if lexical is not None:
+            w = self.lexical.blend
+            report = present[:, self.layout.n_images, None]
+            out["logits"] = torch.where(report, (1 - w) * out["logits"] + w * lexical.to(out["logits"].dtype),
+                                        out["logits"])
+        return out
+
+    def _fuse(self, feats: torch.Tensor, present: torch.Tensor) -> dict:
         gm = self.group_mask.to(feats.dtype)  # [G, M]
         if not self.late:
             fused, tw = self.fusion(feats, present)
@@ -356,6 +376,8 @@ def load_model(model_dir: str | Path, map_location: str = "cpu") -> tuple[Fusion
             raise ModelLoadError(f"{d}/model.safetensors does not match the checksum in model.json (the file is "
                                  "damaged or was replaced); restore the folder or retrain")
     cfg = Config.model_validate(meta["config"])
+    if cfg.model.text.lexical.enabled and _saved_rows(d / "model.safetensors", "lexical.coef") is None:
+        cfg.model.text.lexical.enabled = False  # saved without the branch: the network alone, as it was trained
     text_cfg, tokenizer = None, None
     if (d / "text" / "config.json").is_file():
         text_cfg = AutoConfig.from_pretrained(d / "text", local_files_only=True)

@@ -5,12 +5,17 @@ Questions (see README.md):
   2. `abnormal` from INDICATION alone (no label leak): the same three models.
   3. The rarest findings: unweighted BCE vs the package default (focal + effective-number weights).
   4. Explanations of 20 test reports: top words and deletion faithfulness against random orders.
-  5. Repeated splits: questions 1 and 2's TF-IDF baseline and MiniLM over several split seeds (the model
-     choice judged over splits, not one test split), with the mean of the two as a ten-line ensemble.
+  5. Repeated splits: questions 1 and 2's TF-IDF baseline, MiniLM alone and MiniLM with clinfuse's lexical
+     branch (model.text.lexical) over several split seeds (the model choice judged over splits, not one test
+     split), with the mean of TF-IDF and MiniLM as a ten-line ensemble.
 
 Every clinfuse model is trained with `train_and_audit`, so each run is in the study's MLflow store.
 
-Usage: python studies/openi-reports/run.py [--out runs/openi] [--questions 1 2 3 4 5] [--splits 0 1 2 3 4]
+``--test-data CSV`` scores questions 1 and 2's models (trained by this command under --out on --data) and the
+TF-IDF baseline on a second reports.csv of the same layout, every report a test report.
+
+Usage: python studies/openi-reports/run.py [--data reports.csv] [--out runs/openi] [--questions 1 2 3 4 5]
+           [--splits 0 1 2 3 4] [--test-data CSV]
 """
 
 from __future__ import annotations
@@ -53,26 +58,30 @@ def overrides_for(q: str) -> list[str]:
             f"cohort.labels.columns={json.dumps(spec['columns'])}", f"model.text.max_length={spec.get('max_length', 128)}"]
 
 
+DATA = DEFAULT_CSV  # --data
+
+
 def make_cohort(out: Path, q: str, split_seed: int = 0) -> Path:
     """The question's cohort; `split_seed` other than 0 (the config's) gives another stratified split."""
     exp, coh = out / "export", out / (f"cohort-{q}" + (f"-split{split_seed}" if split_seed else ""))
     if not (exp / "labels.csv").is_file():
-        if not DEFAULT_CSV.is_file():
-            sys.exit(f"openi study: {DEFAULT_CSV} not found (the shared Open-I reports.csv)")
-        write_export(from_csv(DEFAULT_CSV), exp, None)
+        if not DATA.is_file():
+            sys.exit(f"openi study: {DATA} not found (the Open-I reports.csv; pass --data)")
+        write_export(from_csv(DATA), exp, None)
     if not (coh / "cohort.json").is_file():
         build_cohort(None, exp / "reports.csv", exp / "labels.csv", coh, load_config(HERE / "config.yaml",
                      overrides_for(q) + [f"cohort.split.seed={split_seed}"]), progress=False)
     return coh
 
 
-def tfidf_lr(cohort: Path):
-    """The ten-line baseline: TF-IDF (1-2 grams) + one logistic regression per label, on the same text."""
+def tfidf_lr(cohort: Path, test_cohort: Path | None = None):
+    """The ten-line baseline: TF-IDF (1-2 grams) + one logistic regression per label, on the same text;
+    fitted on `cohort`'s training split, scored on the test split of `test_cohort` (default: `cohort`)."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
     tr, info = split_rows(cohort, "train")
-    te, _ = split_rows(cohort, "test")
+    te, _ = split_rows(test_cohort or cohort, "test")
     vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
     xtr, xte = vec.fit_transform([r["report"] for r in tr]), vec.transform([r["report"] for r in te])
     ytr, yte = labels_of(tr, info), labels_of(te, info)
@@ -147,24 +156,42 @@ def question_3(out: Path, epochs: int, n_boot: int) -> None:
     print(table(["finding", "test +", "loss", "AUPRC [95% CI]", "sensitivity @ spec 0.90 [95% CI]"], rows), flush=True)
 
 
+def _with_and_without_lexical(model_dir: Path, cohort: Path):
+    """(y, p with the lexical branch, p of the network alone, rows) on the test split: one trained model,
+    scored twice (the branch is fitted after the network, so the network is the same in both)."""
+    from clinfuse.evaluation.evaluate import predict_split
+    from clinfuse.inference import Model
+
+    model = Model.load(model_dir)
+    rows, _ = split_rows(cohort, "test")
+    out = predict_split(model, cohort, "test", batch_size=64, rows=rows)
+    y = out["labels"].reshape(len(rows), -1).astype(int)
+    p_lex = model.probabilities(out["logits"])
+    model.network.lexical.fitted.fill_(False)
+    p_net = model.probabilities(predict_split(model, cohort, "test", batch_size=64, rows=rows)["logits"])
+    return y, p_lex, p_net, rows
+
+
 def question_5(out: Path, splits: list[int], epochs: int) -> None:
-    """TF-IDF + LR vs MiniLM (and their mean) over split seeds, on questions 1 (macro over 11 findings) and 2."""
+    """TF-IDF + LR vs MiniLM, MiniLM with clinfuse's lexical branch and the mean of TF-IDF and MiniLM, over
+    split seeds, on questions 1 (macro over 11 findings) and 2."""
     from scipy import stats
 
     name = "MiniLM (pretrained, fine-tuned)"
-    models = ["TF-IDF + LR (baseline)", name, "mean of the two (ensemble)"]
+    models = ["TF-IDF + LR (baseline)", name, "MiniLM + lexical branch (clinfuse)", "mean of TF-IDF and MiniLM"]
     for q, what in (("q1", "11 findings, macro over labels"), ("q2", "abnormal from INDICATION")):
         per = {m: {"auroc": [], "auprc": []} for m in models}
         secs = []
         for sd in splits:
             coh = make_cohort(out, q, sd)
             yb, pb, _ = tfidf_lr(coh)
-            best, t = train_model(coh, q, name, ENCODERS[name], out, epochs, sd)
+            best, t = train_model(coh, q, "MiniLM lexical", ENCODERS[name] + ["model.text.lexical.enabled=true"], out,
+                                  epochs, sd)
             secs.append(t)
-            y, p, _, rows = model_predictions(best, coh)
+            y, p_lex, p, rows = _with_and_without_lexical(best, coh)
             te, _ = split_rows(coh, "test")
             assert [r["study_id"] for r in rows] == [r["study_id"] for r in te], "the baseline and the model score one test split"
-            for m, pp in zip(models, (pb, p, (pb + p) / 2)):
+            for m, pp in zip(models, (pb, p, p_lex, (pb + p) / 2)):
                 k = range(y.shape[1])
                 per[m]["auroc"].append(float(np.nanmean([auroc(y[:, j], pp[:, j]) for j in k])))
                 per[m]["auprc"].append(float(np.nanmean([auprc(y[:, j], pp[:, j]) for j in k])))
@@ -189,8 +216,8 @@ def question_5(out: Path, splits: list[int], epochs: int) -> None:
         print(f"{what}: {n} stratified splits (split seeds {splits}), test 25% each; mean ± sd over splits; "
               "difference to the baseline: mean [95% t-interval over splits], splits where ahead")
         print(table(["model", "AUROC", "AUROC - baseline", "AUPRC", "AUPRC - baseline"], rows))
-        print(f"MiniLM training s per split: {np.mean(secs):.0f} (0 where the split's model was already trained)",
-              flush=True)
+        print(f"MiniLM training s per split (network, lexical fit, calibration, test): {np.mean(secs):.0f} "
+              "(0 where the split's model was already trained)", flush=True)
 
 
 def question_4(out: Path, coh: Path, n: int = 20) -> None:
@@ -216,17 +243,55 @@ def question_4(out: Path, coh: Path, n: int = 20) -> None:
           f"{np.nanmean(gains):.3f}", flush=True)
 
 
+def hidden_evaluation(out: Path, test_csv: Path, n_boot: int) -> None:
+    """Questions 1 and 2's models on a second reports.csv of the same layout, every report a test report:
+    the TF-IDF baseline fitted on --data's training split, and each clinfuse model this command trained
+    under --out (question 1/2's MiniLM and tiny BERT, question 5's MiniLM + lexical branch of split seed 0);
+    a model not trained yet is named and skipped."""
+    texp = out / "test-export"
+    if not (texp / "labels.csv").is_file():
+        if not test_csv.is_file():
+            sys.exit(f"openi study: --test-data {test_csv} not found (a reports.csv with the columns of --data)")
+        write_export(from_csv(test_csv), texp, None)
+    runs = {"MiniLM (pretrained, fine-tuned)": "minilm", "tiny BERT (from scratch)": "tiny_bert",
+            "MiniLM + lexical branch (clinfuse)": "minilm_lexical"}
+    for q in ("q1", "q2"):
+        coh, hidden = make_cohort(out, q), out / f"cohort-hidden-{q}"
+        if not (hidden / "cohort.json").is_file():
+            cfg = load_config(HERE / "config.yaml", overrides_for(q) + [
+                "cohort.split.train=0", "cohort.split.val=0", "cohort.split.test=1"])
+            build_cohort(None, texp / "reports.csv", texp / "labels.csv", hidden, cfg, progress=False)
+        results = {"TF-IDF + LR (baseline)": tfidf_lr(coh, hidden)}
+        for name, run in runs.items():
+            best = out / "runs" / f"{q}-{run}" / "best"
+            if not (best / "model.json").is_file():
+                which = 5 if run == "minilm_lexical" else q[1]
+                print(f"({name}: not trained under {out}; run question {which} first)")
+                continue
+            y, p, g, _ = model_predictions(best, hidden)
+            results[name] = (y, p, g)
+        n = len(split_rows(hidden, "test")[0])
+        print(f"{q} on {test_csv}: {n} reports, models trained on {DATA}")
+        print(discrimination_table(results, QUESTIONS[q]["columns"], n_boot), flush=True)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/openi"))
-    ap.add_argument("--questions", nargs="+", type=int, default=[1, 2, 3, 4], choices=[1, 2, 3, 4, 5],
-                    help="questions to run (default 1-4; 5, the repeated splits, trains one MiniLM per split and task)")
+    ap.add_argument("--questions", nargs="*", type=int, default=[1, 2, 3, 4], choices=[1, 2, 3, 4, 5],
+                    help="questions to run (default 1-4; 5, the repeated splits, trains one MiniLM per split and task; "
+                    "none, with --test-data: only the hidden evaluation)")
     ap.add_argument("--splits", nargs="+", type=int, default=[0, 1, 2, 3, 4], metavar="SEED",
                     help="split seeds of question 5 (default 0-4; 0 is the split of questions 1 and 2)")
+    ap.add_argument("--data", type=Path, default=DEFAULT_CSV, help="the Open-I reports.csv (default: %(default)s)")
+    ap.add_argument("--test-data", type=Path, metavar="CSV",
+                    help="a second reports.csv of the same layout to score questions 1 and 2's models on")
     ap.add_argument("--epochs-minilm", type=int, default=3)
     ap.add_argument("--epochs-tiny", type=int, default=20)
     ap.add_argument("--bootstrap", type=int, default=1000)
     args = ap.parse_args(argv)
+    global DATA
+    DATA = args.data
     import torch
 
     torch.manual_seed(0)
@@ -244,7 +309,10 @@ def main(argv=None) -> None:
             question_5(args.out, args.splits, args.epochs_minilm)
         else:
             question_4(args.out, q1 or make_cohort(args.out, "q1"))
-    print(f"\nseed 0; data {DEFAULT_CSV}; total {time.time() - t0:.0f} s")
+    if args.test_data:
+        print("\n## Hidden evaluation", flush=True)
+        hidden_evaluation(args.out, args.test_data, args.bootstrap)
+    print(f"\nseed 0; data {DATA}; total {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":
