@@ -112,7 +112,7 @@ def train_and_audit(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *,
             model = Model.load(result.best_dir)
             lex = getattr(model.network, "lexical", None)
             if lex is not None and not lex.is_fitted:  # after the network: fitted on the training split
-                from .models.lexical import fit_lexical
+                from .training.lexical import fit_lexical
 
                 summary = fit_lexical(model, [r for r in rows if r["split"] == "train"], log=log)
                 model.save(result.best_dir)
