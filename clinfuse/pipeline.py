@@ -2,8 +2,8 @@
 
 ``train_and_audit``: train -> fit the lexical branch on training reports (when enabled) -> calibrate on
 validation -> evaluate on test -> MLflow (one run with params, tags, cohort lineage, per-epoch and test
-metrics, plots, the served model, registered), every value screened by the PHI guard. The trained model is one :class:`clinfuse.Model`, loaded once and
-handed from stage to stage. This module composes; the stages hold the logic.
+metrics, plots, the served model, registered), every value screened by the PHI guard. The trained model
+is one :class:`clinfuse.Model`, loaded once and handed from stage to stage. This module composes; the stages hold the logic.
 """
 
 from __future__ import annotations
@@ -116,7 +116,6 @@ def train_and_audit(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *,
 
                 summary = fit_lexical(model, [r for r in rows if r["split"] == "train"], log=log)
                 model.save(result.best_dir)
-                model = Model.load(result.best_dir)
                 tracker.log_metrics({"lexical_features": summary["n_features"],
                                      "lexical_fit_seconds": summary["seconds"]}, step=result.global_step)
             if mlf is not None:

@@ -31,11 +31,12 @@ def labels_of(rows: list[dict], info: dict) -> np.ndarray:
     return label_tensor(rows, info).numpy().astype(int).reshape(len(rows), -1)
 
 
-def model_predictions(model_dir: Path, cohort: Path, split: str = "test", hide: str | None = None):
-    """(y [N, K], p [N, K], patient ids, rows) for a saved model on a split, with its stored temperature."""
+def model_predictions(model_dir, cohort: Path, split: str = "test", hide: str | None = None):
+    """(y [N, K], p [N, K], patient ids, rows) for a saved model (a folder or a loaded Model) on a split,
+    with its stored temperature."""
     from clinfuse.evaluation.evaluate import predict_split
 
-    model = Model.load(model_dir)
+    model = model_dir if isinstance(model_dir, Model) else Model.load(model_dir)
     rows, _ = split_rows(cohort, split)
     out = predict_split(model, cohort, split, batch_size=64, hide=hide, rows=rows)
     p = model.probabilities(out["logits"])

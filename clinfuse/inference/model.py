@@ -271,6 +271,7 @@ class Model:
         hf = self.network.text_encoder.bert.config if self.network.text_encoder is not None else None
         meta = {k: v for k, v in self.meta.items() if k not in ("format", "clinfuse_version", "weights_sha256")}
         out = save_model(self.network, out_dir, meta, self.tokenizer, hf)
+        self.meta = json.loads((out / "model.json").read_text())  # what was written: the new weights' checksum
         if self.dir is None:
             self.dir = out
         return out

@@ -74,7 +74,9 @@ class LexicalHead(nn.Module):
 
     def counts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Raw feature counts ``[B, F]``."""
-        feat, valid = self.occurrences(input_ids, attention_mask)
+        return self._count(*self.occurrences(input_ids, attention_mask))
+
+    def _count(self, feat: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(feat.shape[0], self.n_features, dtype=torch.float32, device=feat.device)
         return out.scatter_add_(1, feat, valid.float())
 
@@ -93,9 +95,9 @@ class LexicalHead(nn.Module):
         (coefficient x TF-IDF value) shared equally by its occurrences, a pair's half to each of its two
         tokens, times the blend weight. The scores sum to the branch's blended logit less its bias."""
         b, k, length = input_ids.shape
-        counts = self.counts(input_ids, attention_mask)
-        term = self.vector(counts) * self.coef[target]  # [B, F]
         feat, valid = self.occurrences(input_ids, attention_mask)
+        counts = self._count(feat, valid)
+        term = self.vector(counts) * self.coef[target]  # [B, F]
         per = term.gather(1, feat) / counts.gather(1, feat).clamp(min=1) * valid  # [B, T]
         n = k * length
         scores = per[:, :n].reshape(b, k, length).clone()

@@ -61,8 +61,9 @@ def fit_lexical(model, rows: list[dict], *, batch_size: int = 256, log=None) -> 
         nz = c.nonzero(as_tuple=True)
         parts.append(sp.csr_matrix((c[nz].numpy(), (nz[0].numpy(), nz[1].numpy())), shape=tuple(c.shape)))
     counts = sp.vstack(parts).tocsr()
-    keep = [r for r, n in zip(rows, np.asarray(counts.sum(1)).ravel()) if n > 0]
-    counts = counts[np.asarray(counts.sum(1)).ravel() > 0]
+    some = np.asarray(counts.sum(1)).ravel() > 0  # a report of specials only has no feature
+    keep = [r for r, k in zip(rows, some) if k]
+    counts = counts[some]
     idf, x = _tfidf(counts, lc.min_df)
     info = model.info()
     y = label_tensor(keep, info).numpy()

@@ -159,17 +159,12 @@ def question_3(out: Path, epochs: int, n_boot: int) -> None:
 def _with_and_without_lexical(model_dir: Path, cohort: Path):
     """(y, p with the lexical branch, p of the network alone, rows) on the test split: one trained model,
     scored twice (the branch is fitted after the network, so the network is the same in both)."""
-    from clinfuse.evaluation.evaluate import predict_split
     from clinfuse.inference import Model
 
     model = Model.load(model_dir)
-    rows, _ = split_rows(cohort, "test")
-    out = predict_split(model, cohort, "test", batch_size=64, rows=rows)
-    y = out["labels"].reshape(len(rows), -1).astype(int)
-    p_lex = model.probabilities(out["logits"])
+    y, p_lex, _, rows = model_predictions(model, cohort)
     model.network.lexical.fitted.fill_(False)
-    p_net = model.probabilities(predict_split(model, cohort, "test", batch_size=64, rows=rows)["logits"])
-    return y, p_lex, p_net, rows
+    return y, p_lex, model_predictions(model, cohort)[1], rows
 
 
 def question_5(out: Path, splits: list[int], epochs: int) -> None:
