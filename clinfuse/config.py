@@ -314,9 +314,17 @@ class LexicalConfig(_Strict):
     C: float = Field(4.0, gt=0, description="Inverse L2 strength of the logistic regression (scikit-learn's C).")
     class_weight: Literal["balanced", "none"] = Field(
         "balanced", description="Weight the classes of each output inversely to their training frequency.")
-    weight: float = Field(
-        0.5, ge=0, le=1, description="Blend: logits = (1 - weight) * network + weight * lexical, for studies "
-        "with a report (the network alone where the report is missing). 0.5: the mean of the two.")
+    weight: float | Literal["auto"] = Field(
+        "auto", description="Blend: logits = (1 - weight) * network + weight * lexical, for studies with a report "
+        "(the network alone where the report is missing). 'auto': chosen on the validation split from 0, 0.1, .., 1 "
+        "by train.early_stop_metric (ties to the smaller weight; 0.5 without a validation split).")
+
+    @field_validator("weight")
+    @classmethod
+    def _weight_range(cls, v):
+        if v != "auto" and not 0 <= v <= 1:
+            raise ValueError("weight is 'auto' or a number from 0 to 1")
+        return v
 
 
 class TextEncoderConfig(_Strict):

@@ -1,7 +1,7 @@
 """Compositions of the stages that the CLI, the demo and the studies share.
 
-``train_and_audit``: train -> fit the lexical branch on training reports (when enabled) -> calibrate on
-validation -> evaluate on test -> MLflow (one run with params, tags, cohort lineage, per-epoch and test
+``train_and_audit``: train -> fit the lexical branch on training reports and choose its blend weight on
+validation (when enabled) -> calibrate on validation -> evaluate on test -> MLflow (one run with params, tags, cohort lineage, per-epoch and test
 metrics, plots, the served model, registered), every value screened by the PHI guard. The trained model
 is one :class:`clinfuse.Model`, loaded once and handed from stage to stage. This module composes; the stages hold the logic.
 """
@@ -112,12 +112,16 @@ def train_and_audit(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *,
             model = Model.load(result.best_dir)
             lex = getattr(model.network, "lexical", None)
             if lex is not None and not lex.is_fitted:  # after the network: fitted on the training split
-                from .training.lexical import fit_lexical
+                from .training.lexical import choose_weight, fit_lexical
 
                 summary = fit_lexical(model, [r for r in rows if r["split"] == "train"], log=log)
+                if cfg.model.text.lexical.weight == "auto":
+                    choose_weight(model, [r for r in rows if r["split"] == "val"], metric=cfg.train.early_stop_metric,
+                                  log=log)
                 model.save(result.best_dir)
                 tracker.log_metrics({"lexical_features": summary["n_features"],
-                                     "lexical_fit_seconds": summary["seconds"]}, step=result.global_step)
+                                     "lexical_fit_seconds": summary["seconds"],
+                                     "lexical_weight": model.network.lexical.blend}, step=result.global_step)
             if mlf is not None:
                 mlf.set_tags({"clinfuse.weights_sha256": model.meta.get("weights_sha256", "")})
             if any(r["split"] == "val" for r in rows):  # temperature + operating points, on validation only

@@ -50,11 +50,18 @@ class LexicalHead(nn.Module):
         self.vocab_size = int(vocab_size)
         self.buckets = int(cfg.buckets) if cfg.bigrams else 0
         self.n_features = self.vocab_size + self.buckets
-        self.blend = float(cfg.weight)
         self.register_buffer("idf", torch.zeros(self.n_features))
         self.register_buffer("coef", torch.zeros(n_outputs, self.n_features))
         self.register_buffer("bias", torch.zeros(n_outputs))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        # the blend weight: chosen on validation by the fit (weight 'auto') or the configured value; a model
+        # saved before it was stored keeps the configured one (0.5 then)
+        self.register_buffer("weight", torch.tensor(0.5 if cfg.weight == "auto" else float(cfg.weight)))
+
+    @property
+    def blend(self) -> float:
+        """logits = (1 - blend) * network + blend * lexical where the report is present."""
+        return float(self.weight)
 
     @property
     def is_fitted(self) -> bool:

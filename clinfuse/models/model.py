@@ -384,6 +384,10 @@ def load_model(model_dir: str | Path, map_location: str = "cpu") -> tuple[Fusion
         tokenizer = AutoTokenizer.from_pretrained(d / "text", local_files_only=True)
     model = build_model(cfg, len(meta["output_names"]), text_cfg, meta.get("variables"),
                         _saved_rows(d / "model.safetensors", "view_embed.weight"))
-    st_load(model, str(d / "model.safetensors"), device=map_location)
+    missing, unexpected = st_load(model, str(d / "model.safetensors"), strict=False, device=map_location)
+    missing = [k for k in missing if k != "lexical.weight"]  # saved before the blend weight was stored: the config's
+    if missing or unexpected:
+        raise ModelLoadError(f"{d}/model.safetensors does not fit the model its model.json describes "
+                             f"(missing {missing[:5]}, unexpected {unexpected[:5]}); restore the folder or retrain")
     model.eval()
     return model, meta, tokenizer

@@ -10,7 +10,9 @@ import torch
 
 from ..errors import ClinfuseError
 
-__all__ = ["fit_lexical"]
+__all__ = ["choose_weight", "fit_lexical", "WEIGHTS"]
+
+WEIGHTS = tuple(i / 10 for i in range(11))  # the blend weights weight: auto chooses from
 
 
 def _tfidf(counts, min_df: int):
@@ -97,4 +99,56 @@ def fit_lexical(model, rows: list[dict], *, batch_size: int = 256, log=None) -> 
     if log is not None:
         log(f"lexical branch: fitted on {len(keep)} training reports, {summary['n_features']} features, "
             f"{summary['seconds']:.1f} s")
+    return summary
+
+
+def choose_weight(model, rows: list[dict], *, metric: str = "auroc", log=None) -> dict:
+    """Choose the blend weight of a fitted lexical branch on validation rows and store it in the model
+    (the caller saves it): the weight of :data:`WEIGHTS` with the best validation macro AUROC
+    (``metric='auroc'``) or the lowest log loss (``'loss'``), ties to the smaller weight, so 0 (the
+    network alone) wins wherever the branch adds nothing. Rows without a report score the same at every
+    weight. Without rows, or where the metric is undefined (one class only), the weight stays as it is.
+
+    Returns what was chosen: weight, metric, the score of each weight, validation studies used.
+    """
+    import torch.nn.functional as F
+
+    from ..inference.run import predict_rows
+    from .trainer import _auroc
+
+    head = getattr(model.network, "lexical", None)
+    if head is None or not head.is_fitted:
+        raise ClinfuseError("choose_weight needs a fitted lexical branch (fit_lexical first)")
+    kept = head.blend
+    summary = {"weight": kept, "chosen_on": None, "metric": metric, "n_val": len(rows), "scores": {}}
+    if rows:
+        try:  # the blend is linear in the weight: the two ends give every weight between
+            head.weight.fill_(0.0)
+            net = predict_rows(model, rows)
+            head.weight.fill_(1.0)
+            lex = predict_rows(model, rows)["logits"]
+        finally:
+            head.weight.fill_(kept)
+        task, y = model.task, net["labels"]
+        best = None
+        for w in WEIGHTS:
+            logits = (1 - w) * net["logits"] + w * lex
+            if metric == "loss":
+                lt, yt = torch.from_numpy(logits).float(), torch.from_numpy(y)
+                score = -float(F.cross_entropy(lt, yt.long()) if task == "multiclass" else
+                               F.binary_cross_entropy_with_logits(lt, yt.float().reshape(lt.shape)))
+            else:
+                score = _auroc(y if task == "multiclass" else y.reshape(len(y), -1), logits, task)
+            if np.isfinite(score):
+                summary["scores"][f"{w:.1f}"] = round(score, 6)
+                if best is None or score > best[1] + 1e-9:
+                    best = (w, score)
+        if best is not None:
+            summary.update(weight=best[0], chosen_on="val")
+            head.weight.fill_(best[0])
+    model.meta.setdefault("lexical", {})["blend"] = summary
+    if log is not None:
+        how = (f"chosen on {len(rows)} validation studies by {metric}" if summary["chosen_on"] else
+               "no validation split to choose it on" if not rows else f"validation {metric} undefined")
+        log(f"lexical branch: blend weight {summary['weight']:.1f} ({how})")
     return summary

@@ -108,6 +108,8 @@ def test_blend_only_where_the_report_is_present(lexical_run):
         blended = model.forward_batch(batch)
         net = model.network
         lex = net.lexical_logits(batch["input_ids"], batch["attention_mask"])
+        net.lexical.weight.fill_(0.5)  # whatever validation chose for this tiny model
+        blended = model.forward_batch(batch)
         net.lexical.fitted.fill_(False)
         alone = model.forward_batch(batch)
     w = net.lexical.blend
@@ -128,6 +130,7 @@ def test_explained_words_carry_the_lexical_share(lexical_run):
     from clinfuse.inference.model import _collate
 
     batch = _collate([model.dataset([row])[0]])
+    model.network.lexical.weight.fill_(0.5)  # whatever validation chose for this tiny model
     e = model.explain_item(batch, method="ig")
     with_branch = sum(s for _, s in e["report"]["words"])
     model.network.lexical.fitted.fill_(False)
@@ -161,3 +164,73 @@ def test_model_saved_without_the_branch_loads_as_the_network_alone(tmp_path, lex
     m = Model.load(old)
     assert m.network.lexical is None
     shutil.rmtree(old)
+
+
+def test_blend_weight_is_chosen_on_validation_and_saved(lexical_run):
+    from clinfuse.data.cohort import read_cohort
+    from clinfuse.inference import Model
+    from clinfuse.inference.run import predict_rows
+    from clinfuse.training.lexical import WEIGHTS
+    from clinfuse.training.trainer import _auroc
+
+    coh, best = lexical_run
+    model = Model.load(best)
+    blend = model.meta["lexical"]["blend"]
+    assert blend["chosen_on"] == "val" and blend["metric"] == "auroc"
+    scores = {float(k): v for k, v in blend["scores"].items()}
+    assert sorted(scores) == list(WEIGHTS)
+    top = max(scores.values())
+    assert blend["weight"] == min(w for w, v in scores.items() if v >= top - 1e-9)  # ties to the smaller
+    assert model.network.lexical.blend == pytest.approx(blend["weight"])  # stored in the weights, loaded back
+    rows, _ = read_cohort(coh)
+    val = [r for r in rows if r["split"] == "val"]
+    assert blend["n_val"] == len(val)
+    for w in (0.0, 1.0):  # the recorded scores are the blended model's own validation AUROC
+        model.network.lexical.weight.fill_(w)
+        out = predict_rows(model, val)
+        assert scores[w] == pytest.approx(_auroc(out["labels"].reshape(len(val), -1), out["logits"], "binary"),
+                                          abs=1e-6)
+
+
+def test_a_branch_that_hurts_gets_weight_zero(lexical_run):
+    from clinfuse.data.cohort import read_cohort
+    from clinfuse.inference import Model
+    from clinfuse.training.lexical import choose_weight
+
+    coh, best = lexical_run
+    model = Model.load(best)
+    head = model.network.lexical
+    rows, _ = read_cohort(coh)
+    val = [r for r in rows if r["report"].strip()]  # the tiny cohort's 8 validation studies are too few to rank
+    head.coef.mul_(-1)  # the branch now ranks the studies backwards
+    head.bias.mul_(-1)
+    got = choose_weight(model, val, metric="auroc")
+    assert got["weight"] == 0.0 and head.blend == 0.0
+    assert got["scores"]["1.0"] < got["scores"]["0.0"]
+    loss = choose_weight(model, val, metric="loss")  # by log loss too
+    assert loss["weight"] < 0.5 and loss["metric"] == "loss"
+    assert choose_weight(model, [], metric="auroc")["chosen_on"] is None  # no validation: left as it is
+
+
+def test_model_saved_before_the_weight_was_stored_blends_half(tmp_path, lexical_run):
+    from clinfuse.inference import Model
+    from clinfuse.models.model import load_model, save_model
+
+    _, best = lexical_run
+    net, meta, tok = load_model(best)
+    del net.lexical._buffers["weight"]  # a model from before the blend weight was a tensor
+    old = tmp_path / "old"
+    save_model(net, old, {k: v for k, v in meta.items() if k not in ("format", "weights_sha256")}, tok,
+               net.text_encoder.bert.config)
+    m = Model.load(old)
+    assert m.network.lexical.is_fitted and m.network.lexical.blend == 0.5
+
+
+def test_weight_is_auto_or_a_number_from_0_to_1():
+    from pydantic import ValidationError
+
+    assert LexicalConfig().weight == "auto"
+    assert LexicalConfig(weight=0.3).weight == 0.3
+    for bad in (1.5, -0.1, "half"):
+        with pytest.raises(ValidationError):
+            LexicalConfig(weight=bad)
