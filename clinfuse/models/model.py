@@ -339,12 +339,12 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def _saved_rows(path: Path, key: str) -> int | None:
-    """The first dimension of tensor `key` in a safetensors file (read from its header), None when absent."""
+def _saved_shapes(path: Path) -> dict[str, list[int]]:
+    """Every tensor's shape in a safetensors file, read from its header (no tensor is read)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        return f.get_slice(key).get_shape()[0] if key in f.keys() else None
+        return {k: f.get_slice(k).get_shape() for k in f.keys()}
 
 
 def load_model(model_dir: str | Path, map_location: str = "cpu") -> tuple[FusionModel, dict, object]:
@@ -376,14 +376,15 @@ def load_model(model_dir: str | Path, map_location: str = "cpu") -> tuple[Fusion
             raise ModelLoadError(f"{d}/model.safetensors does not match the checksum in model.json (the file is "
                                  "damaged or was replaced); restore the folder or retrain")
     cfg = Config.model_validate(meta["config"])
-    if cfg.model.text.lexical.enabled and _saved_rows(d / "model.safetensors", "lexical.coef") is None:
+    shapes = _saved_shapes(d / "model.safetensors")
+    if cfg.model.text.lexical.enabled and "lexical.coef" not in shapes:
         cfg.model.text.lexical.enabled = False  # saved without the branch: the network alone, as it was trained
     text_cfg, tokenizer = None, None
     if (d / "text" / "config.json").is_file():
         text_cfg = AutoConfig.from_pretrained(d / "text", local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(d / "text", local_files_only=True)
     model = build_model(cfg, len(meta["output_names"]), text_cfg, meta.get("variables"),
-                        _saved_rows(d / "model.safetensors", "view_embed.weight"))
+                        shapes.get("view_embed.weight", [None])[0])
     missing, unexpected = st_load(model, str(d / "model.safetensors"), strict=False, device=map_location)
     missing = [k for k in missing if k != "lexical.weight"]  # saved before the blend weight was stored: the config's
     if missing or unexpected:
