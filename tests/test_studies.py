@@ -188,6 +188,16 @@ def test_covid_notes_prepare_and_patient_folds(tmp_path):
                 assert pats.setdefault(r["patient_id"], fold) == fold  # tested once
         assert {r["split"] for r in got} == {"train", "val", "test"}
     assert set(pats) == {r["patient_id"] for r in read_cohort(tmp_path / "c")[0]}
+    # a second build draws another salt, so other pseudonyms; the folds hold the same studies all the same
+    build_cohort(exp / "dicom", exp / "reports.csv", exp / "labels_went_icu.csv", tmp_path / "c2", cfg, progress=False)
+
+    def tested(c, fold):
+        keys = {r["study_id"]: r["AccessionNumber"] for r in csv.DictReader(open(c / "private" / "key_map.csv"))}
+        got, _ = read_cohort(run.refold(c, tmp_path / f"{c.name}-again-f{fold}", fold, 3))
+        return sorted(keys[r["study_id"]] for r in got if r["split"] == "test")
+
+    assert read_cohort(tmp_path / "c2")[0][0]["study_id"] != read_cohort(tmp_path / "c")[0][0]["study_id"]
+    assert all(tested(tmp_path / "c", f) == tested(tmp_path / "c2", f) for f in range(3))
 
 
 def _covid_folder(dst, rows, src):

@@ -13,13 +13,17 @@ and condition; intervals from a bootstrap over patients of the pooled out-of-fol
   3. missing notes: the attention model on test studies with notes, the notes hidden, against the
      image-only model on the same studies;
   4. explanations: for 10 test studies (fold 1) the top words and the image map with their deletion
-     faithfulness.
+     faithfulness;
+  5. the lexical branch of the report path (model.text.lexical, its blend weight chosen on each fold's
+     validation split) in the notes-only and the attention model, against both without it;
+  6. image explanations: Integrated Gradients, Grad-CAM and Occlusion on every fold-1 test study with an
+     image, by deletion faithfulness (how the default image method was chosen).
 
 ``--test-data DIR`` scores the fold-1 models and baselines of each outcome on a second folder of the
 same layout (hidden evaluation; every study there is a test study).
 
 Usage: python studies/covid-notes/run.py [--data ../shared/data/covid-notes] [--out runs/covid-notes]
-           [--outcomes went_icu intubated] [--folds 5] [--questions 1 2 3 4] [--test-data DIR]
+           [--outcomes went_icu intubated] [--folds 5] [--questions 1 2 3 4 5 6] [--test-data DIR]
            [--only-folds F ...] [--set KEY=VALUE ...]
 """
 
@@ -61,16 +65,26 @@ def base_cohort(exp: Path, out: Path, outcome: str, notes: str, split: str = "0.
 def refold(base: Path, dst: Path, fold: int, k: int, seed: int = 0) -> Path:
     """A copy of cohort `base` whose split is fold `fold` of a patient-level, label-stratified k-fold:
     that fold is the test split, the next one the validation split, the rest training."""
+    import csv
+
     col = json.loads((base / "cohort.json").read_text())["label_columns"][0]
+    # Patients are ordered by their first original study key (the export's accession numbers, in the
+    # cohort's private key map), not by their pseudonyms: those come from a random salt drawn per
+    # cohort build, so an order by pseudonym gave other folds on every fresh --out.
+    with open(base / "private" / "key_map.csv", newline="") as f:
+        original = {r["study_id"]: next(v for k, v in r.items() if k != "study_id") for r in csv.DictReader(f)}
 
     def edit(rows):
         pos: dict[str, int] = {}
+        first: dict[str, str] = {}
         for r in rows:
-            pos[r["patient_id"]] = max(pos.get(r["patient_id"], 0), int(r[col]))
+            p = r["patient_id"]
+            pos[p] = max(pos.get(p, 0), int(r[col]))
+            first[p] = min(first.get(p, original[r["study_id"]]), original[r["study_id"]])
         rng = np.random.default_rng(seed)
         fold_of = {}
         for stratum in (0, 1):  # each fold gets its share of patients with and without the outcome
-            ps = sorted(p for p, v in pos.items() if v == stratum)
+            ps = sorted((p for p, v in pos.items() if v == stratum), key=first.get)
             rng.shuffle(ps)
             fold_of.update({p: i % k for i, p in enumerate(ps)})
         for r in rows:
@@ -87,6 +101,7 @@ def refold(base: Path, dst: Path, fold: int, k: int, seed: int = 0) -> Path:
 
 
 EXTRA: list[str] = []  # --set key=value, for every model of the run
+WEIGHTS: dict[str, list[float]] = {}  # question 5: the lexical blend weight each fold's model chose on validation
 ONLY: list[int] = []  # --only-folds: score these folds only (their patients are still each tested once)
 
 
@@ -166,11 +181,16 @@ def run_folds(out: Path, base: Path, outcome: str, tag: str, kinds: dict, k: int
         preds = {}
         if with_baselines:
             preds.update(baselines(tr, te, info))
-        for name, (kind, h) in kinds.items():
-            best = train(out, coh, f"{outcome}-{tag}-{kind}-f{fold + 1}",
-                         [f"cohort.labels.columns=[{outcome}]", f"model.fusion.kind={kind}"])
+        for name, (kind, h, *lexical) in kinds.items():
+            extra, run = (["model.text.lexical.enabled=true"], f"{kind}_lexical") if lexical else ([], kind)
+            best = train(out, coh, f"{outcome}-{tag}-{run}-f{fold + 1}",
+                         [f"cohort.labels.columns=[{outcome}]", f"model.fusion.kind={kind}"] + extra)
             y, p, g, _ = model_predictions(best, coh, hide=h)
             preds[name] = p[:, 0]
+            if lexical:
+                from clinfuse.inference import Model
+
+                WEIGHTS.setdefault(name, []).append(Model.load(best).meta["lexical"]["blend"]["weight"])
         y = labels_of(te, info)[:, 0]
         g = np.array([f"f{fold}-{r['patient_id']}" for r in te])
         for name, p in preds.items():
@@ -221,6 +241,21 @@ def question_3(out, exp, outcome, k):
     report(f"\n{outcome}: test studies that have notes, scored with the notes shown or hidden", pooled, per_fold)
 
 
+def question_5(out, exp, outcome, k):
+    """The lexical branch (model.text.lexical, blend weight chosen on each fold's validation split) in the
+    notes-only and the attention model, against the same models without it, on question 1's folds."""
+    WEIGHTS.clear()
+    base = base_cohort(exp, out, outcome, "reports.csv")
+    kinds = {"notes only (MiniLM)": ("text_only", None), "notes only + lexical branch": ("text_only", None, True),
+             "attention fusion (clinfuse)": ("attention", None),
+             "attention fusion + lexical branch": ("attention", None, True)}
+    pooled, per_fold = run_folds(out, base, outcome, "notes", kinds, k)
+    pooled = {n: v for n, v in pooled.items() if "pixels" not in n}
+    report(f"\n{outcome}: question 1's folds, with and without the lexical branch", pooled, per_fold)
+    for name, ws in WEIGHTS.items():
+        print(f"{name}: blend weight chosen on validation per fold: {', '.join(f'{w:.1f}' for w in ws)}")
+
+
 def question_4(out, exp, outcome, k, n=10):
     from clinfuse.inference import Model
 
@@ -244,6 +279,31 @@ def question_4(out, exp, outcome, k, n=10):
           "Integrated Gradients word scores; faithfulness = random deletion area - map's deletion area")
     print(table(["study", "p(yes)", "share image/notes", "top 5 words", "words faithfulness", "image faithfulness"], rows),
           flush=True)
+
+
+def question_6(out, exp, outcome, k):
+    """Image explanation methods on real radiographs: Integrated Gradients, Grad-CAM and Occlusion on every
+    fold-1 test study with an image, the fold-1 attention model (question 1's), by deletion faithfulness."""
+    from clinfuse.inference import Model
+
+    base = base_cohort(exp, out, outcome, "reports.csv")
+    coh = refold(base, out / "folds" / f"{outcome}-notes-f1", 0, k)
+    best = train(out, coh, f"{outcome}-notes-attention-f1", [f"cohort.labels.columns=[{outcome}]",
+                                                             "model.fusion.kind=attention"])
+    m = Model.load(best)
+    pick = [r for r in split_rows(coh, "test")[0] if r["image_present"]]
+    rows = []
+    for method in ("ig", "gradcam", "occlusion"):
+        t0 = time.time()
+        f = [m.explain_item(_batch(m, r), method=method)["image"]["faithfulness"] for r in pick]
+        gain = np.array([x["faithfulness"] for x in f])
+        rows.append([method, f"{sum(bool(x['better_than_random']) for x in f)}/{len(f)}",
+                     f"{np.mean([x['deletion_area'] for x in f]):.3f}", f"{np.mean([x['random_area'] for x in f]):.3f}",
+                     f"{gain.mean():+.3f} (sd {gain.std():.3f})", f"{(time.time() - t0) / len(f):.1f}"])
+    print(f"\n{outcome}: {len(pick)} fold-1 test studies with an image, attention model of fold 1; image map's "
+          "deletion faithfulness (random deletion area - map's deletion area)")
+    print(table(["method", "better than every random order", "mean deletion area", "mean random area",
+                 "faithfulness (random - deletion)", "s per image"], rows), flush=True)
 
 
 def _batch(m, r):
@@ -280,7 +340,9 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/covid-notes"))
     ap.add_argument("--outcomes", nargs="+", default=list(OUTCOMES), choices=list(OUTCOMES))
     ap.add_argument("--folds", type=int, default=5)
-    ap.add_argument("--questions", nargs="+", type=int, default=[1, 2, 3, 4], choices=[1, 2, 3, 4])
+    ap.add_argument("--questions", nargs="+", type=int, default=[1, 2, 3, 4], choices=[1, 2, 3, 4, 5, 6],
+                    help="questions to run (default 1-4; 5: the lexical branch in the notes-only and attention models; "
+                    "6: the image explanation methods compared)")
     ap.add_argument("--only-folds", nargs="+", type=int, metavar="F",
                     help="run and score only these folds (1-based): a partial run, its patients each tested once")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -302,7 +364,7 @@ def main(argv=None) -> None:
         for q in args.questions:
             print(f"\n## {outcome}, question {q}", flush=True)
             t = time.time()
-            (question_1, question_2, question_3, question_4)[q - 1](args.out, exp, outcome, args.folds)
+            (question_1, question_2, question_3, question_4, question_5, question_6)[q - 1](args.out, exp, outcome, args.folds)
             print(f"({outcome} question {q}: {time.time() - t:.0f} s)", flush=True)
         if args.test_data:
             hidden_evaluation(args.out, exp, args.test_data, outcome, args.folds)

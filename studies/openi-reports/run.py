@@ -156,15 +156,31 @@ def question_3(out: Path, epochs: int, n_boot: int) -> None:
     print(table(["finding", "test +", "loss", "AUPRC [95% CI]", "sensitivity @ spec 0.90 [95% CI]"], rows), flush=True)
 
 
-def _with_and_without_lexical(model_dir: Path, cohort: Path):
-    """(y, p with the lexical branch, p of the network alone, rows) on the test split: one trained model,
-    scored twice (the branch is fitted after the network, so the network is the same in both)."""
+def _lexical_scores(model_dir: Path, cohort: Path):
+    """(y, p with the branch at the weight chosen on validation, p at weight 0.5, p of the network alone, the
+    chosen weight, rows) on the test split: one trained model, scored three times (the branch is fitted after
+    the network, so the network is the same in all three). A model trained before the weight was chosen
+    (weight 0.5 then) gets it chosen here by the function ``clinfuse train`` calls (choose_weight, on the
+    validation split); the temperature fitted afterwards does not move AUROC or AUPRC."""
+    model = _with_chosen_weight(model_dir, cohort)
+    head = model.network.lexical
+    y, p_auto, _, rows = model_predictions(model, cohort)
+    head.weight.fill_(0.5)
+    p_half = model_predictions(model, cohort)[1]
+    head.fitted.fill_(False)
+    return y, p_auto, p_half, model_predictions(model, cohort)[1], model.meta["lexical"]["blend"]["weight"], rows
+
+
+def _with_chosen_weight(model_dir: Path, cohort: Path):
+    """The model with its lexical blend weight chosen on `cohort`'s validation split, as ``clinfuse train``
+    chooses it (models trained before it did so carry 0.5)."""
     from clinfuse.inference import Model
+    from clinfuse.training.lexical import choose_weight
 
     model = Model.load(model_dir)
-    y, p_lex, _, rows = model_predictions(model, cohort)
-    model.network.lexical.fitted.fill_(False)
-    return y, p_lex, model_predictions(model, cohort)[1], rows
+    if model.meta.get("lexical", {}).get("blend", {}).get("chosen_on") != "val":
+        choose_weight(model, split_rows(cohort, "val")[0], metric=model.config.train.early_stop_metric)
+    return model
 
 
 def question_5(out: Path, splits: list[int], epochs: int) -> None:
@@ -173,25 +189,27 @@ def question_5(out: Path, splits: list[int], epochs: int) -> None:
     from scipy import stats
 
     name = "MiniLM (pretrained, fine-tuned)"
-    models = ["TF-IDF + LR (baseline)", name, "MiniLM + lexical branch (clinfuse)", "mean of TF-IDF and MiniLM"]
+    models = ["TF-IDF + LR (baseline)", name, "MiniLM + lexical branch, weight 0.5",
+              "MiniLM + lexical branch, weight on validation (clinfuse)", "mean of TF-IDF and MiniLM"]
     for q, what in (("q1", "11 findings, macro over labels"), ("q2", "abnormal from INDICATION")):
         per = {m: {"auroc": [], "auprc": []} for m in models}
-        secs = []
+        secs, weights = [], []
         for sd in splits:
             coh = make_cohort(out, q, sd)
             yb, pb, _ = tfidf_lr(coh)
             best, t = train_model(coh, q, "MiniLM lexical", ENCODERS[name] + ["model.text.lexical.enabled=true"], out,
                                   epochs, sd)
             secs.append(t)
-            y, p_lex, p, rows = _with_and_without_lexical(best, coh)
+            y, p_auto, p_half, p, w, rows = _lexical_scores(best, coh)
+            weights.append(w)
             te, _ = split_rows(coh, "test")
             assert [r["study_id"] for r in rows] == [r["study_id"] for r in te], "the baseline and the model score one test split"
-            for m, pp in zip(models, (pb, p, p_lex, (pb + p) / 2)):
+            for m, pp in zip(models, (pb, p, p_half, p_auto, (pb + p) / 2)):
                 k = range(y.shape[1])
                 per[m]["auroc"].append(float(np.nanmean([auroc(y[:, j], pp[:, j]) for j in k])))
                 per[m]["auprc"].append(float(np.nanmean([auprc(y[:, j], pp[:, j]) for j in k])))
             print(f"  {q} split seed {sd}: " + ", ".join(f"{m.split(' (')[0]} {per[m]['auprc'][-1]:.3f}" for m in models)
-                  + f" (AUPRC; MiniLM trained in {t:.0f} s)", flush=True)
+                  + f" (AUPRC; blend weight chosen on validation {w:.1f}; MiniLM trained in {t:.0f} s)", flush=True)
         n = len(splits)
         tq = stats.t.ppf(0.975, n - 1) if n > 1 else float("nan")
         rows = []
@@ -211,6 +229,7 @@ def question_5(out: Path, splits: list[int], epochs: int) -> None:
         print(f"{what}: {n} stratified splits (split seeds {splits}), test 25% each; mean ± sd over splits; "
               "difference to the baseline: mean [95% t-interval over splits], splits where ahead")
         print(table(["model", "AUROC", "AUROC - baseline", "AUPRC", "AUPRC - baseline"], rows))
+        print("blend weight chosen on validation per split: " + ", ".join(f"{w:.1f}" for w in weights))
         print(f"MiniLM training s per split (network, lexical fit, calibration, test): {np.mean(secs):.0f} "
               "(0 where the split's model was already trained)", flush=True)
 
@@ -249,7 +268,7 @@ def hidden_evaluation(out: Path, test_csv: Path, n_boot: int) -> None:
             sys.exit(f"openi study: --test-data {test_csv} not found (a reports.csv with the columns of --data)")
         write_export(from_csv(test_csv), texp, None)
     runs = {"MiniLM (pretrained, fine-tuned)": "minilm", "tiny BERT (from scratch)": "tiny_bert",
-            "MiniLM + lexical branch (clinfuse)": "minilm_lexical"}
+            "MiniLM + lexical branch, weight on validation (clinfuse)": "minilm_lexical"}
     for q in ("q1", "q2"):
         coh, hidden = make_cohort(out, q), out / f"cohort-hidden-{q}"
         if not (hidden / "cohort.json").is_file():
@@ -263,7 +282,8 @@ def hidden_evaluation(out: Path, test_csv: Path, n_boot: int) -> None:
                 which = 5 if run == "minilm_lexical" else q[1]
                 print(f"({name}: not trained under {out}; run question {which} first)")
                 continue
-            y, p, g, _ = model_predictions(best, hidden)
+            model = _with_chosen_weight(best, coh) if run == "minilm_lexical" else best
+            y, p, g, _ = model_predictions(model, hidden)
             results[name] = (y, p, g)
         n = len(split_rows(hidden, "test")[0])
         print(f"{q} on {test_csv}: {n} reports, models trained on {DATA}")
