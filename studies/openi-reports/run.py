@@ -8,13 +8,15 @@ Questions (see README.md):
   5. Repeated splits: questions 1 and 2's TF-IDF baseline, MiniLM alone and MiniLM with clinfuse's lexical
      branch (model.text.lexical) over several split seeds (the model choice judged over splits, not one test
      split), with the mean of TF-IDF and MiniLM as a ten-line ensemble.
+  6. Question 3 over the same split seeds, with focal loss and effective-number weights each alone beside
+     the default (both) and unweighted BCE: the imbalance default judged over splits.
 
 Every clinfuse model is trained with `train_and_audit`, so each run is in the study's MLflow store.
 
 ``--test-data CSV`` scores questions 1 and 2's models (trained by this command under --out on --data) and the
 TF-IDF baseline on a second reports.csv of the same layout, every report a test report.
 
-Usage: python studies/openi-reports/run.py [--data reports.csv] [--out runs/openi] [--questions 1 2 3 4 5]
+Usage: python studies/openi-reports/run.py [--data reports.csv] [--out runs/openi] [--questions 1 2 3 4 5 6]
            [--splits 0 1 2 3 4] [--test-data CSV]
 """
 
@@ -141,8 +143,7 @@ def question_1_2(out: Path, q: str, epochs: dict, n_boot: int) -> dict:
 
 def question_3(out: Path, epochs: int, n_boot: int) -> None:
     coh = make_cohort(out, "q3")
-    conds = {"bce unweighted": ["loss.name=bce", "loss.class_weights=none"],
-             "focal + effective weights (default)": ["loss.name=focal", "loss.class_weights=effective"]}
+    conds = {c: IMBALANCE[c] for c in ("bce unweighted", "focal + effective weights (default)")}
     enc = ENCODERS["tiny BERT (from scratch)"]
     rows = []
     for cname, extra in conds.items():
@@ -186,8 +187,6 @@ def _with_chosen_weight(model_dir: Path, cohort: Path):
 def question_5(out: Path, splits: list[int], epochs: int) -> None:
     """TF-IDF + LR vs MiniLM, MiniLM with clinfuse's lexical branch and the mean of TF-IDF and MiniLM, over
     split seeds, on questions 1 (macro over 11 findings) and 2."""
-    from scipy import stats
-
     name = "MiniLM (pretrained, fine-tuned)"
     models = ["TF-IDF + LR (baseline)", name, "MiniLM + lexical branch, weight 0.5",
               "MiniLM + lexical branch, weight on validation (clinfuse)", "mean of TF-IDF and MiniLM"]
@@ -210,28 +209,71 @@ def question_5(out: Path, splits: list[int], epochs: int) -> None:
                 per[m]["auprc"].append(float(np.nanmean([auprc(y[:, j], pp[:, j]) for j in k])))
             print(f"  {q} split seed {sd}: " + ", ".join(f"{m.split(' (')[0]} {per[m]['auprc'][-1]:.3f}" for m in models)
                   + f" (AUPRC; blend weight chosen on validation {w:.1f}; MiniLM trained in {t:.0f} s)", flush=True)
-        n = len(splits)
-        tq = stats.t.ppf(0.975, n - 1) if n > 1 else float("nan")
-        rows = []
-        for m in models:
-            row = [m]
-            for met in ("auroc", "auprc"):
-                v = np.array(per[m][met])
-                row.append(f"{v.mean():.3f} ± {v.std(ddof=1) if n > 1 else 0:.3f}")
-                if m == models[0]:
-                    row.append("")
-                else:
-                    d = v - np.array(per[models[0]][met])
-                    half = tq * d.std(ddof=1) / np.sqrt(n) if n > 1 else float("nan")
-                    row.append(f"{d.mean():+.3f} [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}], ahead in "
-                               f"{int((d > 0).sum())}/{n}")
-            rows.append(row)
-        print(f"{what}: {n} stratified splits (split seeds {splits}), test 25% each; mean ± sd over splits; "
+        print(f"{what}: {len(splits)} stratified splits (split seeds {splits}), test 25% each; mean ± sd over splits; "
               "difference to the baseline: mean [95% t-interval over splits], splits where ahead")
-        print(table(["model", "AUROC", "AUROC - baseline", "AUPRC", "AUPRC - baseline"], rows))
+        print(table(["model", "AUROC", "AUROC - baseline", "AUPRC", "AUPRC - baseline"],
+                    paired_rows(per, models, ("auroc", "auprc"))))
         print("blend weight chosen on validation per split: " + ", ".join(f"{w:.1f}" for w in weights))
         print(f"MiniLM training s per split (network, lexical fit, calibration, test): {np.mean(secs):.0f} "
               "(0 where the split's model was already trained)", flush=True)
+
+
+def paired_rows(per: dict, models: list[str], metrics: tuple[str, ...]) -> list[list[str]]:
+    """Table rows over splits: per model and metric the mean ± sd over splits and, against the first model
+    (the baseline), the paired difference: mean [95% t-interval over splits], splits where ahead."""
+    from scipy import stats
+
+    rows = []
+    for m in models:
+        row = [m]
+        for met in metrics:
+            v = np.array(per[m][met])
+            n = len(v)
+            row.append(f"{np.mean(v):.3f} ± {v.std(ddof=1) if n > 1 else 0:.3f}")
+            if m == models[0]:
+                row.append("")
+                continue
+            d = v - np.array(per[models[0]][met])
+            half = stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / np.sqrt(n) if n > 1 else float("nan")
+            row.append(f"{d.mean():+.3f} [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}], ahead in {int((d > 0).sum())}/{n}")
+        rows.append(row)
+    return rows
+
+
+IMBALANCE = {"bce unweighted": ["loss.name=bce", "loss.class_weights=none"],
+             "focal + effective weights (default)": ["loss.name=focal", "loss.class_weights=effective"],
+             "focal unweighted": ["loss.name=focal", "loss.class_weights=none"],
+             "bce effective weights": ["loss.name=bce", "loss.class_weights=effective"]}
+
+
+def question_6(out: Path, splits: list[int], epochs: int) -> None:
+    """Question 3 over split seeds: the rarest findings (3-label task, tiny BERT from scratch), unweighted BCE
+    against the package default (focal + effective-number weights) and each half of it alone; per finding and
+    macro, AUPRC and sensitivity at specificity 0.90, paired over the splits."""
+    enc = ENCODERS["tiny BERT (from scratch)"]
+    keys = [f"{n} {met}" for n in RARE + ["macro"] for met in ("AUPRC", "sens@spec0.90")]
+    per = {c: {k: [] for k in keys} for c in IMBALANCE}
+    for sd in splits:
+        coh = make_cohort(out, "q3", sd)
+        line = []
+        for cname, extra in IMBALANCE.items():
+            best, t = train_model(coh, "q3", f"tiny {cname.split(' (')[0].replace('+', 'and')}", enc + extra, out,
+                                  epochs, sd)
+            y, p, _, _ = model_predictions(best, coh)
+            ap = [auprc(y[:, k], p[:, k]) for k in range(len(RARE))]
+            se = [recall_at_specificity(y[:, k], p[:, k], 0.9) for k in range(len(RARE))]
+            for n, a, r in zip(RARE + ["macro"], ap + [float(np.mean(ap))], se + [float(np.mean(se))]):
+                per[cname][f"{n} AUPRC"].append(a)
+                per[cname][f"{n} sens@spec0.90"].append(r)
+            line.append(f"{cname.split(' (')[0]} {np.mean(ap):.3f} / {np.mean(se):.3f} ({t:.0f} s)")
+        pos = ", ".join(f"{n} {int(y[:, k].sum())}" for k, n in enumerate(RARE))
+        print(f"  split seed {sd} (test positives: {pos}): macro AUPRC / sensitivity: " + "; ".join(line), flush=True)
+    print(f"rarest findings, tiny BERT from scratch: {len(splits)} stratified splits (split seeds {splits}); mean ± sd "
+          "over splits; difference to unweighted BCE: mean [95% t-interval over splits], splits where ahead")
+    for n in RARE + ["macro"]:
+        print(f"\n{n}")
+        print(table(["loss", "AUPRC", "AUPRC - bce", "sens@spec0.90", "sens - bce"],
+                    paired_rows(per, list(IMBALANCE), (f"{n} AUPRC", f"{n} sens@spec0.90"))), flush=True)
 
 
 def question_4(out: Path, coh: Path, n: int = 20) -> None:
@@ -293,11 +335,12 @@ def hidden_evaluation(out: Path, test_csv: Path, n_boot: int) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/openi"))
-    ap.add_argument("--questions", nargs="*", type=int, default=[1, 2, 3, 4], choices=[1, 2, 3, 4, 5],
+    ap.add_argument("--questions", nargs="*", type=int, default=[1, 2, 3, 4], choices=[1, 2, 3, 4, 5, 6],
                     help="questions to run (default 1-4; 5, the repeated splits, trains one MiniLM per split and task; "
+                    "6, question 3 over the same split seeds, trains four tiny BERTs per split; "
                     "none, with --test-data: only the hidden evaluation)")
     ap.add_argument("--splits", nargs="+", type=int, default=[0, 1, 2, 3, 4], metavar="SEED",
-                    help="split seeds of question 5 (default 0-4; 0 is the split of questions 1 and 2)")
+                    help="split seeds of questions 5 and 6 (default 0-4; 0 is the split of questions 1-3)")
     ap.add_argument("--data", type=Path, default=DEFAULT_CSV, help="the Open-I reports.csv (default: %(default)s)")
     ap.add_argument("--test-data", type=Path, metavar="CSV",
                     help="a second reports.csv of the same layout to score questions 1 and 2's models on")
@@ -322,6 +365,8 @@ def main(argv=None) -> None:
             question_3(args.out, args.epochs_tiny, args.bootstrap)
         elif q == 5:
             question_5(args.out, args.splits, args.epochs_minilm)
+        elif q == 6:
+            question_6(args.out, args.splits, args.epochs_tiny)
         else:
             question_4(args.out, q1 or make_cohort(args.out, "q1"))
     if args.test_data:
