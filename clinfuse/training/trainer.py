@@ -275,11 +275,12 @@ def train(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *, resume: b
 
     rows, info = read_cohort(cohort_dir)
     _check(cfg, rows, info)
-    if is_main and cfg.model.image.slots > 1 and \
-            not any(int(r.get("n_images") or 0) > 1 for r in rows):
+    if is_main and cfg.model.image.slots > 1 and not any(len(r["image_views"]) > 1 for r in rows):
+        # image_views: one per image the model reads (per series for CT); n_images counts the files
         print(f"train: note: model.image.max_images is {cfg.model.image.max_images} but no study of {cohort_dir} has "
-              "more than one image (a cohort built with cohort.dicom.view_policy: frontal keeps frontal views only; "
-              "rebuild it with view_policy: all to give the model the lateral views)", file=sys.stderr, flush=True)
+              "more than one image (a cohort built with cohort.dicom.view_policy: frontal keeps one per study, the frontal "
+              "view or a CT study's largest series; rebuild it with view_policy: all to give the model the other views "
+              "or series)", file=sys.stderr, flush=True)
     train_rows = [r for r in rows if r["split"] == "train"]
     val_rows = [r for r in rows if r["split"] == "val"]
     task = info["task"]

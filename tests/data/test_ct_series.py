@@ -144,6 +144,23 @@ def test_dataset_gives_one_volume_per_slot_with_its_plane(tmp_path):
     torch.testing.assert_close(single["image"], item["image"][0])  # the largest series
 
 
+def test_trainer_notes_a_frontal_ct_cohort_gives_a_two_image_model_one_volume(tmp_path, capsys):
+    """Under view_policy frontal every CT study keeps one series (six slice files): the model with two image
+    slots gets one volume per study, and the trainer says so (it counted files, so it never did)."""
+    from clinfuse.data.cohort import build_cohort
+    from clinfuse.training.trainer import train
+
+    dicom, labels, _ = _export(tmp_path, n_studies=4)
+    for policy in ("frontal", "all"):
+        cfg = _config(policy, train={"epochs": 1, "batch_size": 4}, data={"image_size": [16, 32, 32], "cache": "none"},
+                      cohort={"split": {"train": 1.0, "val": 0.0, "test": 0.0}}, model={"fusion": {"kind": "image_only"}})
+        build_cohort(dicom, None, labels, tmp_path / policy, cfg, progress=False)
+        capsys.readouterr()
+        train(tmp_path / policy, cfg, tmp_path / f"run-{policy}", progress=False, max_steps=1)
+        err = capsys.readouterr().err
+        assert ("no study of" in err and "more than one image" in err) == (policy == "frontal"), (policy, err)
+
+
 def test_trained_ct_model_predicts_and_explains_every_series_from_files(tmp_path):
     """cohort build -> train -> Model.predict_and_explain on a study's files: one map per series."""
     from clinfuse.data.cohort import build_cohort
