@@ -93,6 +93,22 @@ def check_resumable(out: Path) -> None:
                                 "nothing was changed. Train into a new --out to train again")
 
 
+def _load_checkpoint_weights(model: nn.Module, saved: dict, state_file: Path) -> None:
+    """The checkpoint's weights into `model`, or a TrainingError naming the tensors that differ (a checkpoint
+    written by a clinfuse whose network had other shapes, e.g. before the view embedding grew to 8 rows)."""
+    own = model.state_dict()
+    differ = [f"{k} {tuple(v.shape)} (this model: {tuple(own[k].shape)})" for k, v in saved.items()
+              if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    missing, extra = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+    if differ or missing or extra:
+        what = "; ".join(differ[:3] + ([f"missing {', '.join(missing[:3])}"] if missing else [])
+                         + ([f"not in this model: {', '.join(extra[:3])}"] if extra else []))
+        raise TrainingError(f"{state_file}: the checkpoint's network does not fit this model ({what}); it was written by "
+                            "another clinfuse version or config: resume it with that version, or train again into a "
+                            "new --out")
+    model.load_state_dict(saved)
+
+
 def _dist_env() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
@@ -342,7 +358,7 @@ def train(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *, resume: b
         except Exception as e:  # noqa: BLE001 - a truncated or damaged file: one line, nothing changed
             raise TrainingError(f"{state_file}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                                 "the checkpoint is damaged: train again into a new --out") from None
-        model.load_state_dict(st["model"])
+        _load_checkpoint_weights(model, st["model"], state_file)
         optimizer.load_state_dict(st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
         scaler.load_state_dict(st["scaler"])

@@ -91,6 +91,24 @@ def test_nothing_to_resume_and_3d_mismatch_fail_before_work(cohort, tmp_path):
         train(cohort, config_from_dict(data), tmp_path / "y", progress=False)
 
 
+def test_resume_of_a_checkpoint_with_other_shapes_names_the_tensor(cohort, tmp_path):
+    """A mid-training checkpoint written when the view embedding had 5 rows: --resume names the tensor and
+    the way out, and leaves the checkpoint as it was."""
+    cfg = _cfg().model_copy(deep=True)
+    cfg.model.image.max_images = 2  # two image slots: the model has a view embedding
+    part = train(cohort, cfg, tmp_path / "r", max_steps=2, progress=False)
+    assert part.interrupted
+    state = tmp_path / "r" / "state.pt"
+    st = torch.load(state, weights_only=True)
+    st["model"]["view_embed.weight"] = st["model"]["view_embed.weight"][:5].clone()
+    torch.save(st, state)
+    (tmp_path / "r" / "state.json").unlink()  # the checksum would refuse it first
+    before = state.read_bytes()
+    with pytest.raises(TrainingError, match=r"view_embed.weight \(5, \d+\) \(this model: \(8, \d+\)\).*train again"):
+        train(cohort, cfg, tmp_path / "r", resume=True, progress=False)
+    assert state.read_bytes() == before
+
+
 @pytest.mark.parametrize("kind", ["concat", "mean_logits", "image_only", "text_only"])
 def test_baselines_train(cohort, tmp_path, kind):
     data = _cfg(epochs=1).model_dump(mode="json")
