@@ -1,11 +1,12 @@
-"""Class imbalance at 5% prevalence: does the default loss beat unweighted BCE?
+"""Class imbalance at low prevalence: does the default loss beat unweighted BCE?
 
-For each seed: one synthetic cohort (prevalence 0.05), then one training run per condition with the
+For each seed: one synthetic cohort (prevalence --prevalence, default 0.05), then one training run per condition with the
 same data and seed; the best-on-validation model is scored on the test split. Minority recall is read
 at matched specificity (the test threshold where each model's specificity is 0.90), so a different
 calibration cannot pass for better ranking.
 
-Usage: python studies/imbalance/run.py [--studies 3000] [--seeds 0 1 2] [--out runs/imbalance]
+Usage: python studies/imbalance/run.py [--studies 3000] [--prevalence 0.05] [--seeds 0 1 2] [--out runs/imbalance]
+           [--conditions TEXT ...]
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ from clinfuse.training.trainer import train  # noqa: E402
 
 CONDITIONS = {
     "bce unweighted (baseline)": ["loss.name=bce", "loss.class_weights=none"],
-    "bce effective-number weights (default)": ["loss.name=bce", "loss.class_weights=effective"],
+    "bce effective-number weights": ["loss.name=bce", "loss.class_weights=effective"],
     "bce inverse-frequency weights": ["loss.name=bce", "loss.class_weights=inverse"],
     "focal (gamma 2, effective weights)": ["loss.name=focal", "loss.class_weights=effective"],
+    "focal unweighted (gamma 2)": ["loss.name=focal", "loss.class_weights=none"],
     "logit adjusted (tau 1)": ["loss.name=logit_adjusted", "loss.class_weights=none"],
     "balanced sampler + bce unweighted": ["loss.name=bce", "loss.class_weights=none", "loss.sampler=balanced"],
 }
@@ -52,6 +54,8 @@ def score(model_dir: Path, cohort: Path) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--studies", type=int, default=3000)
+    ap.add_argument("--prevalence", type=float, default=0.05,
+                    help="share of positive studies in each synthetic cohort (default %(default)s)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default="runs/imbalance")
     ap.add_argument("--conditions", nargs="+", metavar="TEXT",
@@ -64,7 +68,7 @@ def main(argv=None) -> None:
     for seed in args.seeds:
         exp, coh = out / f"seed{seed}/export", out / f"seed{seed}/cohort"
         if not (coh / "cohort.json").is_file():
-            synthesize(exp, SynthSpec(studies=args.studies, prevalence=0.05, seed=seed, size=96), progress=False)
+            synthesize(exp, SynthSpec(studies=args.studies, prevalence=args.prevalence, seed=seed, size=96), progress=False)
             build_cohort(exp / "dicom", exp / "reports.csv", exp / "labels.csv", coh,
                          load_config(HERE / "config.yaml", [f"cohort.split.seed={seed}"]), progress=False)
         for name, overrides in conditions.items():
@@ -76,7 +80,7 @@ def main(argv=None) -> None:
             print(f"seed {seed}  {name:<42} AUROC {r['auroc']:.3f}  AUPRC {r['auprc']:.3f}  "
                   f"recall@spec0.90 {r['recall@spec0.90']:.3f}  (test {r['test_pos']}/{r['test_n']} positive)",
                   flush=True)
-    print(f"\nstudies={args.studies} prevalence=0.05 seeds={args.seeds}; mean ± sd over seeds")
+    print(f"\nstudies={args.studies} prevalence={args.prevalence} seeds={args.seeds}; mean ± sd over seeds")
     base = "bce unweighted (baseline)"
     print(f"{'condition':<42} {'AUROC':>13} {'AUPRC':>13} {'recall@spec0.90':>17}")
     for name, rs in results.items():
