@@ -412,11 +412,11 @@ class LossConfig(_Strict):
     """Loss and class imbalance."""
 
     name: Literal["bce", "ce", "focal", "logit_adjusted"] = Field(
-        "focal", description="'focal' (default; chosen by studies/imbalance); 'bce' (sigmoid; binary, multilabel) "
-        "or 'ce' (softmax; multiclass) with class weights, swapped to match the task; 'logit_adjusted' "
-        "(Menon et al. 2021).")
+        "bce", description="'bce' (default; sigmoid; binary, multilabel) or 'ce' (softmax; multiclass), swapped to "
+        "match the task; 'focal' (focal loss, gamma); 'logit_adjusted' (Menon et al. 2021). The default is the "
+        "simplest because no option won on both real and synthetic data (docs/model.md, Class imbalance).")
     class_weights: Literal["none", "inverse", "effective"] = Field(
-        "effective", description="Weights from training prevalence: none, inverse frequency, or effective "
+        "none", description="Weights from training prevalence: none (default), inverse frequency, or effective "
         "number of samples (Cui et al. 2019).")
     beta: float = Field(0.999, gt=0, lt=1, description="Effective-number beta.")
     gamma: float = Field(2.0, ge=0, description="Focal loss gamma.")
