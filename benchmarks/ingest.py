@@ -9,7 +9,9 @@ Baseline (the floor, measured in the same run on the same files, serial, page ca
 ``build_cohort`` with its default (one reading process per usable core, content fingerprint,
 every selectable image decoded) and with one reading process. "CPU s" adds this process and its
 children; "peak MiB" is the largest resident set of this process plus its reading processes
-(sampled every 20 ms), in absolute terms, so it includes the interpreter and libraries.
+(sampled every 20 ms), in absolute terms, so it includes the interpreter and libraries; "main MiB" is
+the largest resident set of this process alone (the reading processes hold one file each, so it is
+the part that can grow with the export).
 
 Usage: python benchmarks/ingest.py [--files 2000] [--keep DIR]
        python benchmarks/ingest.py --files 20000     # the hospital-scale row (about 9 GB of files)
@@ -42,7 +44,7 @@ class Measure:
 
     def __enter__(self):
         self.proc = psutil.Process()
-        self.peak = 0
+        self.peak = self.main = 0
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
         self.cpu0 = self._cpu()
@@ -63,6 +65,7 @@ class Measure:
 
     def _rss(self) -> int:
         total = self.proc.memory_info().rss
+        self.main = max(self.main, total)
         for c in self.proc.children(recursive=True):
             try:
                 total += c.memory_info().rss
@@ -80,6 +83,7 @@ class Measure:
         self._stop.set()
         self._t.join()
         self.mib = max(self.peak, self._rss()) / 2**20
+        self.main_mib = self.main / 2**20
 
 
 def make_export(d: Path, files: int) -> None:
@@ -172,9 +176,9 @@ def main(argv=None) -> None:
     print(f"{n} DICOM files, {mb:,.0f} MB (sizes {', '.join(f'{a}px {b:.0%}' for a, b in MIX)}; 5% RLE, 2% JPEG-LS; "
           f"{s.n_quarantined} set aside), {s.n_studies} studies; {psutil.cpu_count()} cores; "
           f"export written in {t_synth:.0f} s")
-    print(f"{'step':<56} {'seconds':>8} {'files/s':>8} {'MB/s':>7} {'CPU s':>7} {'peak MiB':>9}")
+    print(f"{'step':<56} {'seconds':>8} {'files/s':>8} {'MB/s':>7} {'CPU s':>7} {'peak MiB':>9} {'main MiB':>9}")
     for name, m in steps.items():
-        print(f"{name:<56} {m.seconds:>8.2f} {n / m.seconds:>8.0f} {mb / m.seconds:>7.0f} {m.cpu:>7.1f} {m.mib:>9.0f}")
+        print(f"{name:<56} {m.seconds:>8.2f} {n / m.seconds:>8.0f} {mb / m.seconds:>7.0f} {m.cpu:>7.1f} {m.mib:>9.0f} {m.main_mib:>9.0f}")
     base = steps["floor: pydicom.dcmread + .pixel_array, serial"].seconds
     for name in builds:
         print(f"ratio {name} / floor: {steps[name].seconds / base:.2f}x")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .errors import ClinfuseError
 
-__all__ = ["PhiGuard", "PhiError", "REDACTED"]
+__all__ = ["PhiGuard", "PhiError", "REDACTED", "replace_spans"]
 
 REDACTED = "[ID]"
 
@@ -158,11 +158,16 @@ class PhiGuard:
     def redact(self, text: str, token: str = REDACTED) -> tuple[str, int]:
         """`text` with every identifier found in it (as typed, any case) replaced by `token`, and how many.
 
-        The cohort builder runs it over every report, so that no identifier typed in a report (an MRN,
-        a birth date, a name in either order) reaches the model's text, its vocabulary or an explanation.
+        The cohort builder does this to every report (:meth:`spans`, then :func:`replace_spans`), so that no
+        identifier typed in a report (an MRN, a birth date, a name in either order) reaches the model's
+        text, its vocabulary or an explanation.
         """
+        return replace_spans(text, self.spans(text), token)
+
+    def spans(self, text: str) -> list[tuple[int, int]]:
+        """(start, end) of every identifier found in `text` (as typed, any case), possibly overlapping."""
         if not self.kind_of or not text:
-            return text, 0
+            return []
         low = text.lower()
         if len(low) != len(text):  # a character whose lower case is longer: positions would not map
             low = "".join(c if len(c.lower()) != 1 else c.lower() for c in text)
@@ -173,21 +178,7 @@ class PhiGuard:
             start = end - len(ident) + 1
             if not ident.isdigit() or _numeric_hit(low, start, end + 1, n):
                 spans.append((start, end + 1))
-        if not spans:
-            return text, 0
-        spans.sort()
-        merged = [list(spans[0])]
-        for a, b in spans[1:]:
-            if a <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], b)
-            else:
-                merged.append([a, b])
-        out, last = [], 0
-        for a, b in merged:
-            out += [text[last:a], token]
-            last = b
-        out.append(text[last:])
-        return "".join(out), len(merged)
+        return spans
 
     def _uid_hits(self, low: str):
         """(start, end, kind) of every UID of the export in `low` that stands as whole components of a
@@ -227,6 +218,25 @@ class PhiGuard:
         files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
         for f in files:
             self.check(where or f"artifact '{f.name}'", _screenable_text(f))
+
+
+def replace_spans(text: str, spans: list[tuple[int, int]], token: str = REDACTED) -> tuple[str, int]:
+    """`text` with each run of overlapping or touching spans replaced by one `token`, and how many runs."""
+    if not spans:
+        return text, 0
+    spans = sorted(spans)
+    merged = [list(spans[0])]
+    for a, b in spans[1:]:
+        if a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    out, last = [], 0
+    for a, b in merged:
+        out += [text[last:a], token]
+        last = b
+    out.append(text[last:])
+    return "".join(out), len(merged)
 
 
 _HEX = frozenset("0123456789abcdef")

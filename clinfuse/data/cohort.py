@@ -28,13 +28,14 @@ import numpy as np
 
 from .. import __version__
 from ..config import CohortConfig, Config, dump_config
-from ..phi import PhiGuard
+from ..phi import PhiGuard, replace_spans
 from .dicom import decoder_report
 from .labels import load_labels
-from .quarantine import CohortInputError, QuarantineEntry, reason_category, write_quarantine
+from .buildstore import BuildStore
+from .quarantine import CohortInputError, QuarantineEntry, QuarantineFile
 from .reports import load_reports
 from .variables import load_variables
-from .studies import DicomHeader, group_studies, scan_dicom, select_images, selection_views, whole_series
+from .studies import scan_into, select_images, selection_views, whole_series
 from ..progress import progress as progress_of
 
 __all__ = ["build_cohort", "assign_splits", "read_cohort", "format_summary", "CohortSummary", "COHORT_COLUMNS",
@@ -160,8 +161,27 @@ def build_cohort(
         os.chmod(private, 0o700)
     except OSError as e:
         raise CohortInputError(f"{out}: cannot write the cohort folder ({e.strerror or e}); choose another --out") from None
+    quarantine = QuarantineFile(out / "quarantine.csv")
+    # per file and per study facts go to disk as they are made, so memory does not grow with the export
+    store = BuildStore(private / f".build.{os.getpid()}.sqlite")
+    try:
+        summary = _build(store, quarantine, dicom_dir, reports, labels, variables, out, config, cfg, progress)
+    except BaseException:
+        quarantine.discard()
+        raise
+    finally:
+        store.close()
+    return summary
+
+
+_HEADER_IDENTIFIERS = ("patient_id", "patient_name", "birth_date", "study_uid", "series_uid", "sop_uid", "accession")
+_GUARD_BUDGET = 160_000  # the PHI guard is built over at most this many cost units at once (~16 MiB; BuildStore.identifiers)
+
+
+def _build(store: BuildStore, quarantine: QuarantineFile, dicom_dir, reports, labels, variables, out: Path,
+           config, cfg: CohortConfig, progress: bool) -> CohortSummary:
+    private = out / "private"
     key = cfg.key
-    quarantine: list[QuarantineEntry] = []
     warnings: list[str] = []
     digest = hashlib.sha256()
 
@@ -186,31 +206,28 @@ def build_cohort(
             if isinstance(config, Config):
                 config = config.model_copy(update={"cohort": cfg})
 
-    studies: dict[str, list[DicomHeader]] = {}
     n_files = 0
     if dicom_dir is not None:
-        scan = scan_dicom(dicom_dir, cfg, progress)
-        quarantine += scan.quarantine
-        n_files = scan.n_files
-        for rel in sorted(scan.digests):
-            digest.update(f"dicom\0{rel}\0{scan.digests[rel]}".encode())
-        studies, q = group_studies(scan.headers, key)
-        quarantine += q
+        walk_problems, n_files, _ = scan_into(store, dicom_dir, cfg, progress)
+        quarantine += walk_problems
+        quarantine += store.scan_quarantine()
+        for rel, d in store.digests():  # by relative path, as bytes
+            digest.update(b"dicom\0" + rel + b"\0" + d.encode())
+        quarantine += store.keyless(key)
 
     reports_by_key = report_table.reports if report_table else {}
     vars_by_key = var_table.values if var_table else {}
-    all_keys = sorted(set(studies) | set(reports_by_key) | set(label_table.labels))
+    store.add_keys(reports_by_key)
+    store.add_keys(label_table.labels)
+    n_keys = store.collect_keys()
 
-    rows: list[dict] = []
-    private_keys: list[tuple[str, str]] = []
-    identifiers: dict[str, set[str]] = defaultdict(set)
     salt = _salt(private)
     patient_of: dict[str, str] = {}
     strata: dict[str, str] = {}
     n_unknown_patient = 0
-    for k in progress_of(all_keys, "join studies", "study", enabled=progress):
+    for k in progress_of(store.keys(), "join studies", "study", enabled=progress, total=n_keys):
         label = label_table.labels.get(k)
-        files = studies.get(k, [])
+        files = store.headers(k) if dicom_dir is not None else []
         rep = reports_by_key.get(k)
         if label is None:
             if files or rep:
@@ -268,23 +285,17 @@ def build_cohort(
         }
         for col, v in zip(_label_header(cfg), label if cfg.labels.task == "multilabel" else [label[0]]):
             row[col] = v
-        rows.append(row)
-        private_keys.append((study_id, k))
-        for h in files:
-            for field_name, value in (("patient_id", h.patient_id), ("patient_name", h.patient_name),
-                                      ("birth_date", h.birth_date), ("study_uid", h.study_uid),
-                                      ("series_uid", h.series_uid), ("sop_uid", h.sop_uid),
-                                      ("accession", h.accession)):
-                if value:
-                    identifiers[field_name].add(value)
-        identifiers["key"].add(k)
+        store.add_row(k, row)
+        ids = {(name, v) for h in files for name in _HEADER_IDENTIFIERS if (v := getattr(h, name))}
+        ids.add(("key", k))
         if not pid.startswith("__study__"):
-            identifiers["patient_id"].add(pid)
+            ids.add(("patient_id", pid))
+        store.add_identifiers(ids)
 
     for k in sorted(set(vars_by_key) - set(label_table.labels)):  # a study needs a label: these join nothing
         quarantine.append(QuarantineEntry("variable", var_table.sources[k], f"no valid label for this {key}; "
                                           "its variables join no study"))
-    if not rows:
+    if not store.n_rows:
         if not label_table.labels:
             reasons = Counter(q.reason for q in label_table.quarantine).most_common(2)
             raise CohortInputError(
@@ -292,82 +303,120 @@ def build_cohort(
                 + (f" ({'; '.join(f'{n}x {r}' for r, n in reasons)})" if reasons else "")
                 + "; check --label-columns, --task and --classes")
         raise CohortInputError(
-            f"no study could be joined: {len(studies)} image studies, {len(reports_by_key)} reports and "
+            f"no study could be joined: {store.n_image_studies()} image studies, {len(reports_by_key)} reports and "
             f"{len(label_table.labels)} labels share no {key}; check --key and the key columns"
         )
     # No identifier typed in a report (an MRN, a birth date, a name in either order, of any patient of the
-    # export) stays in the text the model reads, and so in its vocabulary or an explanation.
-    guard = PhiGuard({k: sorted(v) for k, v in identifiers.items()})
-    n_redacted = 0
-    for row in rows:
-        if row["report"]:
-            row["report"], n = guard.redact(row["report"])
-            n_redacted += n
+    # export) stays in the text the model reads, and so in its vocabulary or an explanation. The guard sees
+    # every identifier before any report is written; on a large export it is built a chunk at a time, each
+    # chunk's hits kept as spans of the original text and replaced together below.
+    for chunk in store.identifiers(_GUARD_BUDGET):
+        guard = PhiGuard(chunk)
+        for seq, text in store.reports():
+            store.add_hits(seq, guard.spans(text))
+        del guard
     fractions = {"train": cfg.split.train, "val": cfg.split.val, "test": cfg.split.test}
     split_of = assign_splits(patient_of, strata, fractions, cfg.split.seed)
-    for row in rows:
-        row["split"] = split_of[row["study_id"]]
 
     # ---- write: cohort.json goes first out and last in, with the digest of cohort.csv, so that a folder left
     # by an interrupted build is never read as a cohort (read_cohort checks the digest)
     (out / "cohort.json").unlink(missing_ok=True)
     columns = COHORT_COLUMNS + _label_header(cfg)
     tmp_csv = out / f".cohort.csv.{os.getpid()}.tmp"
-    with open(tmp_csv, "w", newline="", encoding="utf-8") as f:
+    tally = _Tally(cfg, vars_by_key if var_table is not None else None)
+    n_redacted = 0
+    with open(tmp_csv, "w", newline="", encoding="utf-8") as f, \
+            open(private / "key_map.csv", "w", newline="", encoding="utf-8") as km:
         w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
-        w.writerows(rows)
-    csv_digest = hashlib.sha256(tmp_csv.read_bytes()).hexdigest()
+        kw = csv.writer(km)
+        kw.writerow(["study_id", key])
+        for k, row, spans in store.rows():
+            if spans:
+                row["report"], n = replace_spans(row["report"], spans)
+                n_redacted += n
+            row["split"] = split_of[row["study_id"]]
+            w.writerow(row)
+            kw.writerow([row["study_id"], k])
+            tally.add(k, row)
+    with open(tmp_csv, "rb") as f:
+        csv_digest = hashlib.file_digest(f, "sha256").hexdigest()
     os.replace(tmp_csv, out / "cohort.csv")
-    write_quarantine(quarantine, out / "quarantine.csv")
-    with open(private / "key_map.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["study_id", key])
-        w.writerows(private_keys)
-    (private / "identifiers.json").write_text(json.dumps({k: sorted(v) for k, v in identifiers.items()}, indent=1))
+    quarantine.close()
+    store.write_identifiers(private / "identifiers.json")
     full_cfg = config if isinstance(config, Config) else Config(cohort=cfg)
     (out / "config.yaml").write_text(dump_config(full_cfg))
 
-    info = _summary(rows, quarantine, cfg, digest.hexdigest(), n_files,
+    info = _summary(tally, quarantine, cfg, digest.hexdigest(), n_files,
                     report_table.n_records if report_table else 0, label_table.n_records,
                     n_unknown_patient, warnings)
     info["counts"]["identifiers_redacted_in_reports"] = n_redacted
     if var_table is not None:
-        present = [vars_by_key.get(k) or {} for _, k in private_keys]  # per row, as written to cohort.csv
         info["variables"] = {
             "numeric": sorted(cfg.variables.numeric), "categorical": dict(sorted(cfg.variables.categorical.items())),
             "inferred": var_table.inferred, "records": var_table.n_records,
-            "studies_with_any": sum(bool(v) for v in present),
-            "missing_share": {name: round(sum(name not in v for v in present) / len(rows), 4)
+            "studies_with_any": tally.var_any,
+            "missing_share": {name: round(tally.var_missing[name] / tally.n, 4)
                               for name in [*sorted(cfg.variables.numeric), *sorted(cfg.variables.categorical)]},
         }
     info["files"] = {"cohort.csv": csv_digest}
     tmp = out / f".cohort.json.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(info, indent=2))
     os.replace(tmp, out / "cohort.json")
-    return CohortSummary(out, len(rows), len(quarantine), info)
+    return CohortSummary(out, tally.n, len(quarantine), info)
 
 
-def _summary(rows, quarantine, cfg: CohortConfig, fingerprint: str, n_files: int, n_reports: int,
-             n_labels: int, n_unknown_patient: int, warnings: list[str]) -> dict:
+class _Tally:
+    """What cohort.json counts, gathered row by row as cohort.csv is written."""
+
+    def __init__(self, cfg: CohortConfig, vars_by_key: dict | None):
+        self.cfg, self.cols, self.vars_by_key = cfg, _label_header(cfg), vars_by_key
+        self.n = self.images = self.var_any = 0
+        self.patients: set[str] = set()
+        self.missing: Counter = Counter()
+        self.var_missing: Counter = Counter()
+        self.split = {s: {"n": 0, "patients": set(), "positive": Counter(), "missing": Counter()} for s in SPLITS}
+
+    def add(self, key: str, row: dict) -> None:
+        s = self.split[row["split"]]
+        m = (int(row["image_present"]), int(row["report_present"]))
+        self.n += 1
+        self.images += int(row["n_images"])
+        self.patients.add(row["patient_id"])
+        self.missing[m] += 1
+        s["n"] += 1
+        s["patients"].add(row["patient_id"])
+        s["missing"][m] += 1
+        if self.cfg.labels.task == "multilabel":
+            for c in self.cols:
+                s["positive"][c] += int(row[c])
+        else:
+            s["positive"][int(row[self.cols[0]])] += 1
+        if self.vars_by_key is not None:
+            v = self.vars_by_key.get(key) or {}
+            self.var_any += bool(v)
+            for name in [*self.cfg.variables.numeric, *self.cfg.variables.categorical]:
+                self.var_missing[name] += name not in v
+
+
+def _summary(tally: _Tally, quarantine: QuarantineFile, cfg: CohortConfig, fingerprint: str, n_files: int,
+             n_reports: int, n_labels: int, n_unknown_patient: int, warnings: list[str]) -> dict:
     classes = cfg.labels.class_names
     cols = _label_header(cfg)
     by_split: dict[str, dict] = {}
     for split in SPLITS:
-        part = [r for r in rows if r["split"] == split]
-        n = len(part)
+        s = tally.split[split]
+        n = s["n"]
         if cfg.labels.task == "multilabel":
-            prev = {c: (sum(int(r[c]) for r in part) / n if n else None) for c in cols}
+            prev = {c: (s["positive"][c] / n if n else None) for c in cols}
         else:
-            counts = Counter(int(r[cols[0]]) for r in part)
-            prev = {classes[i]: (counts.get(i, 0) / n if n else None) for i in range(len(classes))}
+            prev = {classes[i]: (s["positive"].get(i, 0) / n if n else None) for i in range(len(classes))}
         by_split[split] = {
             "studies": n,
-            "patients": len({r["patient_id"] for r in part}),
+            "patients": len(s["patients"]),
             "prevalence": prev,
-            "missingness": _missing(part),
+            "missingness": _missing(s["missing"]),
         }
-    reasons = Counter(f"{e.kind}: {reason_category(e.reason)}" for e in quarantine)
     return {
         "format": "clinfuse-cohort/1",
         "clinfuse_version": __version__,
@@ -377,9 +426,9 @@ def _summary(rows, quarantine, cfg: CohortConfig, fingerprint: str, n_files: int
         "label_columns": cols,
         "classes": classes,
         "counts": {
-            "studies": len(rows),
-            "patients": len({r["patient_id"] for r in rows}),
-            "images": sum(int(r["n_images"]) for r in rows),
+            "studies": tally.n,
+            "patients": len(tally.patients),
+            "images": tally.images,
             "dicom_files_scanned": n_files,
             "report_records": n_reports,
             "label_records": n_labels,
@@ -387,16 +436,16 @@ def _summary(rows, quarantine, cfg: CohortConfig, fingerprint: str, n_files: int
             "studies_without_patient_id": n_unknown_patient,
         },
         "splits": by_split,
-        "missingness": _missing(rows),
-        "quarantine_reasons": dict(sorted(reasons.items())),
+        "missingness": _missing(tally.missing),
+        "quarantine_reasons": dict(sorted(quarantine.reasons.items())),
         "decoders": decoder_report(),
         "fingerprint": {"sha256": fingerprint, "mode": cfg.fingerprint},
         "n_warnings": len(warnings),
     }
 
 
-def _missing(rows) -> dict[str, int]:
-    c = Counter((int(r["image_present"]), int(r["report_present"])) for r in rows)
+def _missing(c: Counter) -> dict[str, int]:
+    """(image present, report present) counts as cohort.json's missingness."""
     return {"both": c.get((1, 1), 0), "image_only": c.get((1, 0), 0), "report_only": c.get((0, 1), 0)}
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import csv
+import os
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import ClinfuseError
 
-__all__ = ["QuarantineEntry", "CohortInputError", "KeyedRecords", "write_quarantine", "reason_category"]
+__all__ = ["QuarantineEntry", "CohortInputError", "KeyedRecords", "write_quarantine", "reason_category",
+           "QuarantineFile"]
 
 
 class CohortInputError(ClinfuseError):
@@ -35,6 +38,42 @@ def write_quarantine(entries: list[QuarantineEntry], path: Path) -> None:
         w.writeheader()
         for e in entries:
             w.writerow(asdict(e))
+
+
+class QuarantineFile:
+    """``quarantine.csv`` written as entries come (``append``, ``+=`` as on a list), so a build that sets
+    aside a million files holds none of them; it keeps the counts per reason that ``cohort.json`` reports.
+    The file is written under a temporary name and renamed by :meth:`close`."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self._f = open(self._tmp, "w", newline="", encoding="utf-8")
+        self._w = csv.DictWriter(self._f, fieldnames=["kind", "source", "reason"])
+        self._w.writeheader()
+        self.n = 0
+        self.reasons: Counter[str] = Counter()  # "kind: reason category" -> count
+
+    def append(self, e: QuarantineEntry) -> None:
+        self._w.writerow(asdict(e))
+        self.n += 1
+        self.reasons[f"{e.kind}: {reason_category(e.reason)}"] += 1
+
+    def __iadd__(self, entries) -> "QuarantineFile":
+        for e in entries:
+            self.append(e)
+        return self
+
+    def __len__(self) -> int:
+        return self.n
+
+    def close(self) -> None:
+        self._f.close()
+        os.replace(self._tmp, self.path)
+
+    def discard(self) -> None:
+        self._f.close()
+        self._tmp.unlink(missing_ok=True)
 
 
 class KeyedRecords:

@@ -23,7 +23,7 @@ from .quarantine import CohortInputError, QuarantineEntry
 from .workers import Failed, bounded_map
 from ..progress import progress as progress_of
 
-__all__ = ["DicomHeader", "FileFacts", "ScanResult", "scan_dicom", "examine_file", "group_studies", "select_images", "load_volume",
+__all__ = ["DicomHeader", "FileFacts", "ScanResult", "scan_dicom", "scan_into", "examine_file", "group_studies", "select_images", "load_volume",
            "VOLUME_MODALITIES", "series_runs", "volume_view", "whole_series", "selection_views"]
 
 VOLUME_MODALITIES = {"CT", "MR", "PT", "NM"}
@@ -267,50 +267,86 @@ def scan_dicom(root: str | Path, cfg: CohortConfig, progress: bool = True) -> Sc
     Each file is read once, in worker processes on every usable core (``cohort.workers``), within
     ``cohort.dicom.max_seconds_per_file`` and ``cohort.dicom.max_worker_mb``: a file past either is set
     aside with the reason. With ``verify_pixels`` the pixels of every file that can be selected are
-    decoded there too (:attr:`DicomHeader.pixel_reason` says why they cannot be used).
+    decoded there too (:attr:`DicomHeader.pixel_reason` says why they cannot be used). The result is held
+    in memory; the cohort build uses :func:`scan_into`, which keeps it on disk.
 
     Raises:
         CohortInputError: `root` is missing or holds no readable DICOM file.
     """
+    import tempfile
 
+    from .buildstore import BuildStore
+
+    with tempfile.TemporaryDirectory(prefix="clinfuse-scan-") as tmp:
+        store = BuildStore(Path(tmp) / "scan.sqlite")
+        try:
+            walk_problems, n_files, skipped = scan_into(store, root, cfg, progress)
+            quarantine = walk_problems + list(store.scan_quarantine())
+            headers = store.headers()
+            digests = {rel.decode("utf-8", "surrogateescape"): d for rel, d in store.digests()}
+        finally:
+            store.close()
+    return ScanResult(headers, quarantine, digests, n_files, skipped)
+
+
+def scan_into(store, root: str | Path, cfg: CohortConfig, progress: bool = True
+              ) -> tuple[list[QuarantineEntry], int, int]:
+    """:func:`scan_dicom` into a :class:`~clinfuse.data.buildstore.BuildStore`: each file's facts are written
+    there as its reading process returns them, so nothing per file stays in this process.
+
+    Returns:
+        (folders that could not be walked, number of candidate files, number of files skipped by ending)
+
+    Raises:
+        CohortInputError: `root` is missing or holds no readable DICOM file.
+    """
     root = Path(root)
     if not root.is_dir():
         raise CohortInputError(f"{root}: DICOM folder not found")
-    files, skipped = [], 0
+    skipped = 0
     quarantine: list[QuarantineEntry] = []
-    for p, wanted in _iter_files(root, cfg.dicom_extensions, quarantine):
-        if wanted:
-            files.append(p)
-        else:
-            skipped += 1
+
+    def wanted_files():
+        nonlocal skipped
+        for p, wanted in _iter_files(root, cfg.dicom_extensions, quarantine):
+            if wanted:
+                yield str(p)
+            else:
+                skipped += 1
+
+    store.add_files(wanted_files())
+    n = store.n_files
+    in_flight: dict[int, str] = {}  # index -> path of the files handed to a reading process, not yet back
+
+    def tasks():
+        for i, p in enumerate(store.files()):
+            in_flight[i] = p
+            # absolute paths: a reading process started earlier in this session may have another working directory
+            yield os.path.abspath(p), cfg_json
+
     cfg_json = cfg.model_dump_json()
     seconds = cfg.dicom.max_seconds_per_file
-    facts: list[FileFacts | None] = [None] * len(files)
-    # absolute paths: a reading process started earlier in this session may have another working directory
-    results = bounded_map("clinfuse.data.studies:examine_file", [(os.path.abspath(p), cfg_json) for p in files],
+    attr = "study_uid" if cfg.key == "StudyInstanceUID" else "accession"
+    results = bounded_map("clinfuse.data.studies:examine_file", tasks(),
                           workers=cfg.workers or None, seconds=seconds, memory_mb=cfg.dicom.max_worker_mb,
                           what=lambda s: f"reading took longer than {s:g} s (cohort.dicom.max_seconds_per_file): "
                                          "a damaged or hostile file, or raise the limit")
-    for i, r in progress_of(results, "scan DICOM", "file", enabled=progress, total=len(files)):
-        facts[i] = FileFacts(None, None, r.reason) if isinstance(r, Failed) else r
-    headers: list[DicomHeader] = []
-    digests: dict[str, str] = {}
-    for p, f in zip(files, facts):
-        assert f is not None
-        if f.digest is not None:
-            digests[p.relative_to(root).as_posix()] = f.digest
-        if f.header is None:
-            quarantine.append(QuarantineEntry("dicom", str(p), f.reason or "unreadable"))
-            continue
-        f.header.path = str(p)  # as the caller named it
-        headers.append(f.header)
-    if not headers:
-        where = f"{len(files)} candidate file(s), none readable" if files else "no candidate files"
+    for i, r in progress_of(results, "scan DICOM", "file", enabled=progress, total=n):
+        f = FileFacts(None, None, r.reason) if isinstance(r, Failed) else r
+        p = in_flight.pop(i)
+        if f.header is not None:
+            f.header.path = p  # as the caller named it
+        store.add_fact(i, Path(p).relative_to(root).as_posix(), f.digest,
+                       getattr(f.header, attr) or None if f.header is not None else None, f.header,
+                       None if f.header is not None else (f.reason or "unreadable"))
+    store.flush()
+    if not store.n_headers():
+        where = f"{n} candidate file(s), none readable" if n else "no candidate files"
         raise CohortInputError(
             f"{root}: no DICOM found ({where}; scanned endings {cfg.dicom_extensions}); "
             "check --dicom or cohort.dicom_extensions"
         )
-    return ScanResult(headers, quarantine, digests, len(files), skipped)
+    return quarantine, n, skipped
 
 
 def group_studies(headers: list[DicomHeader], key: str) -> tuple[dict[str, list[DicomHeader]], list[QuarantineEntry]]:

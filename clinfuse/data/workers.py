@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import importlib
+import itertools
 import os
 import signal
 import socket
@@ -146,31 +147,41 @@ class BoundedPool:
         A result is the function's return value, or a :class:`Failed` when the task raised, ran past
         ``seconds`` (its worker is killed and replaced) or its worker died.
         """
-        pending = list(enumerate(tasks))
+        # tasks are taken as workers free up (an export's million paths are never all in memory); `pending`
+        # holds the few taken ahead, and a task whose worker died before it was sent
+        source = enumerate(tasks)
+        pending = list(itertools.islice(source, self.size))
         pending.reverse()
         with self._lock:
             workers = self._idle[: self.size]
             self._idle = self._idle[self.size:]
         workers += [self._spawn() for _ in range(min(self.size, len(pending)) - len(workers))]
         busy: dict[Connection, _Worker] = {}
+
+        def hand_out() -> None:
+            for w in [w for w in workers if w.task is None and w.ready]:
+                if not pending:
+                    break
+                i, args = pending.pop()
+                if not pending:
+                    pending.extend(itertools.islice(source, 1))
+                try:
+                    w.conn.send((i, args))
+                except OSError:  # died while idle: replace it; the task waits for the next ready worker
+                    pending.append((i, args))
+                    self._replace(workers, w)
+                    continue
+                w.task, w.started = i, time.monotonic()  # the clock starts when a ready worker has the task
+                busy[w.conn] = w
+
         try:
             while pending or busy:
-                for w in [w for w in workers if w.task is None and w.ready]:
-                    if not pending:
-                        break
-                    i, args = pending.pop()
-                    try:
-                        w.conn.send((i, args))
-                    except OSError:  # died while idle: replace it; the task waits for the next ready worker
-                        pending.append((i, args))
-                        self._replace(workers, w)
-                        continue
-                    w.task, w.started = i, time.monotonic()  # the clock starts when a ready worker has the task
-                    busy[w.conn] = w
+                hand_out()
                 starting = {w.conn: w for w in workers if not w.ready}
                 timeout = None
                 if seconds is not None and busy:
                     timeout = max(0.0, min(w.started for w in busy.values()) + seconds - time.monotonic())
+                done: list[tuple[int, Any]] = []
                 for conn in wait(list(busy) + list(starting), timeout=timeout):
                     if conn in starting:
                         w = starting[conn]
@@ -190,12 +201,12 @@ class BoundedPool:
                         code = w.proc.wait()
                         why = (f"killed by {_signal_name(-code)}" if code < 0 else f"exit status {code}")
                         words = w.last_words()
-                        yield i, Failed(f"the reading process died ({why}) on this file"
-                                        + (f": {words}" if words else "")
-                                        + (" (out of memory?)" if code == -signal.SIGKILL else ""))
+                        done.append((i, Failed(f"the reading process died ({why}) on this file"
+                                               + (f": {words}" if words else "")
+                                               + (" (out of memory?)" if code == -signal.SIGKILL else ""))))
                         self._replace(workers, w)
                         continue
-                    yield j, (value if ok else Failed(value))
+                    done.append((j, value if ok else Failed(value)))
                 if seconds is not None:
                     now = time.monotonic()
                     for conn, w in list(busy.items()):
@@ -203,7 +214,11 @@ class BoundedPool:
                             busy.pop(conn)
                             i, w.task = w.task, None
                             self._replace(workers, w)
-                            yield i, Failed(what(seconds) if what else f"took longer than {seconds:g} s")
+                            done.append((i, Failed(what(seconds) if what else f"took longer than {seconds:g} s")))
+                # the freed workers get their next task before the caller handles these results, so a worker
+                # does not wait while the caller writes a result down
+                hand_out()
+                yield from done
         except BaseException:
             for w in workers:
                 w.kill()
@@ -227,7 +242,7 @@ _POOLS: dict[tuple[str, float | None], BoundedPool] = {}
 _POOLS_LOCK = threading.Lock()
 
 
-def bounded_map(target: str, tasks: list[tuple], *, workers: int | None = None, seconds: float | None = None,
+def bounded_map(target: str, tasks: Iterable[tuple], *, workers: int | None = None, seconds: float | None = None,
                 memory_mb: float | None = None, what: Callable[[float], str] | None = None
                 ) -> Iterator[tuple[int, Any]]:
     """:meth:`BoundedPool.map` on a pool kept for this process (one per target and memory cap)."""

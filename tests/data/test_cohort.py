@@ -181,6 +181,18 @@ def test_wholly_unusable_inputs_stop_at_once(small_export, tmp_path):
         read_cohort(tmp_path)
 
 
+def test_the_build_scratch_store_is_removed_after_a_build_and_after_a_failed_one(small_export, tmp_path):
+    _build(small_export, tmp_path / "c")
+    assert sorted(p.name for p in (tmp_path / "c/private").iterdir()) == ["identifiers.json", "key_map.csv", "salt"]
+    labels = tmp_path / "labels.csv"  # labels that join no study: the build stops after the scan
+    header = (small_export / "labels.csv").read_text().splitlines()[0]
+    labels.write_text(header + "\n" + ",".join(["9.9.9"] + ["1"] * header.count(",")) + "\n")
+    with pytest.raises(CohortInputError, match="no study could be joined"):
+        build_cohort(small_export / "dicom", None, labels, tmp_path / "d", progress=False)
+    assert not list((tmp_path / "d/private").glob(".build.*"))
+    assert not (tmp_path / "d/quarantine.csv").exists()
+
+
 @pytest.mark.shared
 def test_ct_series_becomes_one_3d_study(tmp_path):
     from ..conftest import shared_dicom_dir
@@ -222,3 +234,36 @@ def test_shared_dicom_folder_builds_with_every_bad_file_named(tmp_path):
     assert str(src / "pydicom/no_meta.dcm") in sources
     assert s.n_studies >= 10
     assert all(r["reason"] for r in q)
+
+
+def test_a_file_name_that_is_not_utf8_is_read_and_its_path_kept(tmp_path):
+    """PACS exports from older systems carry Latin-1 file names; the build must neither crash on nor lose
+    them, and the path written to cohort.csv must open the same file again."""
+    import os
+
+    import pydicom
+
+    from clinfuse.data.dicom import read_dicom
+
+    exp = tmp_path / "e"
+    synthesize(exp, SynthSpec(studies=12, seed=1, size=32, lateral=0), progress=False)
+    f = next(p for p in sorted((exp / "dicom").rglob("*.dcm")) if _readable(p))
+    uid = str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID)
+    renamed = os.fsencode(f.parent) + b"/r\xe9sultat-\xff.dcm"
+    os.rename(os.fsencode(f), renamed)
+    _build(exp, tmp_path / "c")
+    rows, _ = read_cohort(tmp_path / "c")
+    key_map = dict(line.split(",") for line in (tmp_path / "c/private/key_map.csv").read_text().split()[1:])
+    row = next(r for r in rows if key_map[r["study_id"]] == uid)
+    assert os.path.realpath(renamed) in [os.fsencode(p) for p in row["image_paths"]]
+    assert read_dicom(os.fsdecode(os.path.realpath(renamed))).pixels.size > 0
+
+
+def _readable(path) -> bool:
+    import pydicom
+
+    try:
+        pydicom.dcmread(path).pixel_array
+        return True
+    except Exception:  # noqa: BLE001 - the export's broken files
+        return False

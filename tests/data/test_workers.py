@@ -77,6 +77,25 @@ def test_two_workers_share_the_work():
         pool.close()
 
 
+def test_tasks_are_taken_as_workers_free_up_not_all_at_once():
+    taken = []
+
+    def tasks():
+        for i in range(40):
+            taken.append(i)
+            yield (i,)
+
+    pool = BoundedPool(T + "echo", workers=2)
+    try:
+        it = pool.map(tasks())
+        first = next(it)
+        assert len(taken) <= 2 + 1, f"{len(taken)} of 40 tasks taken before the first result"
+        out = dict([first, *it])
+        assert out == {i: i for i in range(40)} and len(taken) == 40
+    finally:
+        pool.close()
+
+
 def test_abandoning_a_map_stops_its_busy_workers():
     pool = BoundedPool(T + "sleep", workers=2)
     it = pool.map([(0,), (60,), (60,)])

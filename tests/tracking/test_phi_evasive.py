@@ -72,3 +72,27 @@ def test_evasive_identifiers_never_leave_the_cohort(tmp_path):
     for f in files:  # what the guard reads of each file: all of a text, the headers and text chunks of binaries
         kind = guard.find(_screenable_text(f))
         assert kind is None, f"identifier of kind {kind} in {f.relative_to(tmp_path)}"
+
+
+def test_a_guard_built_in_chunks_redacts_exactly_what_one_guard_does(tmp_path, monkeypatch):
+    """A hospital's identifier list is screened in chunks of bounded memory; the chunks together must find
+    every identifier one whole guard finds, and replace it the same way."""
+    import clinfuse.data.cohort as cohort
+
+    exp = tmp_path / "e"
+    synthesize(exp, SynthSpec(studies=40, seed=5, size=32, lateral=0), progress=False)
+    assert _evasive_reports(exp) > 20
+    monkeypatch.setenv("CLINFUSE_SALT", "fixed")
+    build_cohort(exp / "dicom", exp / "reports.csv", exp / "labels.csv", tmp_path / "whole", progress=False)
+    monkeypatch.setattr(cohort, "_GUARD_BUDGET", 40)  # a few names or dates per chunk: dozens of chunks
+    chunks = []
+    real = cohort.BuildStore.identifiers
+    monkeypatch.setattr(cohort.BuildStore, "identifiers",
+                        lambda self, budget: (chunks.append(c) or c for c in real(self, budget)))
+    build_cohort(exp / "dicom", exp / "reports.csv", exp / "labels.csv", tmp_path / "chunked", progress=False)
+    assert len(chunks) > 10
+    whole, chunked = (read_cohort(tmp_path / d) for d in ("whole", "chunked"))
+    assert [r["report"] for r in chunked[0]] == [r["report"] for r in whole[0]]
+    n = whole[1]["counts"]["identifiers_redacted_in_reports"]
+    assert chunked[1]["counts"]["identifiers_redacted_in_reports"] == n >= 4 * 20
+    assert (tmp_path / "whole/cohort.csv").read_bytes() == (tmp_path / "chunked/cohort.csv").read_bytes()

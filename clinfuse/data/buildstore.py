@@ -1,0 +1,231 @@
+"""The cohort build's working tables, on disk: what it learns per file and per study is written there as
+it comes and read back in order, so the build's memory does not grow with the size of the export.
+
+One SQLite file in the cohort's ``private/`` folder (it holds identifiers), deleted when the build ends.
+Paths and identifying values are stored as bytes (UTF-8 with surrogate escapes), so a file name that is
+not valid UTF-8 is kept as the file system gave it, and ``ORDER BY`` on them is Python's ``sorted`` order
+on the strings (UTF-8 byte order is code-point order).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+from .quarantine import QuarantineEntry
+from .studies import DicomHeader
+
+__all__ = ["BuildStore"]
+
+_TUPLES = ("position", "orientation", "spacing")
+
+
+def _b(s: str) -> bytes:
+    return s.encode("utf-8", "surrogateescape")
+
+
+def _s(b: bytes) -> str:
+    return b.decode("utf-8", "surrogateescape")
+
+
+def header_json(h: DicomHeader) -> str:
+    return json.dumps(vars(h))  # its fields are flat (tuples become lists); ensure_ascii: any string survives
+
+
+def header_from_json(text: str) -> DicomHeader:
+    d = json.loads(text)
+    for k in _TUPLES:
+        if d[k] is not None:
+            d[k] = tuple(d[k])
+    return DicomHeader(**d)
+
+
+class BuildStore:
+    """Working tables of one cohort build (see the module's docstring).
+
+    Tables: ``files`` (candidate DICOM files, in walk order), ``facts`` (what the scan learned of each:
+    fingerprint, join key, header or the reason it was set aside), ``extra_keys`` (keys of labels and
+    reports), ``identifiers`` (kind, value: the PHI guard's list), ``rows`` (the cohort's rows before
+    redaction and split) and ``hits`` (identifier spans found in each row's report).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.unlink(missing_ok=True)
+        self.db = sqlite3.connect(self.path, isolation_level=None)
+        for pragma in ("journal_mode=OFF", "synchronous=OFF", "temp_store=FILE", "cache_size=-16000"):
+            self.db.execute(f"PRAGMA {pragma}")  # a scratch file: nothing to recover after a crash
+        self.db.executescript("""
+            CREATE TABLE files(idx INTEGER PRIMARY KEY, path BLOB NOT NULL);
+            CREATE TABLE facts(idx INTEGER PRIMARY KEY, rel BLOB NOT NULL, digest TEXT, key BLOB,
+                               header TEXT, reason TEXT);
+            CREATE TABLE extra_keys(key BLOB PRIMARY KEY) WITHOUT ROWID;
+            CREATE TABLE identifiers(kind TEXT, value BLOB, PRIMARY KEY(kind, value)) WITHOUT ROWID;
+            CREATE TABLE rows(seq INTEGER PRIMARY KEY, key BLOB NOT NULL, row TEXT NOT NULL, report TEXT);
+            CREATE TABLE hits(seq INTEGER, a INTEGER, b INTEGER);
+        """)
+        self.db.execute("BEGIN")
+        self.n_files = 0
+        self.n_rows = 0
+        self._facts: list[tuple] = []
+        self._ids: list[tuple[str, bytes]] = []
+
+    def close(self) -> None:
+        self.db.close()
+        self.path.unlink(missing_ok=True)
+
+    # ---- files and facts
+    def add_files(self, paths) -> None:
+        """The candidate files, in walk order (numbered from 0 as they come)."""
+        batch = []
+        for p in paths:
+            batch.append((self.n_files, _b(p)))
+            self.n_files += 1
+            if len(batch) >= 2000:
+                self.db.executemany("INSERT INTO files VALUES (?, ?)", batch)
+                batch = []
+        self.db.executemany("INSERT INTO files VALUES (?, ?)", batch)
+
+    def files(self, batch: int = 2000) -> Iterator[str]:
+        """The candidate files in walk order (read in batches: no cursor stays open across the writes)."""
+        for start in range(0, self.n_files, batch):
+            for (p,) in self.db.execute("SELECT path FROM files WHERE idx >= ? AND idx < ? ORDER BY idx",
+                                        (start, start + batch)).fetchall():
+                yield _s(p)
+
+    def add_fact(self, idx: int, rel: str, digest: str | None, key: str | None, header: DicomHeader | None,
+                 reason: str | None) -> None:
+        """What the scan learned of file `idx` (written in batches: call :meth:`flush` when the scan ends)."""
+        self._facts.append((idx, _b(rel), digest, _b(key) if key else None,
+                            header_json(header) if header is not None else None, reason))
+        if len(self._facts) >= 500:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what :meth:`add_fact` and :meth:`add_identifiers` hold."""
+        self.db.executemany("INSERT INTO facts VALUES (?, ?, ?, ?, ?, ?)", self._facts)
+        self.db.executemany("INSERT OR IGNORE INTO identifiers VALUES (?, ?)", self._ids)
+        self._facts, self._ids = [], []
+
+    def digests(self) -> Iterator[tuple[bytes, str]]:
+        """(relative path as bytes, digest) of every file read, by path."""
+        yield from self.db.execute("SELECT rel, digest FROM facts WHERE digest IS NOT NULL ORDER BY rel")
+
+    def scan_quarantine(self) -> Iterator[QuarantineEntry]:
+        """The files the scan set aside, in walk order."""
+        for p, reason in self.db.execute(
+                "SELECT files.path, reason FROM facts JOIN files USING (idx) WHERE header IS NULL ORDER BY idx"):
+            yield QuarantineEntry("dicom", _s(p), reason)
+
+    def keyless(self, key: str) -> Iterator[QuarantineEntry]:
+        """The readable files without a join key, in walk order."""
+        for (p,) in self.db.execute("SELECT files.path FROM facts JOIN files USING (idx) "
+                                    "WHERE header IS NOT NULL AND key IS NULL ORDER BY idx"):
+            yield QuarantineEntry("dicom", _s(p), f"no {key} in the header; cannot join to a report")
+
+    def n_headers(self) -> int:
+        return self.db.execute("SELECT count(*) FROM facts WHERE header IS NOT NULL").fetchone()[0]
+
+    def headers(self, key: str | None = None) -> list[DicomHeader]:
+        """The headers of one study (key), or of every readable file, in walk order."""
+        if key is None:
+            cur = self.db.execute("SELECT header FROM facts WHERE header IS NOT NULL ORDER BY idx")
+        else:
+            cur = self.db.execute("SELECT header FROM facts WHERE key = ? AND header IS NOT NULL ORDER BY idx",
+                                  (_b(key),))
+        return [header_from_json(h) for (h,) in cur]
+
+    # ---- the join
+    def add_keys(self, keys) -> None:
+        self.db.executemany("INSERT OR IGNORE INTO extra_keys VALUES (?)", ((_b(k),) for k in keys))
+
+    def collect_keys(self) -> int:
+        """Gather every key of the export (image studies, labels, reports), sorted, each once; how many."""
+        self.db.execute("CREATE INDEX IF NOT EXISTS facts_key ON facts(key)")
+        self.db.execute("CREATE TABLE all_keys AS SELECT key FROM facts WHERE key IS NOT NULL AND header IS "
+                        "NOT NULL UNION SELECT key FROM extra_keys ORDER BY key")
+        return self.db.execute("SELECT count(*) FROM all_keys").fetchone()[0]
+
+    def keys(self, batch: int = 2000) -> Iterator[str]:
+        """The keys of :meth:`collect_keys`, in order (in batches: the join writes while it walks them)."""
+        last = 0
+        while True:
+            rows = self.db.execute("SELECT rowid, key FROM all_keys WHERE rowid > ? ORDER BY rowid LIMIT ?",
+                                   (last, batch)).fetchall()
+            if not rows:
+                return
+            for last, k in rows:
+                yield _s(k)
+
+    def n_image_studies(self) -> int:
+        return self.db.execute("SELECT count(DISTINCT key) FROM facts WHERE key IS NOT NULL AND header IS NOT NULL"
+                               ).fetchone()[0]
+
+    def add_identifiers(self, pairs) -> None:
+        """(kind, value) pairs for the PHI guard's list (a value already listed under its kind is kept once;
+        written in batches: :meth:`flush`)."""
+        self._ids.extend((kind, _b(v)) for kind, v in pairs)
+        if len(self._ids) >= 5000:
+            self.flush()
+
+    def identifiers(self, budget: int) -> Iterator[dict[str, list[str]]]:
+        """The identifier list in chunks (kind -> sorted values), each of at most `budget` units: a UID costs
+        one (the guard keeps it in a set), any other value 16 (its typed variants go into the automaton:
+        a birth date has twelve, in two forms each). A guard costs about 100 bytes per unit."""
+        self.flush()
+        out: dict[str, list[str]] = {}
+        used = 0
+        for kind, v in self.db.execute("SELECT kind, value FROM identifiers ORDER BY kind, value"):
+            cost = 1 if kind.endswith("_uid") else 16
+            if used + cost > budget and used:
+                yield out
+                out, used = {}, 0
+            out.setdefault(kind, []).append(_s(v))
+            used += cost
+        if out:
+            yield out
+
+    def write_identifiers(self, path: Path) -> None:
+        """``private/identifiers.json`` (kind -> sorted values), written as it is read."""
+        self.flush()
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("{")
+            kind_now = None
+            for kind, v in self.db.execute("SELECT kind, value FROM identifiers ORDER BY kind, value"):
+                if kind != kind_now:
+                    f.write(("\n ]," if kind_now is not None else "") + f"\n {json.dumps(kind)}: [")
+                    sep, kind_now = "\n  ", kind
+                f.write(sep + json.dumps(_s(v)))
+                sep = ",\n  "
+            f.write("\n ]\n}" if kind_now is not None else "}")
+
+    def add_row(self, key: str, row: dict) -> None:
+        report = row.pop("report")
+        self.db.execute("INSERT INTO rows VALUES (?, ?, ?, ?)", (self.n_rows, _b(key), json.dumps(row), report))
+        self.n_rows += 1
+
+    def reports(self, batch: int = 2000) -> Iterator[tuple[int, str]]:
+        for start in range(0, self.n_rows, batch):
+            yield from self.db.execute("SELECT seq, report FROM rows WHERE seq >= ? AND seq < ? AND report != '' "
+                                       "ORDER BY seq", (start, start + batch)).fetchall()
+
+    def add_hits(self, seq: int, spans: list[tuple[int, int]]) -> None:
+        if spans:
+            self.db.executemany("INSERT INTO hits VALUES (?, ?, ?)", ((seq, a, b) for a, b in spans))
+
+    def rows(self, batch: int = 2000) -> Iterator[tuple[str, dict, list[tuple[int, int]]]]:
+        """(key, row with its report, identifier spans in the report) in join order."""
+        self.db.execute("CREATE INDEX IF NOT EXISTS hits_seq ON hits(seq)")
+        for start in range(0, self.n_rows, batch):
+            spans: dict[int, list[tuple[int, int]]] = {}
+            for seq, a, b in self.db.execute("SELECT seq, a, b FROM hits WHERE seq >= ? AND seq < ?",
+                                             (start, start + batch)):
+                spans.setdefault(seq, []).append((a, b))
+            for seq, k, row, report in self.db.execute(
+                    "SELECT seq, key, row, report FROM rows WHERE seq >= ? AND seq < ? ORDER BY seq",
+                    (start, start + batch)).fetchall():
+                r = json.loads(row)
+                r["report"] = report
+                yield _s(k), r, spans.get(seq, [])
