@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import LabelConfig
-from .quarantine import CohortInputError, KeyedRecords, QuarantineEntry
+from .quarantine import CohortInputError, KeyedRecords, MemoryRecords, QuarantineEntry
 from .reports import open_keyed_csv
 
 __all__ = ["LabelTable", "load_labels", "parse_binary"]
@@ -68,12 +68,14 @@ def _parse_row(row: dict, cfg: LabelConfig) -> tuple[list[int] | None, str]:
     return None, f"unknown class '{raw}' in column '{col}' (allowed: {', '.join(cfg.class_names)})"
 
 
-def load_labels(path: str | Path, key_column: str, cfg: LabelConfig, digest=None) -> LabelTable:
+def load_labels(path: str | Path, key_column: str, cfg: LabelConfig, digest=None, store=None) -> LabelTable:
     """Read the labels CSV.
 
     Unknown classes, empty cells and conflicting duplicates are quarantined (a conflicting key loses
     every row); identical duplicates are merged. `digest` (a hashlib object, e.g. the cohort fingerprint's)
-    is fed the bytes that were parsed, so the fingerprint is of what was read.
+    is fed the bytes that were parsed, so the fingerprint is of what was read. With `store` (a cohort
+    build's :class:`~clinfuse.data.buildstore.BuildStore`) the labels are kept there, not in memory, and
+    ``labels``, ``sources`` and ``patients`` are read-only mappings over them.
 
     Raises:
         CohortInputError: the file is missing or lacks the key or a label column.
@@ -88,9 +90,9 @@ def load_labels(path: str | Path, key_column: str, cfg: LabelConfig, digest=None
             "set --label-columns or cohort.labels.columns"
         )
 
-    patients: dict[str, str] = {}
     quarantine: list[QuarantineEntry] = []
-    records = KeyedRecords("label", "label", quarantine)
+    records = KeyedRecords("label", "label", quarantine, store.records("label") if store is not None else None)
+    patient_table = store.records("label_patient") if store is not None else MemoryRecords()
     n = 0
     for i, row in enumerate(reader, start=2):
         n += 1
@@ -104,6 +106,6 @@ def load_labels(path: str | Path, key_column: str, cfg: LabelConfig, digest=None
             quarantine.append(QuarantineEntry("label", source, reason))
             continue
         if records.add(key, vec, source) and cfg.patient_column and row.get(cfg.patient_column):
-            patients[key] = row[cfg.patient_column].strip()
+            patient_table.put(key, row[cfg.patient_column].strip(), source)
     labels = records.kept()
-    return LabelTable(labels, records.sources, patients, quarantine, warnings, n)
+    return LabelTable(labels, records.sources, patient_table.kept(), quarantine, warnings, n)

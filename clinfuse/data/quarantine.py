@@ -78,25 +78,60 @@ class QuarantineFile:
 
 class KeyedRecords:
     """Records by key: the first one is kept, identical duplicates merge, and a key whose records
-    conflict is set aside whole (one quarantine entry names the conflicting row and the first)."""
+    conflict is set aside whole (one quarantine entry names the conflicting row and the first).
 
-    def __init__(self, kind: str, what: str, quarantine: list[QuarantineEntry]):
+    `table`: where the records are kept; by default a dict in memory, or a table on disk with the same
+    methods (``BuildStore.records``: a cohort build keeps a hospital's labels and reports there)."""
+
+    def __init__(self, kind: str, what: str, quarantine: list[QuarantineEntry], table=None):
         self.kind, self.what, self.quarantine = kind, what, quarantine
-        self.values: dict[str, object] = {}
-        self.sources: dict[str, str] = {}
-        self.conflicted: set[str] = set()
+        self.table = table if table is not None else MemoryRecords()
 
     def add(self, key: str, value, source: str, same=lambda a, b: a == b) -> bool:
         """Add a record; True when it is the first for its key."""
-        if key not in self.values:
-            self.values[key], self.sources[key] = value, source
+        first = self.table.first(key)
+        if first is None:
+            self.table.put(key, value, source)
             return True
-        if not same(self.values[key], value) and key not in self.conflicted:
-            self.conflicted.add(key)
+        first_value, first_source, conflicted = first
+        if not conflicted and not same(first_value, value):
+            self.table.set_conflicted(key)
             self.quarantine.append(QuarantineEntry(
                 self.kind, source, f"conflicting duplicate {self.what} for this key "
-                f"(first at {self.sources[key]}); every row of this key set aside"))
+                f"(first at {first_source}); every row of this key set aside"))
         return False
+
+    @property
+    def sources(self):
+        """key -> where its first record was read (conflicted keys too)."""
+        return self.table.sources()
+
+    def kept(self):
+        """key -> value of every key without a conflict."""
+        return self.table.kept()
+
+
+class MemoryRecords:
+    """:class:`KeyedRecords`' table in memory."""
+
+    def __init__(self):
+        self.values: dict[str, object] = {}
+        self._sources: dict[str, str] = {}
+        self.conflicted: set[str] = set()
+
+    def first(self, key: str):
+        if key not in self.values:
+            return None
+        return self.values[key], self._sources[key], key in self.conflicted
+
+    def put(self, key: str, value, source: str) -> None:
+        self.values[key], self._sources[key] = value, source
+
+    def set_conflicted(self, key: str) -> None:
+        self.conflicted.add(key)
+
+    def sources(self) -> dict[str, str]:
+        return self._sources
 
     def kept(self) -> dict[str, object]:
         return {k: v for k, v in self.values.items() if k not in self.conflicted}

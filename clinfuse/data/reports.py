@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -48,6 +49,67 @@ def decode_bytes(data: bytes, encoding: str = "utf-8", fallback: str = "cp1252")
         except UnicodeDecodeError:
             continue
     raise AssertionError("latin-1 decodes every byte string")  # pragma: no cover
+
+
+_CHUNK = 1 << 20
+
+
+def _decodes(path: Path, encoding: str, skip: int) -> int | None:
+    """None when the file (past `skip` bytes) decodes as `encoding`, else the offset of the first bad byte."""
+    dec = codecs.getincrementaldecoder(encoding)()
+    done = skip
+    with open(path, "rb") as f:
+        f.seek(skip)
+        while True:
+            chunk = f.read(_CHUNK)
+            pending = len(dec.getstate()[0])  # bytes of a character cut by the last chunk, decoded with this one
+            try:
+                dec.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                return done - pending + e.start
+            if not chunk:
+                return None
+            done += len(chunk)
+
+
+class _Hashing(io.RawIOBase):
+    """A binary file that feeds what is read from it to `digest` (None: nothing)."""
+
+    def __init__(self, f, digest):
+        self.f, self.digest = f, digest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self.f.readinto(b)
+        if n and self.digest is not None:
+            self.digest.update(memoryview(b)[:n])
+        return n
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
+
+
+def open_text(path: Path, tag: str, digest=None, encoding: str = "utf-8", fallback: str = "cp1252"):
+    """A text file opened as :func:`decode_bytes` would decode it, read as a stream (a hospital's reports file
+    is never held whole): ``(text stream, warning or None)``. The encoding is found by a first pass; the
+    second, the one parsed, feeds `digest` the file's bytes tagged `tag` (as ``_feed`` does)."""
+    with open(path, "rb") as f:
+        skip = 3 if f.read(3) == b"\xef\xbb\xbf" else 0
+    warning = None
+    bad = _decodes(path, encoding, skip)
+    if bad is not None:
+        chosen = next(enc for enc in (fallback, "latin-1") if enc == "latin-1" or _decodes(path, enc, skip) is None)
+        warning = f"not valid {encoding} (first bad byte at offset {bad - skip}); decoded as {chosen}"
+        encoding = chosen
+    if digest is not None:
+        digest.update(tag.encode() + b"\0")
+    raw = _Hashing(open(path, "rb"), digest)
+    if skip:
+        raw.read(skip)
+    return io.TextIOWrapper(io.BufferedReader(raw, _CHUNK), encoding=encoding, newline=""), warning
 
 
 def _heading_re(sections: list[str]) -> re.Pattern:
@@ -106,14 +168,24 @@ def _make_report(raw: str, cfg: ReportConfig, source: str, patient: str | None) 
 
 
 def _records_from_file(path: Path, key_column: str, cfg: ReportConfig, warnings: list[str], digest=None):
-    """Yield (row_label, key, text, patient) from a CSV or JSON-lines file."""
-    data = path.read_bytes()
-    _feed(digest, "report", data)
-    text, warn = decode_bytes(data, cfg.encoding, cfg.fallback_encoding)
+    """Yield (row_label, key, text, patient) from a CSV or JSON-lines file, read as a stream."""
+    f, warn = open_text(path, "report", digest, cfg.encoding, cfg.fallback_encoding)
     if warn:
         warnings.append(f"{path}: {warn}")
+    with f:
+        yield from _parse_records(f, path, key_column, cfg)
+
+
+def _json_lines(f):
+    """The lines of a text stream as ``str.splitlines`` splits them (also at \\x0b, \\x0c, \\x1c-\\x1e,
+    \\x85, U+2028, U+2029), without holding the whole text."""
+    for line in f:
+        yield from line.splitlines()
+
+
+def _parse_records(f, path: Path, key_column: str, cfg: ReportConfig):
     if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
-        for i, line in enumerate(text.splitlines(), start=1):
+        for i, line in enumerate(_json_lines(f), start=1):
             if not line.strip():
                 continue
             try:
@@ -136,7 +208,7 @@ def _records_from_file(path: Path, key_column: str, cfg: ReportConfig, warnings:
             yield f"{path}:line {i}", str(rec.get(key_column) or ""), rec.get(cfg.text_column), \
                 rec.get(cfg.patient_column) if cfg.patient_column else None
         return
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    reader = csv.DictReader(f)
     _allow_long_fields()
     cols = reader.fieldnames or []
     for needed, flag in ((key_column, "--reports-key / cohort.reports.key_column"),
@@ -171,23 +243,50 @@ def open_keyed_csv(path: Path, key_column: str, what: str, key_setting: str, dig
     """
     if not path.is_file():
         raise CohortInputError(f"{path}: {what} file not found")
-    data = path.read_bytes()
-    _feed(digest, what, data)
-    text, warn = decode_bytes(data)
+    f, warn = open_text(path, what, digest)
     _allow_long_fields()
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    reader = _ClosingDictReader(f)
     cols = list(reader.fieldnames or [])
     if key_column not in cols:
+        f.close()
         raise CohortInputError(f"{path}: key column '{key_column}' not found (columns: {', '.join(cols)}); "
                                f"set {key_setting}")
     return reader, cols, ([f"{path}: {warn}"] if warn else [])
 
 
-def load_reports(path: str | Path, key_column: str, cfg: ReportConfig, digest=None) -> ReportTable:
+class _ClosingDictReader(csv.DictReader):
+    """A DictReader over a file it closes when the rows run out (the file is read as a stream)."""
+
+    def __init__(self, f):
+        super().__init__(f)
+        self._file = f
+
+    def __next__(self):
+        try:
+            return super().__next__()
+        except StopIteration:
+            self._file.close()
+            raise
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _report_json(r: Report) -> str:
+    return json.dumps([r.sections, r.text, r.source, r.patient])
+
+
+def _report_from_json(text: str) -> Report:
+    return Report(*json.loads(text))
+
+
+def load_reports(path: str | Path, key_column: str, cfg: ReportConfig, digest=None, store=None) -> ReportTable:
     """Read reports keyed by `key_column` from a CSV, a JSON-lines file or a folder of ``<key>.txt``.
 
     Empty reports and conflicting duplicates are quarantined; identical duplicates are merged. `digest`
-    is fed the bytes parsed, file by file (see ``load_labels``).
+    is fed the bytes parsed, file by file (see ``load_labels``). With `store` (a cohort build's
+    :class:`~clinfuse.data.buildstore.BuildStore`) the reports are kept there, not in memory, and
+    ``reports`` is a read-only mapping over them.
 
     Raises:
         CohortInputError: the source is missing or has no key/text column.
@@ -225,7 +324,8 @@ def load_reports(path: str | Path, key_column: str, cfg: ReportConfig, digest=No
     else:
         rows = _records_from_file(path, key_column, cfg, warnings, digest)
 
-    records = KeyedRecords("report", "report", quarantine)
+    table = store.records("report", _report_json, _report_from_json) if store is not None else None
+    records = KeyedRecords("report", "report", quarantine, table)
     n = 0
     for source, key, text, patient in rows:
         n += 1

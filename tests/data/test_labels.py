@@ -48,3 +48,21 @@ def test_missing_columns_are_fatal(tmp_path):
         load_labels(f, "StudyInstanceUID", LabelConfig())
     with pytest.raises(CohortInputError, match=r"label column\(s\) \['dx'\] not found"):
         load_labels(f, "key", LabelConfig(columns=["dx"]))
+
+
+def test_labels_kept_in_a_build_store_are_the_ones_kept_in_memory(tmp_path):
+    from clinfuse.data.buildstore import BuildStore
+
+    f = _csv(tmp_path, "StudyInstanceUID,label,PatientID\n1,1,p1\n2,0,p2\n3,maybe,p3\n5,1,p5\n5,1,p9\n6,1,p6\n"
+                       "6,0,p6\n7,0,\n")
+    cfg = LabelConfig(patient_column="PatientID")
+    mem = load_labels(f, "StudyInstanceUID", cfg)
+    store = BuildStore(tmp_path / "s.sqlite")
+    try:
+        disk = load_labels(f, "StudyInstanceUID", cfg, store=store)
+        assert dict(disk.labels) == mem.labels == {"1": [1], "2": [0], "5": [1], "7": [0]}
+        assert dict(disk.sources) == mem.sources and "6" in disk.sources and "6" not in disk.labels
+        assert dict(disk.patients) == mem.patients == {"1": "p1", "2": "p2", "5": "p5", "6": "p6"}
+        assert [q.reason for q in disk.quarantine] == [q.reason for q in mem.quarantine]
+    finally:
+        store.close()

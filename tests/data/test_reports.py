@@ -1,6 +1,11 @@
+import csv
+import hashlib
 import json
 
+import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from clinfuse.config import ReportConfig
 from clinfuse.data.quarantine import CohortInputError
@@ -90,3 +95,88 @@ def test_missing_column_or_source_is_fatal(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CohortInputError, match="no .txt report files"):
         load_reports(tmp_path / "empty", "StudyInstanceUID", CFG)
+
+
+# ---- read as a stream, kept on disk (a hospital's reports file is never held whole; issue 15)
+
+_BYTES = [b"a", b"\n", b"\r", b",", b"\xc3", b"\xa9", b"\xe2\x82\xac", b"\xff", b"\x81", b"\xef\xbb\xbf",
+          "\u2028".encode(), b"\x0c", b'"']
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parts=st.lists(st.sampled_from(_BYTES), max_size=40), chunk=st.integers(1, 9))
+def test_the_streamed_text_is_what_decoding_the_whole_file_gives(tmp_path, monkeypatch, parts, chunk):
+    """Text, warning, fingerprint and JSON lines as the whole-file decode gives them, with reads cut at every
+    byte offset (characters split between reads, a BOM, bytes that are not UTF-8 or not cp1252)."""
+    import clinfuse.data.reports as reports
+
+    monkeypatch.setattr(reports, "_CHUNK", chunk)
+    data = b"".join(parts)
+    p = tmp_path / "r.csv"
+    p.write_bytes(data)
+    want, want_warning = decode_bytes(data)
+    whole, streamed = hashlib.sha256(b"report\0" + data), hashlib.sha256()
+    f, warning = reports.open_text(p, "report", streamed)
+    with f:
+        assert f.read() == want
+    assert warning == want_warning
+    assert streamed.hexdigest() == whole.hexdigest()
+    f, _ = reports.open_text(p, "report")
+    with f:
+        assert list(reports._json_lines(f)) == want.splitlines()
+
+
+def _reports_csv(path, n, words=150):
+    rng = np.random.default_rng(0)
+    vocab = ["opacity", "effusion", "clear", "lungs", "no", "acute", "the", "right", "left", "base", "é"]
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["StudyInstanceUID", "report"])
+        for i in range(n):
+            w.writerow([f"1.2.{i}", "FINDINGS: " + " ".join(rng.choice(vocab, words)) + "."])
+        w.writerow(["1.2.0", "FINDINGS: another text."])  # a conflicting duplicate: the key is set aside
+
+
+def test_reports_kept_in_a_build_store_are_the_ones_kept_in_memory(tmp_path):
+    from clinfuse.data.buildstore import BuildStore
+
+    path = tmp_path / "reports.csv"
+    _reports_csv(path, 300, words=20)
+    mem = load_reports(path, "StudyInstanceUID", CFG)
+    store = BuildStore(tmp_path / "s.sqlite")
+    try:
+        disk = load_reports(path, "StudyInstanceUID", CFG, store=store)
+        assert len(disk.reports) == len(mem.reports) == 299 and "1.2.0" not in disk.reports
+        assert list(disk.reports) == sorted(mem.reports)
+        assert all(disk.reports[k] == mem.reports[k] for k in mem.reports)
+        assert disk.reports.get("9.9") is None and "1.2.7" in disk.reports
+        assert [q.reason for q in disk.quarantine] == [q.reason for q in mem.quarantine]
+    finally:
+        store.close()
+
+
+def test_a_large_reports_file_is_not_held_in_memory_by_a_build(tmp_path):
+    """tracemalloc counts the Python objects made while reading 12 MB of reports: read into a build store,
+    the read buffers only (about 4 MB: a 1 MiB read and its decoded text), whatever the file's size; held in
+    memory (no store), more than the file."""
+    import tracemalloc
+
+    from clinfuse.data.buildstore import BuildStore
+
+    path = tmp_path / "reports.csv"
+    _reports_csv(path, 12_000)
+    size = path.stat().st_size
+    assert size > 10e6
+    peaks = {}
+    for where in ("store", "memory"):
+        store = BuildStore(tmp_path / "s.sqlite") if where == "store" else None
+        tracemalloc.start()
+        table = load_reports(path, "StudyInstanceUID", CFG, hashlib.sha256(), store=store)
+        peaks[where] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert len(table.reports) == 11_999
+        del table
+        if store is not None:
+            store.close()
+    assert peaks["store"] < min(6e6, size / 2), peaks
+    assert peaks["memory"] > size, peaks
