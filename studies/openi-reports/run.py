@@ -3,7 +3,7 @@
 Questions (see README.md):
   1. 11 MeSH findings from FINDINGS + IMPRESSION: TF-IDF + logistic regression vs MiniLM vs tiny BERT.
   2. `abnormal` from INDICATION alone (no label leak): the same three models.
-  3. The rarest findings: unweighted BCE vs the package default (focal + effective-number weights).
+  3. The rarest findings: unweighted BCE vs focal + effective-number weights (the package default until 2026-12-06).
   4. Explanations of 20 test reports: top words and deletion faithfulness against random orders.
   5. Repeated splits: questions 1 and 2's TF-IDF baseline, MiniLM alone and MiniLM with clinfuse's lexical
      branch (model.text.lexical) over several split seeds (the model choice judged over splits, not one test
@@ -143,7 +143,7 @@ def question_1_2(out: Path, q: str, epochs: dict, n_boot: int) -> dict:
 
 def question_3(out: Path, epochs: int, n_boot: int) -> None:
     coh = make_cohort(out, "q3")
-    conds = {c: IMBALANCE[c] for c in ("bce unweighted", "focal + effective weights (default)")}
+    conds = {c: IMBALANCE[c] for c in ("bce unweighted", "focal + effective weights (former default)")}
     enc = ENCODERS["tiny BERT (from scratch)"]
     rows = []
     for cname, extra in conds.items():
@@ -241,14 +241,14 @@ def paired_rows(per: dict, models: list[str], metrics: tuple[str, ...]) -> list[
 
 
 IMBALANCE = {"bce unweighted": ["loss.name=bce", "loss.class_weights=none"],
-             "focal + effective weights (default)": ["loss.name=focal", "loss.class_weights=effective"],
+             "focal + effective weights (former default)": ["loss.name=focal", "loss.class_weights=effective"],
              "focal unweighted": ["loss.name=focal", "loss.class_weights=none"],
              "bce effective weights": ["loss.name=bce", "loss.class_weights=effective"]}
 
 
 def question_6(out: Path, splits: list[int], epochs: int) -> None:
     """Question 3 over split seeds: the rarest findings (3-label task, tiny BERT from scratch), unweighted BCE
-    against the package default (focal + effective-number weights) and each half of it alone; per finding and
+    against focal + effective-number weights (the package default until 2026-12-06) and each half of it alone; per finding and
     macro, AUPRC and sensitivity at specificity 0.90, paired over the splits."""
     enc = ENCODERS["tiny BERT (from scratch)"]
     keys = [f"{n} {met}" for n in RARE + ["macro"] for met in ("AUPRC", "sens@spec0.90")]

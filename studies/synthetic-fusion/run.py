@@ -187,7 +187,7 @@ def question_2(out: Path, seeds: list[int], studies: int) -> None:
 def question_3(out: Path, seeds: list[int], studies: int) -> None:
     conds = {"bce unweighted": ["loss.name=bce", "loss.class_weights=none"],
              "bce effective weights": ["loss.name=bce", "loss.class_weights=effective"],
-             "focal + effective weights (default)": ["loss.name=focal", "loss.class_weights=effective"],
+             "focal + effective weights (former default)": ["loss.name=focal", "loss.class_weights=effective"],
              "logit adjusted": ["loss.name=logit_adjusted", "loss.class_weights=none"],
              "balanced sampler + bce": ["loss.name=bce", "loss.class_weights=none", "loss.sampler=balanced"]}
     rows = []
