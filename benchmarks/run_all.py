@@ -21,6 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = {
     "ingest": [],
+    "cohort_scale": [],
     "train_throughput": [],
     "explain_cost": [],
     "phi_guard": [],
