@@ -75,8 +75,10 @@ def run(code: str, *args: Path) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--studies", type=int, nargs="+", default=[20000, 100000])
-    ap.add_argument("--keep", type=Path, help="write (or reuse) the generated files here")
+    ap.add_argument("--studies", type=int, nargs="+", default=[20000, 100000],
+                    help="a row per number of studies (default: %(default)s)")
+    ap.add_argument("--keep", type=Path, help="write the generated reports and labels here and reuse them on the "
+                    "next run (default: a temporary folder, removed at the end)")
     args = ap.parse_args()
     d = args.keep or Path(tempfile.mkdtemp(prefix="clinfuse-scale-"))
     d.mkdir(parents=True, exist_ok=True)
