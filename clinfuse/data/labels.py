@@ -85,6 +85,7 @@ def load_labels(path: str | Path, key_column: str, cfg: LabelConfig, digest=None
                                            digest)
     missing = [c for c in cfg.columns if c not in cols]
     if missing:
+        reader.close()
         raise CohortInputError(
             f"{path}: label column(s) {missing} not found (columns: {', '.join(cols)}); "
             "set --label-columns or cohort.labels.columns"
