@@ -46,8 +46,8 @@ class BuildStore:
     """Working tables of one cohort build (see the module's docstring).
 
     Tables: ``files`` (candidate DICOM files, in walk order), ``facts`` (what the scan learned of each:
-    fingerprint, join key, header or the reason it was set aside), ``extra_keys`` (keys of labels and
-    reports), ``identifiers`` (kind, value: the PHI guard's list), ``rows`` (the cohort's rows before
+    fingerprint, join key, header or the reason it was set aside), ``records`` (labels and reports by key,
+    :meth:`records`), ``identifiers`` (kind, value: the PHI guard's list), ``rows`` (the cohort's rows before
     redaction and split) and ``hits`` (identifier spans found in each row's report).
     """
 
@@ -61,7 +61,6 @@ class BuildStore:
             CREATE TABLE files(idx INTEGER PRIMARY KEY, path BLOB NOT NULL);
             CREATE TABLE facts(idx INTEGER PRIMARY KEY, rel BLOB NOT NULL, digest TEXT, key BLOB,
                                header TEXT, reason TEXT);
-            CREATE TABLE extra_keys(key BLOB PRIMARY KEY) WITHOUT ROWID;
             CREATE TABLE identifiers(kind TEXT, value BLOB, PRIMARY KEY(kind, value)) WITHOUT ROWID;
             CREATE TABLE rows(seq INTEGER PRIMARY KEY, key BLOB NOT NULL, row TEXT NOT NULL, report TEXT);
             CREATE TABLE hits(seq INTEGER, a INTEGER, b INTEGER);
@@ -144,14 +143,14 @@ class BuildStore:
         return [header_from_json(h) for (h,) in cur]
 
     # ---- the join
-    def add_keys(self, keys) -> None:
-        self.db.executemany("INSERT OR IGNORE INTO extra_keys VALUES (?)", ((_b(k),) for k in keys))
-
-    def collect_keys(self) -> int:
-        """Gather every key of the export (image studies, labels, reports), sorted, each once; how many."""
+    def collect_keys(self, record_kinds: tuple[str, ...]) -> int:
+        """Gather every key of the export (image studies, and the records of `record_kinds` without a
+        conflict: labels, reports), sorted, each once; how many."""
         self.db.execute("CREATE INDEX IF NOT EXISTS facts_key ON facts(key)")
+        marks = ", ".join("?" * len(record_kinds))
         self.db.execute("CREATE TABLE all_keys AS SELECT key FROM facts WHERE key IS NOT NULL AND header IS "
-                        "NOT NULL UNION SELECT key FROM extra_keys ORDER BY key")
+                        f"NOT NULL UNION SELECT key FROM records WHERE kind IN ({marks}) AND conflicted = 0 "
+                        "ORDER BY key", record_kinds)
         return self.db.execute("SELECT count(*) FROM all_keys").fetchone()[0]
 
     def keys(self, batch: int = 2000) -> Iterator[str]:

@@ -221,9 +221,7 @@ def _build(store: BuildStore, quarantine: QuarantineFile, dicom_dir, reports, la
 
     reports_by_key = report_table.reports if report_table else {}
     vars_by_key = var_table.values if var_table else {}
-    store.add_keys(reports_by_key)
-    store.add_keys(label_table.labels)
-    n_keys = store.collect_keys()
+    n_keys = store.collect_keys(("label", "report"))  # the loaders' record kinds
 
     salt = _salt(private)
     patient_of: dict[str, str] = {}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import ClinfuseError
 
-__all__ = ["QuarantineEntry", "CohortInputError", "KeyedRecords", "write_quarantine", "reason_category",
+__all__ = ["QuarantineEntry", "CohortInputError", "KeyedRecords", "reason_category",
            "QuarantineFile"]
 
 
@@ -30,14 +30,6 @@ class QuarantineEntry:
 def reason_category(reason: str) -> str:
     """The reason without its specifics (for counting in cohort.json, which must carry no paths)."""
     return reason.split(" (")[0].split(":")[0].strip()
-
-
-def write_quarantine(entries: list[QuarantineEntry], path: Path) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=["kind", "source", "reason"])
-        w.writeheader()
-        for e in entries:
-            w.writerow(asdict(e))
 
 
 class QuarantineFile:

@@ -23,7 +23,7 @@ from .quarantine import CohortInputError, QuarantineEntry
 from .workers import Failed, bounded_map
 from ..progress import progress as progress_of
 
-__all__ = ["DicomHeader", "FileFacts", "ScanResult", "scan_dicom", "scan_into", "examine_file", "group_studies", "select_images", "load_volume",
+__all__ = ["DicomHeader", "FileFacts", "ScanResult", "scan_dicom", "scan_into", "examine_file", "select_images", "load_volume",
            "VOLUME_MODALITIES", "series_runs", "volume_view", "whole_series", "selection_views"]
 
 VOLUME_MODALITIES = {"CT", "MR", "PT", "NM"}
@@ -347,20 +347,6 @@ def scan_into(store, root: str | Path, cfg: CohortConfig, progress: bool = True
             "check --dicom or cohort.dicom_extensions"
         )
     return quarantine, n, skipped
-
-
-def group_studies(headers: list[DicomHeader], key: str) -> tuple[dict[str, list[DicomHeader]], list[QuarantineEntry]]:
-    """Group headers by the cohort key (StudyInstanceUID or AccessionNumber)."""
-    studies: dict[str, list[DicomHeader]] = defaultdict(list)
-    quarantine = []
-    attr = "study_uid" if key == "StudyInstanceUID" else "accession"
-    for h in headers:
-        k = getattr(h, attr)
-        if not k:
-            quarantine.append(QuarantineEntry("dicom", h.path, f"no {key} in the header; cannot join to a report"))
-            continue
-        studies[k].append(h)
-    return dict(studies), quarantine
 
 
 def select_images(files: list[DicomHeader], cfg: DicomConfig) -> tuple[list[DicomHeader], str, list[QuarantineEntry]]:
