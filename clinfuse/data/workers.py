@@ -157,31 +157,26 @@ class BoundedPool:
             self._idle = self._idle[self.size:]
         workers += [self._spawn() for _ in range(min(self.size, len(pending)) - len(workers))]
         busy: dict[Connection, _Worker] = {}
-
-        def hand_out() -> None:
-            for w in [w for w in workers if w.task is None and w.ready]:
-                if not pending:
-                    break
-                i, args = pending.pop()
-                if not pending:
-                    pending.extend(itertools.islice(source, 1))
-                try:
-                    w.conn.send((i, args))
-                except OSError:  # died while idle: replace it; the task waits for the next ready worker
-                    pending.append((i, args))
-                    self._replace(workers, w)
-                    continue
-                w.task, w.started = i, time.monotonic()  # the clock starts when a ready worker has the task
-                busy[w.conn] = w
-
         try:
             while pending or busy:
-                hand_out()
+                for w in [w for w in workers if w.task is None and w.ready]:
+                    if not pending:
+                        break
+                    i, args = pending.pop()
+                    if not pending:
+                        pending.extend(itertools.islice(source, 1))
+                    try:
+                        w.conn.send((i, args))
+                    except OSError:  # died while idle: replace it; the task waits for the next ready worker
+                        pending.append((i, args))
+                        self._replace(workers, w)
+                        continue
+                    w.task, w.started = i, time.monotonic()  # the clock starts when a ready worker has the task
+                    busy[w.conn] = w
                 starting = {w.conn: w for w in workers if not w.ready}
                 timeout = None
                 if seconds is not None and busy:
                     timeout = max(0.0, min(w.started for w in busy.values()) + seconds - time.monotonic())
-                done: list[tuple[int, Any]] = []
                 for conn in wait(list(busy) + list(starting), timeout=timeout):
                     if conn in starting:
                         w = starting[conn]
@@ -201,12 +196,12 @@ class BoundedPool:
                         code = w.proc.wait()
                         why = (f"killed by {_signal_name(-code)}" if code < 0 else f"exit status {code}")
                         words = w.last_words()
-                        done.append((i, Failed(f"the reading process died ({why}) on this file"
-                                               + (f": {words}" if words else "")
-                                               + (" (out of memory?)" if code == -signal.SIGKILL else ""))))
+                        yield i, Failed(f"the reading process died ({why}) on this file"
+                                        + (f": {words}" if words else "")
+                                        + (" (out of memory?)" if code == -signal.SIGKILL else ""))
                         self._replace(workers, w)
                         continue
-                    done.append((j, value if ok else Failed(value)))
+                    yield j, (value if ok else Failed(value))
                 if seconds is not None:
                     now = time.monotonic()
                     for conn, w in list(busy.items()):
@@ -214,11 +209,7 @@ class BoundedPool:
                             busy.pop(conn)
                             i, w.task = w.task, None
                             self._replace(workers, w)
-                            done.append((i, Failed(what(seconds) if what else f"took longer than {seconds:g} s")))
-                # the freed workers get their next task before the caller handles these results, so a worker
-                # does not wait while the caller writes a result down
-                hand_out()
-                yield from done
+                            yield i, Failed(what(seconds) if what else f"took longer than {seconds:g} s")
         except BaseException:
             for w in workers:
                 w.kill()
