@@ -46,9 +46,10 @@ class BuildStore:
     """Working tables of one cohort build (see the module's docstring).
 
     Tables: ``files`` (candidate DICOM files, in walk order), ``facts`` (what the scan learned of each:
-    fingerprint, join key, header or the reason it was set aside), ``records`` (labels and reports by key,
-    :meth:`records`), ``identifiers`` (kind, value: the PHI guard's list), ``rows`` (the cohort's rows before
-    redaction and split) and ``hits`` (identifier spans found in each row's report).
+    fingerprint, join key, header or the reason it was set aside), ``records`` (labels, reports and
+    variables by key, :meth:`records`), ``identifiers`` (kind, value: the PHI guard's list), ``rows`` (the
+    cohort's rows before redaction and split, with each study's patient and stratum), ``hits`` (identifier
+    spans found in each row's report) and ``patients`` (each patient's stratum and split, :meth:`patients`).
     """
 
     def __init__(self, path: str | Path):
@@ -62,7 +63,8 @@ class BuildStore:
             CREATE TABLE facts(idx INTEGER PRIMARY KEY, rel BLOB NOT NULL, digest TEXT, key BLOB,
                                header TEXT, reason TEXT);
             CREATE TABLE identifiers(kind TEXT, value BLOB, PRIMARY KEY(kind, value)) WITHOUT ROWID;
-            CREATE TABLE rows(seq INTEGER PRIMARY KEY, key BLOB NOT NULL, row TEXT NOT NULL, report TEXT);
+            CREATE TABLE rows(seq INTEGER PRIMARY KEY, key BLOB NOT NULL, row TEXT NOT NULL, report TEXT,
+                              patient BLOB NOT NULL, pseudonym TEXT NOT NULL, stratum TEXT NOT NULL);
             CREATE TABLE hits(seq INTEGER, a INTEGER, b INTEGER);
             CREATE TABLE records(kind TEXT, key BLOB, value TEXT, source BLOB, conflicted INTEGER,
                                  PRIMARY KEY(kind, key)) WITHOUT ROWID;
@@ -207,9 +209,12 @@ class BuildStore:
                 sep = ",\n  "
             f.write("\n ]\n}" if kind_now is not None else "}")
 
-    def add_row(self, key: str, row: dict) -> None:
+    def add_row(self, key: str, row: dict, patient: str, stratum: str) -> None:
+        """A study's row (its report apart), its patient (as the split groups: the raw identifier) and its
+        stratum (the split stratifies by it)."""
         report = row.pop("report")
-        self.db.execute("INSERT INTO rows VALUES (?, ?, ?, ?)", (self.n_rows, _b(key), json.dumps(row), report))
+        self.db.execute("INSERT INTO rows VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (self.n_rows, _b(key), json.dumps(row), report, _b(patient), row["patient_id"], stratum))
         self.n_rows += 1
 
     def reports(self, batch: int = 2000) -> Iterator[tuple[int, str]]:
@@ -222,19 +227,55 @@ class BuildStore:
             self.db.executemany("INSERT INTO hits VALUES (?, ?, ?)", ((seq, a, b) for a, b in spans))
 
     def rows(self, batch: int = 2000) -> Iterator[tuple[str, dict, list[tuple[int, int]]]]:
-        """(key, row with its report, identifier spans in the report) in join order."""
+        """(key, row with its report and split, identifier spans in the report) in join order (after
+        :meth:`set_splits`)."""
         self.db.execute("CREATE INDEX IF NOT EXISTS hits_seq ON hits(seq)")
         for start in range(0, self.n_rows, batch):
             spans: dict[int, list[tuple[int, int]]] = {}
             for seq, a, b in self.db.execute("SELECT seq, a, b FROM hits WHERE seq >= ? AND seq < ?",
                                              (start, start + batch)):
                 spans.setdefault(seq, []).append((a, b))
-            for seq, k, row, report in self.db.execute(
-                    "SELECT seq, key, row, report FROM rows WHERE seq >= ? AND seq < ? ORDER BY seq",
-                    (start, start + batch)).fetchall():
+            for seq, k, row, report, split in self.db.execute(
+                    "SELECT seq, key, row, report, split FROM rows JOIN patients USING (patient) "
+                    "WHERE seq >= ? AND seq < ? ORDER BY seq", (start, start + batch)).fetchall():
                 r = json.loads(row)
-                r["report"] = report
+                r["report"], r["split"] = report, split
                 yield _s(k), r, spans.get(seq, [])
+
+    # ---- the split (see cohort.assign_splits: the same assignment, from these tables)
+    def strata_counts(self) -> dict[str, int]:
+        """Studies per stratum."""
+        return dict(self.db.execute("SELECT stratum, count(*) FROM rows GROUP BY stratum"))
+
+    def patients(self, rank: dict[str, int]) -> list[tuple[str, int]]:
+        """Give each patient the stratum of lowest `rank` among its studies' strata; (stratum, patients)
+        for each stratum given to a patient, in stratum order."""
+        self.db.execute("CREATE TABLE stratum_rank(stratum TEXT PRIMARY KEY, r INTEGER UNIQUE)")
+        self.db.executemany("INSERT INTO stratum_rank VALUES (?, ?)", rank.items())
+        self.db.execute("CREATE TABLE patients(patient BLOB PRIMARY KEY, stratum TEXT, split TEXT) WITHOUT ROWID")
+        self.db.execute("INSERT INTO patients SELECT patient, stratum, NULL FROM (SELECT patient, min(r) AS r FROM "
+                        "rows JOIN stratum_rank USING (stratum) GROUP BY patient) JOIN stratum_rank USING (r)")
+        self.db.execute("CREATE INDEX patients_stratum ON patients(stratum, patient)")
+        return self.db.execute("SELECT stratum, count(*) FROM patients GROUP BY stratum ORDER BY stratum").fetchall()
+
+    def set_splits(self, stratum: str, splits, batch: int = 2000) -> None:
+        """The patients of `stratum`, in sorted order, get `splits` (one per patient, in that order)."""
+        splits = iter(splits)
+        last = b""
+        while True:
+            rows = self.db.execute("SELECT patient FROM patients WHERE stratum = ? AND patient > ? ORDER BY patient "
+                                   "LIMIT ?", (stratum, last, batch)).fetchall()
+            if not rows:
+                return
+            self.db.executemany("UPDATE patients SET split = ? WHERE patient = ?",
+                                ((next(splits), p) for (p,) in rows))
+            last = rows[-1][0]
+
+    def patient_counts(self) -> tuple[int, dict[str, int]]:
+        """Patients (distinct pseudonyms, as cohort.csv names them) in the cohort and in each split."""
+        total = self.db.execute("SELECT count(DISTINCT pseudonym) FROM rows").fetchone()[0]
+        return total, dict(self.db.execute("SELECT split, count(DISTINCT pseudonym) FROM rows "
+                                           "JOIN patients USING (patient) GROUP BY split"))
 
 
 class StoredRecords:

@@ -78,7 +78,8 @@ def assign_splits(
 
     Each patient gets the stratum of its rarest study stratum; within a stratum the patients are
     shuffled (seeded) and cut by the fractions with largest-remainder rounding. All studies of a
-    patient share its split, so no patient is in two splits.
+    patient share its split, so no patient is in two splits. (A cohort build makes the same assignment
+    from its store's tables, :func:`_assign_stored`, without holding the studies in memory.)
 
     Args:
         patient_of: study -> patient.
@@ -86,31 +87,53 @@ def assign_splits(
         fractions: split name -> fraction (sums to 1).
         seed: shuffling seed.
     """
-    freq = Counter(strata_of.values())
+    rank = _stratum_rank(Counter(strata_of.values()))
     by_patient: dict[str, list[str]] = defaultdict(list)
     for study, patient in patient_of.items():
         by_patient[patient].append(study)
-    patient_stratum = {
-        p: min((strata_of[s] for s in studies), key=lambda x: (freq[x], x)) for p, studies in by_patient.items()
-    }
+    patient_stratum = {p: min((strata_of[s] for s in studies), key=rank.__getitem__)
+                       for p, studies in by_patient.items()}
     rng = np.random.default_rng(seed)
     names = list(fractions)
     out: dict[str, str] = {}
     for stratum in sorted(set(patient_stratum.values())):
         patients = sorted(p for p, s in patient_stratum.items() if s == stratum)
-        rng.shuffle(patients)
-        n = len(patients)
-        exact = [fractions[k] * n for k in names]
-        counts = [int(np.floor(x)) for x in exact]
-        for i in sorted(range(len(names)), key=lambda i: -(exact[i] - counts[i]))[: n - sum(counts)]:
-            counts[i] += 1
-        start = 0
-        for name, c in zip(names, counts):
-            for p in patients[start : start + c]:
-                for s in by_patient[p]:
-                    out[s] = name
-            start += c
+        for p, c in zip(patients, _cut(len(patients), fractions, rng)):
+            for s in by_patient[p]:
+                out[s] = names[c]
     return out
+
+
+def _stratum_rank(freq: Counter) -> dict[str, int]:
+    """Strata from rarest to commonest (ties by name): a patient takes the first of its studies'."""
+    return {s: i for i, s in enumerate(sorted(freq, key=lambda x: (freq[x], x)))}
+
+
+def _cut(n: int, fractions: dict[str, float], rng: np.random.Generator) -> np.ndarray:
+    """The split (index into `fractions`) of each of a stratum's `n` patients in sorted order: the order
+    shuffled by `rng`, then cut by the fractions with largest-remainder rounding. An index array is
+    shuffled, not the patients: numpy's shuffle makes the same permutation of a list and of an array of
+    the same length (tests hold it), so the splits are those of shuffling the sorted patients themselves."""
+    order = np.arange(n)
+    rng.shuffle(order)
+    exact = [f * n for f in fractions.values()]
+    counts = [int(np.floor(x)) for x in exact]
+    for i in sorted(range(len(counts)), key=lambda i: -(exact[i] - counts[i]))[: n - sum(counts)]:
+        counts[i] += 1
+    out = np.empty(n, dtype=np.int8)
+    start = 0
+    for i, c in enumerate(counts):
+        out[order[start:start + c]] = i
+        start += c
+    return out
+
+
+def _assign_stored(store: BuildStore, fractions: dict[str, float], seed: int) -> None:
+    """:func:`assign_splits` on the build store's rows (the same splits), written to its ``patients`` table."""
+    rng = np.random.default_rng(seed)
+    names = list(fractions)
+    for stratum, n in store.patients(_stratum_rank(Counter(store.strata_counts()))):
+        store.set_splits(stratum, (names[c] for c in _cut(n, fractions, rng)))
 
 
 def _label_header(cfg: CohortConfig) -> list[str]:
@@ -202,7 +225,7 @@ def _build(store: BuildStore, quarantine: QuarantineFile, dicom_dir, reports, la
 
     var_table = None
     if variables is not None:
-        var_table = load_variables(variables, cfg.variables.key_column or key, cfg.variables, digest)
+        var_table = load_variables(variables, cfg.variables.key_column or key, cfg.variables, digest, store)
         quarantine += var_table.quarantine
         warnings += var_table.warnings
         if var_table.inferred:  # the cohort's config records what was inferred: training reads it from there
@@ -224,8 +247,6 @@ def _build(store: BuildStore, quarantine: QuarantineFile, dicom_dir, reports, la
     n_keys = store.collect_keys(("label", "report"))  # the loaders' record kinds
 
     salt = _salt(private)
-    patient_of: dict[str, str] = {}
-    strata: dict[str, str] = {}
     n_unknown_patient = 0
     for k in progress_of(store.keys(), "join studies", "study", enabled=progress, total=n_keys):
         label = label_table.labels.get(k)
@@ -274,8 +295,6 @@ def _build(store: BuildStore, quarantine: QuarantineFile, dicom_dir, reports, la
             pid = f"__study__{k}"  # unknown patient: the study stands alone
         study_id = _pseudonym(salt, "s-", k)
         patient_id = _pseudonym(salt, "p-", pid)
-        patient_of[study_id] = pid
-        strata[study_id] = _stratum(label, cfg.labels.task)
         row = {
             "study_id": study_id, "patient_id": patient_id, "split": "",
             "image_present": int(bool(selected)), "report_present": int(rep is not None),
@@ -287,7 +306,7 @@ def _build(store: BuildStore, quarantine: QuarantineFile, dicom_dir, reports, la
         }
         for col, v in zip(_label_header(cfg), label if cfg.labels.task == "multilabel" else [label[0]]):
             row[col] = v
-        store.add_row(k, row)
+        store.add_row(k, row, pid, _stratum(label, cfg.labels.task))
         ids = {(name, v) for h in files for name in _HEADER_IDENTIFIERS if (v := getattr(h, name))}
         ids.add(("key", k))
         if not pid.startswith("__study__"):
@@ -295,7 +314,7 @@ def _build(store: BuildStore, quarantine: QuarantineFile, dicom_dir, reports, la
         store.add_identifiers(ids)
 
     # a study needs a label: these join nothing
-    for k in sorted(k for k in vars_by_key if k not in label_table.labels):
+    for k in (k for k in vars_by_key if k not in label_table.labels):  # in key order (a stored map)
         quarantine.append(QuarantineEntry("variable", var_table.sources[k], f"no valid label for this {key}; "
                                           "its variables join no study"))
     if not store.n_rows:
@@ -318,8 +337,7 @@ def _build(store: BuildStore, quarantine: QuarantineFile, dicom_dir, reports, la
         for seq, text in store.reports():
             store.add_hits(seq, guard.spans(text))
         del guard
-    fractions = {"train": cfg.split.train, "val": cfg.split.val, "test": cfg.split.test}
-    split_of = assign_splits(patient_of, strata, fractions, cfg.split.seed)
+    _assign_stored(store, {"train": cfg.split.train, "val": cfg.split.val, "test": cfg.split.test}, cfg.split.seed)
 
     # ---- write: cohort.json goes first out and last in, with the digest of cohort.csv, so that a folder left
     # by an interrupted build is never read as a cohort (read_cohort checks the digest)
@@ -338,13 +356,15 @@ def _build(store: BuildStore, quarantine: QuarantineFile, dicom_dir, reports, la
             if spans:
                 row["report"], n = replace_spans(row["report"], spans)
                 n_redacted += n
-            row["split"] = split_of[row["study_id"]]
             w.writerow(row)
             kw.writerow([row["study_id"], k])
             tally.add(k, row)
     with open(tmp_csv, "rb") as f:
         csv_digest = hashlib.file_digest(f, "sha256").hexdigest()
     os.replace(tmp_csv, out / "cohort.csv")
+    tally.patients, by_split = store.patient_counts()
+    for split, n in by_split.items():
+        tally.split[split]["patients"] = n
     quarantine.close()
     store.write_identifiers(private / "identifiers.json")
     full_cfg = config if isinstance(config, Config) else Config(cohort=cfg)
@@ -375,20 +395,18 @@ class _Tally:
     def __init__(self, cfg: CohortConfig, vars_by_key: dict | None):
         self.cfg, self.cols, self.vars_by_key = cfg, _label_header(cfg), vars_by_key
         self.n = self.images = self.var_any = 0
-        self.patients: set[str] = set()
+        self.patients = 0  # counted in the build store at the end (a set of every patient would grow)
         self.missing: Counter = Counter()
         self.var_missing: Counter = Counter()
-        self.split = {s: {"n": 0, "patients": set(), "positive": Counter(), "missing": Counter()} for s in SPLITS}
+        self.split = {s: {"n": 0, "patients": 0, "positive": Counter(), "missing": Counter()} for s in SPLITS}
 
     def add(self, key: str, row: dict) -> None:
         s = self.split[row["split"]]
         m = (int(row["image_present"]), int(row["report_present"]))
         self.n += 1
         self.images += int(row["n_images"])
-        self.patients.add(row["patient_id"])
         self.missing[m] += 1
         s["n"] += 1
-        s["patients"].add(row["patient_id"])
         s["missing"][m] += 1
         if self.cfg.labels.task == "multilabel":
             for c in self.cols:
@@ -416,7 +434,7 @@ def _summary(tally: _Tally, quarantine: QuarantineFile, cfg: CohortConfig, finge
             prev = {classes[i]: (s["positive"].get(i, 0) / n if n else None) for i in range(len(classes))}
         by_split[split] = {
             "studies": n,
-            "patients": len(s["patients"]),
+            "patients": s["patients"],
             "prevalence": prev,
             "missingness": _missing(s["missing"]),
         }
@@ -430,7 +448,7 @@ def _summary(tally: _Tally, quarantine: QuarantineFile, cfg: CohortConfig, finge
         "classes": classes,
         "counts": {
             "studies": tally.n,
-            "patients": len(tally.patients),
+            "patients": tally.patients,
             "images": tally.images,
             "dicom_files_scanned": n_files,
             "report_records": n_reports,

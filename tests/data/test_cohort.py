@@ -45,6 +45,57 @@ def test_splits_are_patient_level_stratified_and_seeded():
     assert a != assign_splits(patient_of, strata, frac, seed=2)
 
 
+def test_the_build_stores_split_is_the_in_memory_split(tmp_path):
+    """A build assigns splits from its store's tables (nothing per study in memory): the same splits as
+    assign_splits on dicts, and both the same as shuffling each stratum's sorted patients themselves
+    (what assign_splits did before it shuffled an index array)."""
+    from collections import Counter
+
+    from clinfuse.data.buildstore import BuildStore
+    from clinfuse.data.cohort import _assign_stored
+
+    rng = np.random.default_rng(3)
+    patient_of, strata = {}, {}
+    for i in range(1500):  # several studies per patient, strata of unequal frequency and a tie (b, c)
+        patient_of[f"s{i}"] = f"P{rng.integers(0, 400)}\u00e9" if i % 7 else f"__study__{i}"
+        strata[f"s{i}"] = str(rng.choice(["a", "b", "c", "d"], p=[0.6, 0.15, 0.15, 0.1]))
+    frac = {"train": 0.7, "val": 0.15, "test": 0.15}
+    for seed in (0, 5):
+        got = assign_splits(patient_of, strata, frac, seed)
+        # the former algorithm, as an oracle
+        freq = Counter(strata.values())
+        by_patient = {}
+        for s, p in patient_of.items():
+            by_patient.setdefault(p, []).append(s)
+        pst = {p: min((strata[s] for s in ss), key=lambda x: (freq[x], x)) for p, ss in by_patient.items()}
+        r, want = np.random.default_rng(seed), {}
+        for st in sorted(set(pst.values())):
+            ps = sorted(p for p in pst if pst[p] == st)
+            r.shuffle(ps)
+            n = len(ps)
+            exact = [f * n for f in frac.values()]
+            counts = [int(np.floor(x)) for x in exact]
+            for i in sorted(range(3), key=lambda i: -(exact[i] - counts[i]))[: n - sum(counts)]:
+                counts[i] += 1
+            start = 0
+            for name, c in zip(frac, counts):
+                for p in ps[start:start + c]:
+                    for s in by_patient[p]:
+                        want[s] = name
+                start += c
+        assert got == want
+        store = BuildStore(tmp_path / f"b{seed}.sqlite")
+        for s in patient_of:
+            store.add_row(s, {"study_id": s, "patient_id": "x" + patient_of[s], "report": ""}, patient_of[s],
+                          strata[s])
+        _assign_stored(store, frac, seed)
+        assert {k: row["split"] for k, row, _ in store.rows()} == got
+        n_patients, by_split = store.patient_counts()
+        assert n_patients == len(by_patient)
+        assert by_split == dict(Counter(got[ss[0]] for ss in by_patient.values()))
+        store.close()
+
+
 def test_build_from_synthetic_export(small_export, tmp_path):
     s = _build(small_export, tmp_path / "c")
     rows, info = read_cohort(tmp_path / "c")

@@ -131,6 +131,36 @@ def test_whole_input_problems_are_one_line_errors(tmp_path):
         build_cohort(None, reports, labels, tmp_path / "c", progress=False, variables=tmp_path / "none.csv")
 
 
+def test_inference_streams_and_the_fingerprint_is_of_the_bytes_parsed_once(tmp_path):
+    """Inferring the kinds reads the file a first time; the fingerprint is fed by the parsing pass alone, so
+    an inferred and a declared read of the same file give the same digest. A column of more distinct
+    non-numeric values than a category may hold is refused (its values are not kept: a count suffices).
+    In a build store the values equal the in-memory table's."""
+    import hashlib
+
+    from clinfuse.config import VariablesConfig
+    from clinfuse.data.buildstore import BuildStore
+    from clinfuse.data.variables import MAX_CATEGORIES, load_variables
+
+    var = tmp_path / "v.csv"
+    lines = [f"s{i},{36 + i % 5 / 10},{'FM'[i % 2]},free text {i}" for i in range(3 * MAX_CATEGORIES)]
+    var.write_text("StudyInstanceUID,temp,sex,comment\n" + "\n".join(lines) + "\ns0,36.0,F,free text 0\n")
+    inferred_digest, declared_digest = hashlib.sha256(), hashlib.sha256()
+    t = load_variables(var, "StudyInstanceUID", VariablesConfig(), inferred_digest)
+    assert t.inferred and sorted(t.declared.numeric) == ["temp"] and t.declared.categorical == {"sex": ["F", "M"]}
+    assert any(f"column 'comment' has more than {MAX_CATEGORIES} distinct values" in q.reason for q in t.quarantine)
+    d = load_variables(var, "StudyInstanceUID", t.declared, declared_digest)
+    assert inferred_digest.hexdigest() == declared_digest.hexdigest()
+    assert t.n_records == d.n_records == 3 * MAX_CATEGORIES + 1 and t.values == d.values
+    store = BuildStore(tmp_path / "b.sqlite")
+    try:
+        s = load_variables(var, "StudyInstanceUID", VariablesConfig(), None, store)
+        assert dict(s.values) == t.values and dict(s.sources) == t.sources and s.values["s3"] == {"temp": 36.3,
+                                                                                               "sex": "M"}
+    finally:
+        store.close()
+
+
 def test_a_study_with_variables_alone_is_kept(tmp_path):
     labels, reports, var = _tables(tmp_path, "StudyInstanceUID,label\ns1,1\ns2,0\n",
                                    "StudyInstanceUID,report\ns1,FINDINGS: a\n", "StudyInstanceUID,age\ns1,3\ns2,4\n")
