@@ -425,9 +425,9 @@ def _n_frames(ds: Dataset, path) -> int:
     try:
         n = int(raw) if raw not in (None, "") else 1
     except (TypeError, ValueError):
-        raise DicomReadError(path, f"invalid NumberOfFrames {raw!r}") from None
+        raise DicomReadError(path, f"invalid NumberOfFrames: {raw!r}") from None
     if n < 1:
-        raise DicomReadError(path, f"invalid NumberOfFrames {raw!r}")
+        raise DicomReadError(path, f"invalid NumberOfFrames: {raw!r}")
     return n
 
 

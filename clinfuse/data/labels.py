@@ -49,7 +49,7 @@ def _parse_row(row: dict, cfg: LabelConfig) -> tuple[list[int] | None, str]:
                 return None, f"missing value in label column '{col}'"
             b = parse_binary(raw)
             if b is None:
-                return None, f"unknown value '{raw}' in label column '{col}' (allowed: 0/1, true/false, yes/no)"
+                return None, f"unknown value in label column '{col}': {raw[:40]!r} (allowed: 0/1, true/false, yes/no)"
             out.append(b)
         return out, ""
     col = cfg.columns[0]
@@ -60,12 +60,12 @@ def _parse_row(row: dict, cfg: LabelConfig) -> tuple[list[int] | None, str]:
         b = parse_binary(raw, cfg.classes)
         if b is None:
             allowed = "0/1, true/false, yes/no" + (f", {cfg.classes[0]}/{cfg.classes[1]}" if cfg.classes else "")
-            return None, f"unknown class '{raw}' in column '{col}' (allowed: {allowed})"
+            return None, f"unknown class in column '{col}': {raw[:40]!r} (allowed: {allowed})"
         return [b], ""
     names = [c.lower() for c in cfg.class_names]
     if raw.lower() in names:
         return [names.index(raw.lower())], ""
-    return None, f"unknown class '{raw}' in column '{col}' (allowed: {', '.join(cfg.class_names)})"
+    return None, f"unknown class in column '{col}': {raw[:40]!r} (allowed: {', '.join(cfg.class_names)})"
 
 
 def load_labels(path: str | Path, key_column: str, cfg: LabelConfig, digest=None, store=None) -> LabelTable:

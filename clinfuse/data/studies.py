@@ -86,7 +86,7 @@ def _header_fields(ds, path: str) -> DicomHeader:
     try:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
     except (TypeError, ValueError):
-        raise DicomReadError(path, f"invalid NumberOfFrames {ds.get('NumberOfFrames')!r}") from None
+        raise DicomReadError(path, f"invalid NumberOfFrames: {ds.get('NumberOfFrames')!r}") from None
     try:
         inst = int(ds.get("InstanceNumber")) if ds.get("InstanceNumber") not in (None, "") else None
     except (TypeError, ValueError):

@@ -24,7 +24,7 @@ REFUSED = {
     "fo-dicom/GH177_D_CLUNIE_CT1_IVRLE_BigEndian_undefined_length.dcm": "unreadable DICOM header",
     "pydicom/no_meta.dcm": "not a DICOM file",
     "pydicom/MR_truncated.dcm": "truncated pixel data (8130 of 8192 bytes)",
-    "pydicom/badVR.dcm": "invalid NumberOfFrames '1A'",
+    "pydicom/badVR.dcm": "invalid NumberOfFrames: '1A'",
     "pydicom/meta_missing_tsyntax.dcm": "PhotometricInterpretation is missing",
     "pydicom/JPEG-lossy.dcm": "every available decoder failed on JPEG Extended",
 }

@@ -22,7 +22,7 @@ def test_binary_unknown_missing_and_duplicates(tmp_path):
     t = load_labels(f, "StudyInstanceUID", LabelConfig())
     assert t.labels == {"1": [1], "2": [0], "5": [1]}
     reasons = " | ".join(q.reason for q in t.quarantine)
-    assert "unknown class 'maybe' in column 'label' (allowed: 0/1" in reasons
+    assert "unknown class in column 'label': 'maybe' (allowed: 0/1" in reasons
     assert "missing label" in reasons and "conflicting duplicate" in reasons
     assert t.sources["1"].endswith(":row 2")
 
@@ -39,7 +39,7 @@ def test_multilabel_columns(tmp_path):
     f = _csv(tmp_path, "StudyInstanceUID,PatientID,a,b\n1,P1,1,0\n2,P2,0,x\n")
     t = load_labels(f, "StudyInstanceUID", LabelConfig(task="multilabel", columns=["a", "b"]))
     assert t.labels == {"1": [1, 0]} and t.patients == {"1": "P1"}
-    assert "unknown value 'x' in label column 'b'" in t.quarantine[0].reason
+    assert "unknown value in label column 'b': 'x'" in t.quarantine[0].reason
 
 
 def test_missing_columns_are_fatal(tmp_path):
@@ -66,3 +66,26 @@ def test_labels_kept_in_a_build_store_are_the_ones_kept_in_memory(tmp_path):
         assert [q.reason for q in disk.quarantine] == [q.reason for q in mem.quarantine]
     finally:
         store.close()
+
+
+def test_a_bad_label_value_stays_out_of_the_cohort_summary(tmp_path):
+    """A label column holding something else (a patient's name, a pasted note) is set aside row by row:
+    quarantine.csv (which stays with the cohort) names the value, cut to 40 characters, while
+    cohort.json's reason counts (logged to MLflow) and the printed summary hold the reason's kind only."""
+    import json
+
+    from clinfuse.data.cohort import build_cohort, format_summary
+
+    rows = ["StudyInstanceUID,label"] + [f"s{i},{'DOE^JOHN' if i % 3 == 0 else i % 2}" for i in range(12)]
+    rows.append("s12," + "x" * 5000)
+    labels = _csv(tmp_path, "\n".join(rows) + "\n")
+    reports = tmp_path / "reports.csv"
+    reports.write_text("StudyInstanceUID,report\n" + "".join(f"s{i},FINDINGS: clear\n" for i in range(13)))
+    s = build_cohort(None, reports, labels, tmp_path / "c", progress=False)
+    quarantine = (tmp_path / "c" / "quarantine.csv").read_text()
+    assert "unknown class in column 'label': 'DOE^JOHN'" in quarantine and "'" + "x" * 40 + "'" in quarantine
+    assert "x" * 41 not in quarantine
+    info = json.loads((tmp_path / "c" / "cohort.json").read_text())
+    assert info["quarantine_reasons"]["label: unknown class in column 'label'"] == 5
+    for text in (json.dumps(info), format_summary(s.info)):
+        assert "DOE" not in text and "xxxx" not in text
