@@ -214,19 +214,18 @@ def _build(store: BuildStore, quarantine: QuarantineFile, dicom_dir, reports, la
     # Cheap, whole-input checks first: labels and reports fail fast on a missing column.
     # each loader feeds the fingerprint the bytes it parsed (read once: what is hashed is what was read)
     # labels and reports are kept in the build store, not in memory (a hospital's reports are gigabytes)
-    label_table = load_labels(labels, cfg.labels.key_column or key, cfg.labels, digest, store)
-    quarantine += label_table.quarantine
+    # what they set aside is written to quarantine.csv as it comes (a file of a million bad rows is not held)
+    label_table = load_labels(labels, cfg.labels.key_column or key, cfg.labels, digest, store, quarantine)
     warnings += label_table.warnings
     report_table = None
     if reports is not None:
-        report_table = load_reports(reports, cfg.reports.key_column or key, cfg.reports, digest, store)
-        quarantine += report_table.quarantine
+        report_table = load_reports(reports, cfg.reports.key_column or key, cfg.reports, digest, store, quarantine)
         warnings += report_table.warnings
 
     var_table = None
     if variables is not None:
-        var_table = load_variables(variables, cfg.variables.key_column or key, cfg.variables, digest, store)
-        quarantine += var_table.quarantine
+        var_table = load_variables(variables, cfg.variables.key_column or key, cfg.variables, digest, store,
+                                   quarantine)
         warnings += var_table.warnings
         if var_table.inferred:  # the cohort's config records what was inferred: training reads it from there
             cfg = cfg.model_copy(update={"variables": var_table.declared})
@@ -319,7 +318,8 @@ def _build(store: BuildStore, quarantine: QuarantineFile, dicom_dir, reports, la
                                           "its variables join no study"))
     if not store.n_rows:
         if not label_table.labels:
-            reasons = Counter(q.reason for q in label_table.quarantine).most_common(2)
+            reasons = Counter({r.removeprefix("label: "): n for r, n in quarantine.reasons.items()
+                               if r.startswith("label: ")}).most_common(2)
             raise CohortInputError(
                 f"{labels}: none of its {label_table.n_records} label rows is usable"
                 + (f" ({'; '.join(f'{n}x {r}' for r, n in reasons)})" if reasons else "")

@@ -22,7 +22,7 @@ class LabelTable:
     labels: dict[str, list[int]]
     sources: dict[str, str]  # key -> "file:row N" of its first row
     patients: dict[str, str]
-    quarantine: list[QuarantineEntry]
+    quarantine: list[QuarantineEntry]  # or the QuarantineFile it was given
     warnings: list[str]
     n_records: int
 
@@ -68,14 +68,17 @@ def _parse_row(row: dict, cfg: LabelConfig) -> tuple[list[int] | None, str]:
     return None, f"unknown class in column '{col}': {raw[:40]!r} (allowed: {', '.join(cfg.class_names)})"
 
 
-def load_labels(path: str | Path, key_column: str, cfg: LabelConfig, digest=None, store=None) -> LabelTable:
+def load_labels(path: str | Path, key_column: str, cfg: LabelConfig, digest=None, store=None,
+                quarantine=None) -> LabelTable:
     """Read the labels CSV.
 
     Unknown classes, empty cells and conflicting duplicates are quarantined (a conflicting key loses
     every row); identical duplicates are merged. `digest` (a hashlib object, e.g. the cohort fingerprint's)
     is fed the bytes that were parsed, so the fingerprint is of what was read. With `store` (a cohort
     build's :class:`~clinfuse.data.buildstore.BuildStore`) the labels are kept there, not in memory, and
-    ``labels``, ``sources`` and ``patients`` are read-only mappings over them.
+    ``labels``, ``sources`` and ``patients`` are read-only mappings over them. What is set aside goes to
+    `quarantine` (a list, or the build's ``QuarantineFile``, which writes each entry as it comes) and is
+    the table's ``quarantine``.
 
     Raises:
         CohortInputError: the file is missing or lacks the key or a label column.
@@ -91,7 +94,7 @@ def load_labels(path: str | Path, key_column: str, cfg: LabelConfig, digest=None
             "set --label-columns or cohort.labels.columns"
         )
 
-    quarantine: list[QuarantineEntry] = []
+    quarantine = [] if quarantine is None else quarantine
     records = KeyedRecords("label", "label", quarantine, store.records("label") if store is not None else None)
     patient_table = store.records("label_patient") if store is not None else MemoryRecords()
     n = 0

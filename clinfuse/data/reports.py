@@ -30,7 +30,7 @@ class Report:
 @dataclass
 class ReportTable:
     reports: dict[str, Report]
-    quarantine: list[QuarantineEntry]
+    quarantine: list[QuarantineEntry]  # or the QuarantineFile it was given
     warnings: list[str]
     n_records: int
 
@@ -280,20 +280,22 @@ def _report_from_json(text: str) -> Report:
     return Report(*json.loads(text))
 
 
-def load_reports(path: str | Path, key_column: str, cfg: ReportConfig, digest=None, store=None) -> ReportTable:
+def load_reports(path: str | Path, key_column: str, cfg: ReportConfig, digest=None, store=None,
+                 quarantine=None) -> ReportTable:
     """Read reports keyed by `key_column` from a CSV, a JSON-lines file or a folder of ``<key>.txt``.
 
     Empty reports and conflicting duplicates are quarantined; identical duplicates are merged. `digest`
     is fed the bytes parsed, file by file (see ``load_labels``). With `store` (a cohort build's
     :class:`~clinfuse.data.buildstore.BuildStore`) the reports are kept there, not in memory, and
-    ``reports`` is a read-only mapping over them.
+    ``reports`` is a read-only mapping over them. What is set aside goes to `quarantine` (a list, or the
+    build's ``QuarantineFile``, which writes each entry as it comes) and is the table's ``quarantine``.
 
     Raises:
         CohortInputError: the source is missing or has no key/text column.
     """
     path = Path(path)
     warnings: list[str] = []
-    quarantine: list[QuarantineEntry] = []
+    quarantine = [] if quarantine is None else quarantine
     if not path.exists():
         raise CohortInputError(f"{path}: reports not found; pass a CSV, a JSON-lines file or a folder of .txt files")
     if path.is_dir():

@@ -34,7 +34,7 @@ class VariableTable:
     sources: Mapping[str, str]  # key -> "file:row N"
     declared: VariablesConfig  # as given, or as inferred from the file
     inferred: bool
-    quarantine: list[QuarantineEntry]
+    quarantine: list[QuarantineEntry]  # or the QuarantineFile it was given
     warnings: list[str]
     n_records: int
 
@@ -80,11 +80,13 @@ def _infer(path: Path, rows, columns: list[str], quarantine: list[QuarantineEntr
     return VariablesConfig(numeric=numeric, categorical=categorical)
 
 
-def load_variables(path: str | Path, key_column: str, cfg: VariablesConfig, digest=None, store=None) -> VariableTable:
+def load_variables(path: str | Path, key_column: str, cfg: VariablesConfig, digest=None, store=None,
+                   quarantine=None) -> VariableTable:
     """Read the variables CSV (see the module doc); `digest` is fed the bytes parsed (see ``load_labels``).
     The file is read as a stream (twice when the kinds are inferred: once to infer, once to parse); with
     `store` (a cohort build's :class:`~clinfuse.data.buildstore.BuildStore`) the values are kept there, not
-    in memory, and ``values`` and ``sources`` are read-only mappings over them.
+    in memory, and ``values`` and ``sources`` are read-only mappings over them. What is set aside goes to
+    `quarantine` (a list, or the build's ``QuarantineFile``) and is the table's ``quarantine``.
 
     Raises:
         CohortInputError: the file is missing, lacks the key column or a declared variable, or holds no
@@ -95,7 +97,7 @@ def load_variables(path: str | Path, key_column: str, cfg: VariablesConfig, dige
     # the digest is fed by the pass that parses (the second one when the kinds are inferred by a first)
     reader, cols, warnings = open_keyed_csv(path, key_column, "variables", "cohort.variables.key_column",
                                             None if inferred else digest)
-    quarantine: list[QuarantineEntry] = []
+    quarantine = [] if quarantine is None else quarantine
     others = [c for c in cols if c != key_column and c.lower() not in _IGNORED]
     if inferred:
         cfg = _infer(path, reader, others, quarantine)  # reads the file to its end, which closes it
