@@ -242,6 +242,14 @@ class BuildStore:
                 r["report"], r["split"] = report, split
                 yield _s(k), r, spans.get(seq, [])
 
+    def shared_pseudonyms(self) -> int:
+        """How many pseudonyms stand for more than one study, or for more than one patient."""
+        studies = self.db.execute("SELECT count(*) FROM (SELECT 1 FROM rows GROUP BY json_extract(row, '$.study_id') "
+                                  "HAVING count(*) > 1)").fetchone()[0]
+        patients = self.db.execute("SELECT count(*) FROM (SELECT 1 FROM rows GROUP BY pseudonym "
+                                   "HAVING count(DISTINCT patient) > 1)").fetchone()[0]
+        return studies + patients
+
     # ---- the split (see cohort.assign_splits: the same assignment, from these tables)
     def strata_counts(self) -> dict[str, int]:
         """Studies per stratum."""

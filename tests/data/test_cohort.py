@@ -318,3 +318,34 @@ def _readable(path) -> bool:
         return True
     except Exception:  # noqa: BLE001 - the export's broken files
         return False
+
+
+def test_a_pseudonym_collision_stops_the_build_with_the_fix(tmp_path, monkeypatch):
+    """Pseudonyms are 12 hex digits of a salted hash: two studies (or patients) may, by rare chance, get the
+    same one, which would merge them downstream. The build checks and says how to draw a new salt."""
+    import hashlib
+    import hmac
+
+    from clinfuse.data import cohort as cohort_mod
+
+    labels, reports = tmp_path / "l.csv", tmp_path / "r.csv"
+    labels.write_text("StudyInstanceUID,label,PatientID\n" + "".join(f"s{i},{i % 2},P{i}\n" for i in range(40)))
+    reports.write_text("StudyInstanceUID,report\n" + "".join(f"s{i},FINDINGS: ok\n" for i in range(40)))
+    cfg = config_from_dict({"cohort": {"labels": {"patient_column": "PatientID"}}}).cohort
+    monkeypatch.delenv("CLINFUSE_SALT", raising=False)
+    build_cohort(None, reports, labels, tmp_path / "ok", cfg, progress=False)  # 12 digits: no collision
+    monkeypatch.setattr(cohort_mod, "_pseudonym", lambda salt, prefix, value: prefix + hmac.new(
+        salt, f"{prefix}{value}".encode(), hashlib.sha256).hexdigest()[:1])  # 16 values for 40 studies
+    with pytest.raises(CohortInputError, match=r"pseudonym\(s\) stand for more than one study or patient.*"
+                                               r"delete .*private/salt to draw a new salt"):
+        build_cohort(None, reports, labels, tmp_path / "c", cfg, progress=False)
+    assert not (tmp_path / "c" / "cohort.csv").exists() and not (tmp_path / "c" / "cohort.json").exists()
+    monkeypatch.setenv("CLINFUSE_SALT", "x")
+    with pytest.raises(CohortInputError, match="set another CLINFUSE_SALT"):
+        build_cohort(None, reports, labels, tmp_path / "c", cfg, progress=False)
+    monkeypatch.undo()
+    full = cohort_mod._pseudonym
+    monkeypatch.setattr(cohort_mod, "_pseudonym", lambda salt, prefix, value: full(salt, prefix, value)[
+        : 3 if prefix == "p-" else None])  # patients alone collide
+    with pytest.raises(CohortInputError, match=r"\d+ pseudonym\(s\) stand for more than one"):
+        build_cohort(None, reports, labels, tmp_path / "c", cfg, progress=False)
