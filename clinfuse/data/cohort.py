@@ -213,7 +213,7 @@ def _build(store: BuildStore, quarantine: QuarantineFile, dicom_dir, reports, la
 
     # Cheap, whole-input checks first: labels and reports fail fast on a missing column.
     # each loader feeds the fingerprint the bytes it parsed (read once: what is hashed is what was read)
-    # labels and reports are kept in the build store, not in memory (a hospital's reports are gigabytes)
+    # labels, reports and variables are kept in the build store, not in memory (a hospital's reports are gigabytes)
     # what they set aside is written to quarantine.csv as it comes (a file of a million bad rows is not held)
     label_table = load_labels(labels, cfg.labels.key_column or key, cfg.labels, digest, store, quarantine)
     warnings += label_table.warnings
