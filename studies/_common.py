@@ -58,10 +58,38 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
+def _derived_digest(base: Path, base_digest: str, mode: str, rows: list[dict]) -> str:
+    """The fingerprint of a derived cohort: the base's (of its inputs), the derivation and the derived rows
+    in terms that do not depend on where or when the base was built: each study by its original key (from
+    the base's private key map) and each patient by its order of appearance instead of their salted
+    pseudonyms, and image paths relative to the folder
+    that holds them all. The same derivation of the same inputs in another --out has the same fingerprint
+    (``clinfuse reproduce`` compares it)."""
+    import csv
+    import hashlib
+    import json
+    import os
+
+    with open(base / "private" / "key_map.csv", newline="", encoding="utf-8") as f:
+        original = {r[0]: r[1] for r in list(csv.reader(f))[1:]}
+    paths = [p for r in rows for p in json.loads(r.get("image_paths") or "[]")]
+    root = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
+    h = hashlib.sha256(f"{base_digest}\0{mode}\0".encode())
+    patient_no: dict[str, int] = {}
+    for r in rows:
+        canon = {k: v for k, v in r.items() if k not in ("study_id", "patient_id", "image_paths")}
+        canon["key"] = original[r["study_id"]]
+        canon["patient"] = patient_no.setdefault(r["patient_id"], len(patient_no))  # the grouping, not the name
+        canon["images"] = [os.path.relpath(p, root) for p in json.loads(r.get("image_paths") or "[]")]
+        h.update(json.dumps(canon, sort_keys=True).encode() + b"\n")
+    return h.hexdigest()
+
+
 def derived_cohort(base: Path, dst: Path, edit, mode: str, edit_info=None) -> Path:
     """A copy of cohort `base` at `dst` whose ``cohort.csv`` rows pass through ``edit(rows)`` (it changes
     them in place) and whose ``cohort.json`` (through ``edit_info(info, rows)`` if given) records the
-    derivation `mode` in a new fingerprint and the new table's hash, so that ``read_cohort`` accepts it.
+    derivation `mode` in a new fingerprint (:func:`_derived_digest`: the same on every rerun) and the new
+    table's hash, so that ``read_cohort`` accepts it.
     An existing `dst` is left as it is."""
     import csv
     import hashlib
@@ -86,8 +114,8 @@ def derived_cohort(base: Path, dst: Path, edit, mode: str, edit_info=None) -> Pa
     info = json.loads((base / "cohort.json").read_text())
     if edit_info is not None:
         edit_info(info, rows)
-    digest = hashlib.sha256(info["fingerprint"]["sha256"].encode() + (dst / "cohort.csv").read_bytes()).hexdigest()
-    info["fingerprint"] = {"sha256": digest, "mode": f"derived: {mode}"}
+    info["fingerprint"] = {"sha256": _derived_digest(base, info["fingerprint"]["sha256"], mode, rows),
+                           "mode": f"derived: {mode}"}
     info["files"] = {"cohort.csv": hashlib.sha256((dst / "cohort.csv").read_bytes()).hexdigest()}  # read_cohort checks it
     (dst / "cohort.json").write_text(json.dumps(info, indent=2))
     return dst

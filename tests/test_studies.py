@@ -198,6 +198,19 @@ def test_covid_notes_prepare_and_patient_folds(tmp_path):
 
     assert read_cohort(tmp_path / "c2")[0][0]["study_id"] != read_cohort(tmp_path / "c")[0][0]["study_id"]
     assert all(tested(tmp_path / "c", f) == tested(tmp_path / "c2", f) for f in range(3))
+    # and the fold cohorts' fingerprints are the same too (what `clinfuse reproduce` compares), also from a
+    # copy of the export in another folder; another fold has another
+    import shutil
+
+    shutil.copytree(exp, tmp_path / "elsewhere")
+    build_cohort(tmp_path / "elsewhere" / "dicom", exp / "reports.csv", exp / "labels_went_icu.csv", tmp_path / "c3",
+                 cfg, progress=False)
+
+    def fingerprint(c, fold):
+        return read_cohort(tmp_path / f"{c}-again-f{fold}")[1]["fingerprint"]["sha256"]
+
+    tested(tmp_path / "c3", 0)
+    assert fingerprint("c", 0) == fingerprint("c2", 0) == fingerprint("c3", 0) != fingerprint("c", 1)
 
 
 def _covid_folder(dst, rows, src):
