@@ -184,6 +184,9 @@ def build_cohort(
         os.chmod(private, 0o700)
     except OSError as e:
         raise CohortInputError(f"{out}: cannot write the cohort folder ({e.strerror or e}); choose another --out") from None
+    _remove_stale(private, ".build.*.sqlite")  # a killed build's scratch store (it holds identifiers)
+    for name in ("cohort.csv", "cohort.json", "quarantine.csv"):
+        _remove_stale(out, f".{name}.*.tmp")
     quarantine = QuarantineFile(out / "quarantine.csv")
     # per file and per study facts go to disk as they are made, so memory does not grow with the export
     store = BuildStore(private / f".build.{os.getpid()}.sqlite")
@@ -195,6 +198,18 @@ def build_cohort(
     finally:
         store.close()
     return summary
+
+
+def _remove_stale(folder: Path, pattern: str) -> None:
+    """Delete the files of `pattern` (``.NAME.<pid>.EXT``) that a build which is no longer running left."""
+    for f in folder.glob(pattern):
+        try:
+            pid = int(f.name.split(".")[-2])
+            os.kill(pid, 0)  # raises if no such process
+        except ProcessLookupError:
+            f.unlink(missing_ok=True)
+        except (ValueError, PermissionError, OSError):
+            continue  # not ours to judge: another user's live process, or not a pid
 
 
 _HEADER_IDENTIFIERS = ("patient_id", "patient_name", "birth_date", "study_uid", "series_uid", "sop_uid", "accession")

@@ -349,3 +349,29 @@ def test_a_pseudonym_collision_stops_the_build_with_the_fix(tmp_path, monkeypatc
         : 3 if prefix == "p-" else None])  # patients alone collide
     with pytest.raises(CohortInputError, match=r"\d+ pseudonym\(s\) stand for more than one"):
         build_cohort(None, reports, labels, tmp_path / "c", cfg, progress=False)
+
+
+def test_a_killed_builds_leftovers_are_removed_by_the_next_build(tmp_path):
+    """A build killed hard leaves its scratch store (identifiers) in private/ and its temporary outputs
+    under names with its pid; the next build of the folder deletes those of processes no longer running
+    and keeps those of a live one."""
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    labels, reports = tmp_path / "l.csv", tmp_path / "r.csv"
+    labels.write_text("StudyInstanceUID,label\n" + "".join(f"s{i},{i % 2}\n" for i in range(10)))
+    reports.write_text("StudyInstanceUID,report\n" + "".join(f"s{i},FINDINGS: ok\n" for i in range(10)))
+    out = tmp_path / "c"
+    (out / "private").mkdir(parents=True)
+    stale = [out / "private" / f".build.{dead}.sqlite", out / f".cohort.csv.{dead}.tmp",
+             out / f".quarantine.csv.{dead}.tmp"]
+    live = out / "private" / f".build.{os.getppid()}.sqlite"  # the test runner's parent: alive
+    for f in [*stale, live]:
+        f.write_text("left behind")
+    build_cohort(None, reports, labels, out, progress=False)
+    assert not any(f.exists() for f in stale) and live.exists()
+    assert sorted(p.name for p in (out / "private").iterdir()) == [live.name, "identifiers.json", "key_map.csv",
+                                                                     "salt"]
