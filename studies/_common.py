@@ -62,9 +62,8 @@ def _derived_digest(base: Path, base_digest: str, mode: str, rows: list[dict]) -
     """The fingerprint of a derived cohort: the base's (of its inputs), the derivation and the derived rows
     in terms that do not depend on where or when the base was built: each study by its original key (from
     the base's private key map) and each patient by its order of appearance instead of their salted
-    pseudonyms, and image paths relative to the folder
-    that holds them all. The same derivation of the same inputs in another --out has the same fingerprint
-    (``clinfuse reproduce`` compares it)."""
+    pseudonyms, and image paths relative to the folder that holds them all. The same derivation of the
+    same inputs in another --out has the same fingerprint (``clinfuse reproduce`` compares it)."""
     import csv
     import hashlib
     import json
@@ -72,15 +71,16 @@ def _derived_digest(base: Path, base_digest: str, mode: str, rows: list[dict]) -
 
     with open(base / "private" / "key_map.csv", newline="", encoding="utf-8") as f:
         original = {r[0]: r[1] for r in list(csv.reader(f))[1:]}
-    paths = [p for r in rows for p in json.loads(r.get("image_paths") or "[]")]
-    root = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
+    images = [json.loads(r.get("image_paths") or "[]") for r in rows]
+    dirs = [os.path.dirname(p) for paths in images for p in paths]
+    root = os.path.commonpath(dirs) if dirs else ""
     h = hashlib.sha256(f"{base_digest}\0{mode}\0".encode())
     patient_no: dict[str, int] = {}
-    for r in rows:
+    for r, paths in zip(rows, images):
         canon = {k: v for k, v in r.items() if k not in ("study_id", "patient_id", "image_paths")}
         canon["key"] = original[r["study_id"]]
         canon["patient"] = patient_no.setdefault(r["patient_id"], len(patient_no))  # the grouping, not the name
-        canon["images"] = [os.path.relpath(p, root) for p in json.loads(r.get("image_paths") or "[]")]
+        canon["images"] = [os.path.relpath(p, root) for p in paths]
         h.update(json.dumps(canon, sort_keys=True).encode() + b"\n")
     return h.hexdigest()
 

@@ -208,8 +208,8 @@ def _remove_stale(folder: Path, pattern: str) -> None:
             os.kill(pid, 0)  # raises if no such process
         except ProcessLookupError:
             f.unlink(missing_ok=True)
-        except (ValueError, PermissionError, OSError):
-            continue  # not ours to judge: another user's live process, or not a pid
+        except (ValueError, OSError):
+            continue  # not ours to judge: not a pid, or another user's live process (PermissionError)
 
 
 _HEADER_IDENTIFIERS = ("patient_id", "patient_name", "birth_date", "study_uid", "series_uid", "sop_uid", "accession")
