@@ -58,19 +58,47 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
+def original_keys(base: Path) -> dict[str, str]:
+    """study pseudonym -> original study key (the export's accession number or file key), from the cohort's
+    private key map: what the studies order by where an order must survive a rebuild with another salt."""
+    import csv
+
+    with open(base / "private" / "key_map.csv", newline="", encoding="utf-8") as f:
+        return {r[0]: r[1] for r in list(csv.reader(f))[1:]}
+
+
+def patient_folds(rows: list[dict], positive, original: dict[str, str], k: int, seed: int = 0) -> dict[str, int]:
+    """patient pseudonym -> fold (0..k-1): patient-level and stratified by whether any of the patient's
+    studies is positive (``positive[i]`` for ``rows[i]``), so every fold gets its share of patients with
+    and without the finding. Patients are ordered by their first original study key (`original`, from
+    :func:`original_keys`) before a seeded shuffle, not by their pseudonyms: those come from a random salt
+    drawn per cohort build, and an order by pseudonym gave other folds on every fresh --out."""
+    pos: dict[str, int] = {}
+    first: dict[str, str] = {}
+    for r, y in zip(rows, positive):
+        p, key = r["patient_id"], original[r["study_id"]]
+        pos[p] = max(pos.get(p, 0), int(y))
+        first[p] = min(first.get(p, key), key)
+    rng = np.random.default_rng(seed)
+    fold_of: dict[str, int] = {}
+    for stratum in (0, 1):
+        ps = sorted((p for p, v in pos.items() if v == stratum), key=first.get)
+        rng.shuffle(ps)
+        fold_of.update({p: i % k for i, p in enumerate(ps)})
+    return fold_of
+
+
 def _derived_digest(base: Path, base_digest: str, mode: str, rows: list[dict]) -> str:
     """The fingerprint of a derived cohort: the base's (of its inputs), the derivation and the derived rows
     in terms that do not depend on where or when the base was built: each study by its original key (from
     the base's private key map) and each patient by its order of appearance instead of their salted
     pseudonyms, and image paths relative to the folder that holds them all. The same derivation of the
     same inputs in another --out has the same fingerprint (``clinfuse reproduce`` compares it)."""
-    import csv
     import hashlib
     import json
     import os
 
-    with open(base / "private" / "key_map.csv", newline="", encoding="utf-8") as f:
-        original = {r[0]: r[1] for r in list(csv.reader(f))[1:]}
+    original = original_keys(base)
     images = [json.loads(r.get("image_paths") or "[]") for r in rows]
     dirs = [os.path.dirname(p) for paths in images for p in paths]
     root = os.path.commonpath(dirs) if dirs else ""
@@ -85,11 +113,37 @@ def _derived_digest(base: Path, base_digest: str, mode: str, rows: list[dict]) -
     return h.hexdigest()
 
 
-def derived_cohort(base: Path, dst: Path, edit, mode: str, edit_info=None) -> Path:
+def _recount(info: dict, rows: list[dict]) -> None:
+    """cohort.json's counts, per-split counts, prevalence and missingness, recomputed from derived rows
+    (as the cohort build counts them), so that the summary and the MLflow dataset of a derived cohort
+    describe it and not its base."""
+    from collections import Counter
+
+    def missing(part):
+        c = Counter((r["image_present"], r["report_present"]) for r in part)
+        return {"both": c[("1", "1")], "image_only": c[("1", "0")], "report_only": c[("0", "1")]}
+
+    cols, classes = info["label_columns"], info["classes"]
+    for split in info["splits"]:
+        part = [r for r in rows if r["split"] == split]
+        n = len(part)
+        if info["task"] == "multilabel":
+            prev = {c: (sum(int(r[c]) for r in part) / n if n else None) for c in cols}
+        else:
+            count = Counter(int(r[cols[0]]) for r in part)
+            prev = {name: (count[i] / n if n else None) for i, name in enumerate(classes)}
+        info["splits"][split] = {"studies": n, "patients": len({r["patient_id"] for r in part}), "prevalence": prev,
+                                 "missingness": missing(part)}
+    info["counts"].update(studies=len(rows), patients=len({r["patient_id"] for r in rows}),
+                          images=sum(int(r["n_images"]) for r in rows))
+    info["missingness"] = missing(rows)
+
+
+def derived_cohort(base: Path, dst: Path, edit, mode: str) -> Path:
     """A copy of cohort `base` at `dst` whose ``cohort.csv`` rows pass through ``edit(rows)`` (it changes
-    them in place) and whose ``cohort.json`` (through ``edit_info(info, rows)`` if given) records the
-    derivation `mode` in a new fingerprint (:func:`_derived_digest`: the same on every rerun) and the new
-    table's hash, so that ``read_cohort`` accepts it.
+    them in place, and may drop rows) and whose ``cohort.json`` is recounted from the new rows
+    (:func:`_recount`) and records the derivation `mode` in a new fingerprint (:func:`_derived_digest`:
+    the same on every rerun) and the new table's hash, so that ``read_cohort`` accepts it.
     An existing `dst` is left as it is."""
     import csv
     import hashlib
@@ -112,8 +166,7 @@ def derived_cohort(base: Path, dst: Path, edit, mode: str, edit_info=None) -> Pa
         w.writeheader()
         w.writerows(rows)
     info = json.loads((base / "cohort.json").read_text())
-    if edit_info is not None:
-        edit_info(info, rows)
+    _recount(info, rows)
     info["fingerprint"] = {"sha256": _derived_digest(base, info["fingerprint"]["sha256"], mode, rows),
                            "mode": f"derived: {mode}"}
     info["files"] = {"cohort.csv": hashlib.sha256((dst / "cohort.csv").read_bytes()).hexdigest()}  # read_cohort checks it
@@ -121,5 +174,5 @@ def derived_cohort(base: Path, dst: Path, edit, mode: str, edit_info=None) -> Pa
     return dst
 
 
-__all__ = ["split_rows", "derived_cohort", "labels_of", "model_predictions", "cell", "table", "auroc", "auprc", "auprc_ties_random", "recall_at_specificity",
+__all__ = ["split_rows", "derived_cohort", "original_keys", "patient_folds", "labels_of", "model_predictions", "cell", "table", "auroc", "auprc", "auprc_ties_random", "recall_at_specificity",
            "bootstrap_ci"]

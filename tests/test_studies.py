@@ -18,7 +18,13 @@ def _load(folder: str, name: str):
     spec = importlib.util.spec_from_file_location(f"study_{folder.replace('-', '_')}_{name}", path)
     mod = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(path.parent.parent))
+    before = set(sys.modules)
     spec.loader.exec_module(mod)
+    # a study's run.py imports its siblings by plain name (`from prepare import ...`): forget them, or the
+    # next study's `prepare` would be this one's
+    for name in set(sys.modules) - before:
+        if str(getattr(sys.modules[name], "__file__", "") or "").startswith(str(path.parent)):
+            del sys.modules[name]
     return mod
 
 
@@ -135,6 +141,37 @@ def test_synthetic_fusion_hides_modalities_in_training_only(tmp_path):
     assert dinfo["missingness"]["both"] == len(d) - hidden_img - hidden_txt
     assert dinfo["missingness"]["report_only"] == hidden_img
     assert dinfo["fingerprint"]["sha256"] != binfo["fingerprint"]["sha256"]
+
+
+def test_nih_model_choice_folds_leave_the_test_split_out_and_recount_the_cohort(tmp_path):
+    from clinfuse.data.cohort import read_cohort
+
+    from .conftest import synthetic_cohort
+
+    study = _load("nih-cxr", "run")
+    base = synthetic_cohort(tmp_path, studies=120, seed=5, size=32, lateral=0)
+    rows, _ = read_cohort(base)
+    dev = {r["study_id"] for r in rows if r["split"] != "test"}
+    validated: dict[str, list[int]] = {}
+    for f in range(3):
+        d, info = read_cohort(study.cv_cohort(base, tmp_path / "cv", f, 3))
+        assert {r["study_id"] for r in d} == dev  # the test split is left out, nothing else
+        val = [r for r in d if r["split"] == "val"]
+        train = [r for r in d if r["split"] == "train"]
+        assert val and train and len(val) + len(train) == len(d)
+        assert not {r["patient_id"] for r in val} & {r["patient_id"] for r in train}
+        for p in {r["patient_id"] for r in val}:
+            validated.setdefault(p, []).append(f)
+        # cohort.json describes the derived table, not its base
+        assert info["counts"]["studies"] == len(d) and info["splits"]["test"]["studies"] == 0
+        for split, part in (("train", train), ("val", val)):
+            s = info["splits"][split]
+            assert s["studies"] == len(part) and s["patients"] == len({r["patient_id"] for r in part})
+            y = study.labels_of(part, info)[:, 0]
+            assert s["prevalence"][info["classes"][-1]] == pytest.approx(y.mean())
+            assert sum(s["missingness"].values()) == len(part)
+    assert sorted(validated) == sorted({r["patient_id"] for r in rows if r["study_id"] in dev})
+    assert all(len(v) == 1 for v in validated.values())  # every development patient validates exactly once
 
 
 def test_covid_notes_prepare_and_patient_folds(tmp_path):

@@ -41,7 +41,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from _common import auprc, auroc, bootstrap_ci, derived_cohort, labels_of, model_predictions, split_rows, table  # noqa: E402
+from _common import (auprc, auroc, bootstrap_ci, derived_cohort, labels_of, model_predictions, original_keys,  # noqa: E402
+                     patient_folds, split_rows, table)
 from prepare import DEFAULT_DATA, OUTCOMES, prepare  # noqa: E402
 
 from clinfuse.config import load_config  # noqa: E402
@@ -65,39 +66,16 @@ def base_cohort(exp: Path, out: Path, outcome: str, notes: str, split: str = "0.
 def refold(base: Path, dst: Path, fold: int, k: int, seed: int = 0) -> Path:
     """A copy of cohort `base` whose split is fold `fold` of a patient-level, label-stratified k-fold:
     that fold is the test split, the next one the validation split, the rest training."""
-    import csv
-
     col = json.loads((base / "cohort.json").read_text())["label_columns"][0]
-    # Patients are ordered by their first original study key (the export's accession numbers, in the
-    # cohort's private key map), not by their pseudonyms: those come from a random salt drawn per
-    # cohort build, so an order by pseudonym gave other folds on every fresh --out.
-    with open(base / "private" / "key_map.csv", newline="") as f:
-        original = {r["study_id"]: next(v for k, v in r.items() if k != "study_id") for r in csv.DictReader(f)}
+    original = original_keys(base)
 
     def edit(rows):
-        pos: dict[str, int] = {}
-        first: dict[str, str] = {}
-        for r in rows:
-            p = r["patient_id"]
-            pos[p] = max(pos.get(p, 0), int(r[col]))
-            first[p] = min(first.get(p, original[r["study_id"]]), original[r["study_id"]])
-        rng = np.random.default_rng(seed)
-        fold_of = {}
-        for stratum in (0, 1):  # each fold gets its share of patients with and without the outcome
-            ps = sorted((p for p, v in pos.items() if v == stratum), key=first.get)
-            rng.shuffle(ps)
-            fold_of.update({p: i % k for i, p in enumerate(ps)})
+        fold_of = patient_folds(rows, [r[col] for r in rows], original, k, seed)
         for r in rows:
             f = fold_of[r["patient_id"]]
             r["split"] = "test" if f == fold else "val" if f == (fold + 1) % k else "train"
 
-    def edit_info(info, rows):
-        for split in ("train", "val", "test"):
-            part = [r for r in rows if r["split"] == split]
-            info["splits"][split] = {**info["splits"].get(split, {}), "studies": len(part),
-                                     "patients": len({r["patient_id"] for r in part})}
-
-    return derived_cohort(base, dst, edit, f"fold {fold + 1} of {k} (covid-notes study)", edit_info)
+    return derived_cohort(base, dst, edit, f"fold {fold + 1} of {k} (covid-notes study)")
 
 
 EXTRA: list[str] = []  # --set key=value, for every model of the run

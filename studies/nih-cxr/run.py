@@ -11,13 +11,16 @@ Questions (see README.md):
      Occlusion on 30 test images, and a figure of 6 overlays.
   4. The plain MONAI recipe (monai_recipe.py: MONAI alone, on the PNGs) against clinfuse's DenseNet121
      on the same split, with its settings and with the recipe's schedule (Adam-like 1e-4, 20 epochs).
+  5. Model choice by cross-validation (issue #14): ResNet18 and DenseNet121 with the study config and
+     DenseNet121 with the recipe's schedule, each trained on k folds of the development patients
+     (train + val; the test split is left out), chosen by validation AUROC over the folds.
 
 ``--test-data DIR`` scores the models this command trained on --data (question 1's ResNet18 and
 DenseNet121, question 4's DenseNet121 with the recipe schedule, the MONAI recipe's saved weights) and the
 pixel baseline on a second folder of the same layout (labels.csv + images/), every image a test image.
 
-Usage: python studies/nih-cxr/run.py [--data ../shared/data/nih-cxr] [--out runs/nih] [--questions 1 2 3 4]
-           [--test-data DIR]
+Usage: python studies/nih-cxr/run.py [--data ../shared/data/nih-cxr] [--out runs/nih] [--questions 1 2 3 4 5]
+           [--cv-folds 4] [--test-data DIR]
 """
 
 from __future__ import annotations
@@ -319,6 +322,67 @@ def question_4(img: Path, data: Path, out: Path, n_boot: int, epochs: int) -> No
     print(table(["model", "epochs", "best epoch", "val AUROC (chooses)", "train s"], facts), flush=True)
 
 
+def cv_cohort(img: Path, out: Path, fold: int, k: int, seed: int = 0) -> Path:
+    """A copy of the image cohort for model choice: its test split left out entirely, its train and val
+    patients cut into `k` label-stratified folds (:func:`_common.patient_folds`, the same on every rerun);
+    fold `fold` is the validation split, the others train."""
+    from _common import derived_cohort, original_keys, patient_folds
+
+    original = original_keys(img)
+
+    def edit(rows):
+        rows[:] = [r for r in rows if r["split"] != "test"]
+        fold_of = patient_folds(rows, labels_of(rows, info)[:, 0], original, k, seed)
+        for r in rows:
+            r["split"] = "val" if fold_of[r["patient_id"]] == fold else "train"
+
+    _, info = split_rows(img, "train")
+    return derived_cohort(img, out / "cohorts-cv" / f"fold{fold + 1}", edit,
+                          f"fold {fold + 1} of {k} of train+val, test left out (nih-cxr model choice)")
+
+
+def question_5(img: Path, out: Path, n_boot: int, epochs: int, k: int) -> None:
+    """Model choice by k-fold cross-validation on the development patients (train + val); the test split is
+    neither trained on nor scored. Each candidate is trained k times, each fold's patients validating once;
+    the epoch is chosen inside each fold on its validation part, as every question does."""
+    candidates = {
+        "ResNet18, study config": ("resnet18", ["model.image.name=resnet18", f"train.epochs={epochs}"]),
+        "DenseNet121, study config": ("densenet121", ["model.image.name=densenet121", f"train.epochs={epochs}"]),
+        "DenseNet121, recipe schedule": ("densenet121-recipe", RECIPE_SETTINGS),
+    }
+    folds = [cv_cohort(img, out, f, k) for f in range(k)]
+    per_fold: dict[str, list[float]] = {n: [] for n in candidates}
+    pooled: dict[str, list] = {n: [] for n in candidates}
+    secs: dict[str, list[float]] = {n: [] for n in candidates}
+    for f, coh in enumerate(folds):
+        va, _ = split_rows(coh, "val")
+        v = views(va)
+        for name, (run, extra) in candidates.items():
+            best = train_model(coh, f"cv{f + 1}-{run}", extra, out)
+            y, p, g, _ = model_predictions(best, coh, "val")
+            per_fold[name].append(auroc(y[:, 0], p[:, 0]))
+            pooled[name].append((y, p, g, v))
+            secs[name].append(train_seconds(out / "runs" / f"cv{f + 1}-{run}"))
+            print(f"  fold {f + 1}/{k} {name}: val AUROC {per_fold[name][-1]:.3f} ({len(va)} images)", flush=True)
+    dev = sum(len(split_rows(folds[0], s)[0]) for s in ("train", "val"))
+    print(f"model choice: {k}-fold cross-validation by patient on the {dev} development images (train + val); "
+          f"test split untouched; pooled out-of-fold predictions, 95% bootstrap CIs over patients")
+    results = {n: tuple(np.concatenate([x[i] for x in pooled[n]]) for i in range(3)) for n in candidates}
+    v = np.concatenate([x[3] for x in next(iter(pooled.values()))])
+    print(table(["candidate", "AUROC (pooled)", "AUPRC (pooled)", "AUROC within AP", "AUROC within PA"],
+                strat_rows(results, v, n_boot)))
+    ref = "DenseNet121, study config"
+    rows = []
+    for name in candidates:
+        a, d = np.array(per_fold[name]), np.array(per_fold[name]) - np.array(per_fold[ref])
+        rows.append([name, " ".join(f"{x:.3f}" for x in a), f"{a.mean():.3f} ± {a.std(ddof=1):.3f}",
+                     "-" if name == ref else f"{d.mean():+.3f}, ahead {int((d > 0).sum())}/{k}",
+                     f"{np.mean(secs[name]):.0f}"])
+    print(table(["candidate", "val AUROC per fold", "mean ± sd", f"vs {ref}", "train s (mean)"], rows))
+    chosen = max(candidates, key=lambda n: np.mean(per_fold[n]))
+    print(f"chosen by mean validation AUROC over the {k} folds: {chosen}", flush=True)
+
+
 def hidden_evaluation(img: Path, data: Path, test_data: Path, out: Path, n_boot: int) -> None:
     """The trained models and the pixel baseline on a second folder: prepared and built like --data,
     every image in the test split; models that this command has not trained yet are named and skipped."""
@@ -368,10 +432,11 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--out", type=Path, default=Path("runs/nih"))
-    ap.add_argument("--questions", nargs="+", type=int, default=[1, 2, 3], choices=[1, 2, 3, 4])
+    ap.add_argument("--questions", nargs="+", type=int, default=[1, 2, 3], choices=[1, 2, 3, 4, 5])
     ap.add_argument("--test-data", type=Path, help="a second folder of the same layout to score the trained models on")
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--cv-folds", type=int, default=4, help="question 5: folds of the development patients (default 4)")
     args = ap.parse_args(argv)
     if not (args.data / "labels.csv").is_file():
         sys.exit(f"nih study: {args.data}/labels.csv not found; pass --data (the NIH chest X-ray folder)")
@@ -388,8 +453,10 @@ def main(argv=None) -> None:
             question_2(ctx, img, args.out, args.bootstrap, args.epochs)
         elif q == 3:
             question_3(img, args.out)
-        else:
+        elif q == 4:
             question_4(img, args.data, args.out, args.bootstrap, args.epochs)
+        else:
+            question_5(img, args.out, args.bootstrap, args.epochs, args.cv_folds)
     if args.test_data:
         if not (args.test_data / "labels.csv").is_file():
             sys.exit(f"nih study: {args.test_data}/labels.csv not found (--test-data needs the layout of --data)")

@@ -109,16 +109,7 @@ def hide_in_training(base: Path, dst: Path, missing: float, seed: int) -> Path:
             else:
                 r.update(report_present="0", report="")
 
-    def pattern(r):
-        return {("1", "1"): "both", ("1", "0"): "image_only", ("0", "1"): "report_only"}[(r["image_present"], r["report_present"])]
-
-    def edit_info(info, rows):
-        info["missingness"] = {k: sum(pattern(r) == k for r in rows) for k in ("both", "image_only", "report_only")}
-        for split, s in info["splits"].items():
-            s["missingness"] = {k: sum(pattern(r) == k for r in rows if r["split"] == split)
-                                for k in ("both", "image_only", "report_only")}
-
-    return derived_cohort(base, dst, edit, f"{missing:.0%} of train/val hidden (synthetic-fusion study)", edit_info)
+    return derived_cohort(base, dst, edit, f"{missing:.0%} of train/val hidden (synthetic-fusion study)")
 
 
 def aux_head_scores(best: Path, coh: Path, modality: int) -> np.ndarray:
