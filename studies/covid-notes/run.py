@@ -315,9 +315,11 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the covid-notes folder (default: %(default)s)")
     ap.add_argument("--test-data", type=Path, help="a second folder of the same layout to score the models on")
-    ap.add_argument("--out", type=Path, default=Path("runs/covid-notes"))
-    ap.add_argument("--outcomes", nargs="+", default=list(OUTCOMES), choices=list(OUTCOMES))
-    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=Path("runs/covid-notes"),
+                    help="working folder; models already trained there are reused (default: %(default)s)")
+    ap.add_argument("--outcomes", nargs="+", default=list(OUTCOMES), choices=list(OUTCOMES),
+                    help="outcomes to study, each its own cohort and table (default: all)")
+    ap.add_argument("--folds", type=int, default=5, help="patient-level folds k (default 5): each fold tests once")
     ap.add_argument("--questions", nargs="+", type=int, default=[1, 2, 3, 4], choices=[1, 2, 3, 4, 5, 6],
                     help="questions to run (default 1-4; 5: the lexical branch in the notes-only and attention models; "
                     "6: the image explanation methods compared)")

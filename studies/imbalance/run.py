@@ -53,11 +53,12 @@ def score(model_dir: Path, cohort: Path) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--studies", type=int, default=3000)
+    ap.add_argument("--studies", type=int, default=3000, help="studies per synthetic cohort (default 3,000)")
     ap.add_argument("--prevalence", type=float, default=0.05,
                     help="share of positive studies in each synthetic cohort (default %(default)s)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--out", default="runs/imbalance")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                    help="one cohort per seed; every condition trains on it with that seed")
+    ap.add_argument("--out", default="runs/imbalance", help="working folder (default: %(default)s)")
     ap.add_argument("--conditions", nargs="+", metavar="TEXT",
                     help="run only the conditions whose name contains one of these texts")
     args = ap.parse_args(argv)

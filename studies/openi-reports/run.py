@@ -334,7 +334,8 @@ def hidden_evaluation(out: Path, test_csv: Path, n_boot: int) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("runs/openi"))
+    ap.add_argument("--out", type=Path, default=Path("runs/openi"),
+                    help="working folder; models already trained there are reused (default: %(default)s)")
     ap.add_argument("--questions", nargs="*", type=int, default=[1, 2, 3, 4], choices=[1, 2, 3, 4, 5, 6],
                     help="questions to run (default 1-4; 5, the repeated splits, trains one MiniLM per split and task; "
                     "6, question 3 over the same split seeds, trains four tiny BERTs per split; "
@@ -344,9 +345,9 @@ def main(argv=None) -> None:
     ap.add_argument("--data", type=Path, default=DEFAULT_CSV, help="the Open-I reports.csv (default: %(default)s)")
     ap.add_argument("--test-data", type=Path, metavar="CSV",
                     help="a second reports.csv of the same layout to score questions 1 and 2's models on")
-    ap.add_argument("--epochs-minilm", type=int, default=3)
-    ap.add_argument("--epochs-tiny", type=int, default=20)
-    ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--epochs-minilm", type=int, default=3, help="fine-tuning epochs of MiniLM (questions 1, 2, 5)")
+    ap.add_argument("--epochs-tiny", type=int, default=20, help="epochs of the tiny BERT from scratch (questions 1-3, 6)")
+    ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of patients for the CIs")
     args = ap.parse_args(argv)
     global DATA
     DATA = args.data

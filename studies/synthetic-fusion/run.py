@@ -335,10 +335,14 @@ def question_5(out: Path, seeds: list[int], studies: int) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("runs/synthetic-fusion"))
-    ap.add_argument("--questions", nargs="+", type=int, default=[1, 2, 3, 4, 5], choices=[1, 2, 3, 4, 5])
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
-    ap.add_argument("--studies", type=int, default=1200)
+    ap.add_argument("--out", type=Path, default=Path("runs/synthetic-fusion"),
+                    help="working folder; cohorts and models already there are reused (default: %(default)s)")
+    ap.add_argument("--questions", nargs="+", type=int, default=[1, 2, 3, 4, 5], choices=[1, 2, 3, 4, 5],
+                    help="questions to run (default: all)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3],
+                    help="one synthetic cohort and training per seed (question 3 takes the first two, question 5 the "
+                    "first three)")
+    ap.add_argument("--studies", type=int, default=1200, help="studies per synthetic cohort, questions 1-4 (default 1,200)")
     ap.add_argument("--q5-studies", type=int, default=4000, help="studies per seed of question 5 (default 4,000)")
     args = ap.parse_args(argv)
     t0 = time.time()

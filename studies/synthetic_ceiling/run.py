@@ -19,9 +19,10 @@ from clinfuse.evaluation.metrics import auprc_ties_random
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--studies", type=int, default=20000)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--prevalence", type=float, nargs="+", default=[0.3, 0.05])
+    ap.add_argument("--studies", type=int, default=20000, help="studies synthesized per prevalence (default 20,000)")
+    ap.add_argument("--seed", type=int, default=0, help="synthesis seed")
+    ap.add_argument("--prevalence", type=float, nargs="+", default=[0.3, 0.05],
+                    help="shares of positive studies, one cohort each (default 0.3 0.05)")
     args = ap.parse_args(argv)
     print(f"studies={args.studies} seed={args.seed} (images at 32 px: the ceiling does not depend on size)")
     print("AUPRC with tied posteriors in random order (auprc_ties_random, 50 orders)")
