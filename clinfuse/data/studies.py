@@ -362,7 +362,8 @@ def select_images(files: list[DicomHeader], cfg: DicomConfig) -> tuple[list[Dico
     for h in files:
         if h.modality not in allowed:
             quarantine.append(QuarantineEntry(
-                "dicom", h.path, f"modality '{h.modality or 'none'}' not in cohort.dicom.modalities {sorted(allowed)}"))
+                # the value after the colon: the reason kind that cohort.json counts carries no header value
+                "dicom", h.path, f"modality not in cohort.dicom.modalities {sorted(allowed)}: '{h.modality or 'none'}'"))
         else:
             keep.append(h)
     if not keep:

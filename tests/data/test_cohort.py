@@ -375,3 +375,24 @@ def test_a_killed_builds_leftovers_are_removed_by_the_next_build(tmp_path):
     assert not any(f.exists() for f in stale) and live.exists()
     assert sorted(p.name for p in (out / "private").iterdir()) == [live.name, "identifiers.json", "key_map.csv",
                                                                      "salt"]
+
+
+def test_a_modality_set_aside_is_named_in_quarantine_csv_not_in_cohort_json(tmp_path):
+    """The reason kind that cohort.json counts carries no header value: a file whose Modality holds
+    something odd (here a name) is set aside with that value in quarantine.csv only."""
+    import pydicom
+
+    exp = tmp_path / "e"
+    synthesize(exp, SynthSpec(studies=12, seed=3, size=32, lateral=0), progress=False)
+    odd = sorted((exp / "dicom").rglob("*.dcm"))[:2]
+    for p in odd:
+        ds = pydicom.dcmread(p)
+        ds.Modality = "ZORBLAXQUINN"
+        ds.save_as(p)
+    s = _build(exp, tmp_path / "c")
+    q = [r for r in _rows(tmp_path / "c/quarantine.csv") if "ZORBLAXQUINN" in r["reason"]]
+    assert sorted(r["source"] for r in q) == sorted(map(str, odd))
+    assert "modality not in cohort.dicom.modalities" in q[0]["reason"]
+    text = (tmp_path / "c/cohort.json").read_text()
+    assert "ZORBLAXQUINN" not in text.upper()
+    assert s.info["quarantine_reasons"][f"dicom: modality not in cohort.dicom.modalities {['CR', 'DX']}"] == 2
