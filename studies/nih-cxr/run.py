@@ -20,7 +20,7 @@ DenseNet121, question 4's DenseNet121 with the recipe schedule, the MONAI recipe
 pixel baseline on a second folder of the same layout (labels.csv + images/), every image a test image.
 
 Usage: python studies/nih-cxr/run.py [--data ../shared/data/nih-cxr] [--out runs/nih] [--questions 1 2 3 4 5]
-           [--cv-folds 4] [--test-data DIR]
+           [--encoder resnet18] [--cv-folds 4] [--test-data DIR]
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from clinfuse.data.cohort import build_cohort  # noqa: E402
 from clinfuse.pipeline import train_and_audit  # noqa: E402
 
 ENCODERS = {"ResNet18 (MONAI, from scratch)": "resnet18", "DenseNet121 (MONAI, from scratch)": "densenet121"}
+NAMES = {"resnet18": "ResNet18", "densenet121": "DenseNet121"}
 
 
 def cohorts(data: Path, out: Path) -> tuple[Path, Path]:
@@ -156,12 +157,12 @@ def flip_view(rows: list[dict]) -> list[dict]:
     return out
 
 
-def question_2(ctx: Path, img: Path, out: Path, n_boot: int, epochs: int) -> None:
+def question_2(ctx: Path, img: Path, out: Path, n_boot: int, epochs: int, encoder: str = "resnet18") -> None:
     from clinfuse.evaluation.evaluate import predict_split
     from clinfuse.inference import Model
 
-    best = train_model(ctx, "resnet18+context", ["model.image.name=resnet18", "model.fusion.kind=attention",
-                                                  f"train.epochs={epochs}"], out)
+    best = train_model(ctx, f"{encoder}+context", [f"model.image.name={encoder}", "model.fusion.kind=attention",
+                                                   f"train.epochs={epochs}"], out)
     te, info = split_rows(ctx, "test")
     v = views(te)
     model = Model.load(best)
@@ -178,8 +179,9 @@ def question_2(ctx: Path, img: Path, out: Path, n_boot: int, epochs: int) -> Non
     p_flip, _ = predict(flip_view(te))
     results = {"fused: image + context": (y, p_both, g), "fused, context hidden (image only)": (y, p_img, g),
                "fused, image hidden (context only)": (y, p_txt, g), "fused, view word flipped": (y, p_flip, g)}
-    yi, pi, gi, _ = model_predictions(out / "runs" / "resnet18" / "best", img)
-    results["image-only ResNet18 (question 1)"] = (yi, pi, gi)
+    yi, pi, gi, _ = model_predictions(train_model(img, encoder, [f"model.image.name={encoder}", f"train.epochs={epochs}"],
+                                                  out), img)
+    results[f"image-only {NAMES[encoder]} (question 1)"] = (yi, pi, gi)
     print(table(["model", "AUROC", "AUPRC", "AUROC within AP", "AUROC within PA"], strat_rows(results, v, n_boot)))
     w = np.asarray(o["weights"])
     d = (p_flip - p_both)[:, 0]
@@ -190,15 +192,16 @@ def question_2(ctx: Path, img: Path, out: Path, n_boot: int, epochs: int) -> Non
           f"mean |p(both) - p(image hidden)| = {np.abs(p_both - p_txt).mean():.3f}")
     print(f"flipping only the view word: AP->PA mean change in p {d[v == 'AP'].mean():+.3f}, "
           f"PA->AP {d[v == 'PA'].mean():+.3f}; decisions changed at the stored threshold: {crossed:.1%}", flush=True)
-    shortcut_in_explanations(best, te, info, v, out)
+    shortcut_in_explanations(best, te, info, v, out, "" if encoder == "resnet18" else f"-{encoder}")
 
 
-def shortcut_in_explanations(best: Path, te: list[dict], info: dict, v: np.ndarray, out: Path, n: int = 60) -> None:
+def shortcut_in_explanations(best: Path, te: list[dict], info: dict, v: np.ndarray, out: Path, suffix: str = "",
+                             n: int = 60) -> None:
     """What the explanations a reviewer sees say about the view: the context's Shapley share, and how much of
     the Grad-CAM map lies in the image border (markers, collimation, shoulders) rather than the chest, by view."""
     from clinfuse.inference import Model, explain_rows
 
-    d = out / "explanations-fused-gradcam"
+    d = out / f"explanations-fused-gradcam{suffix}"
     es = explain_rows(Model.load(best), te[:n], d, method="gradcam", progress=False)
     share = np.array([e["modalities"]["share"]["report"] for e in es])
     border = []
@@ -215,16 +218,17 @@ def shortcut_in_explanations(best: Path, te: list[dict], info: dict, v: np.ndarr
     print(table(["view", "images", "context Shapley share", "Grad-CAM mass in the border"], rows), flush=True)
 
 
-def question_3(img: Path, out: Path, n: int = 30) -> None:
+def question_3(img: Path, out: Path, epochs: int, encoder: str = "resnet18", n: int = 30) -> None:
     from clinfuse.inference import Model, explain_rows
 
-    best = Model.load(out / "runs" / "resnet18" / "best")
+    best = Model.load(train_model(img, encoder, [f"model.image.name={encoder}", f"train.epochs={epochs}"], out))
+    suffix = "" if encoder == "resnet18" else f"-{encoder}"
     te, info = split_rows(img, "test")
     rows = te[:n]
     summary, exps = [], {}
     for method in ("ig", "gradcam", "occlusion"):
         t0 = time.time()
-        es = explain_rows(best, rows, out / f"explanations-{method}", method=method, progress=False)
+        es = explain_rows(best, rows, out / f"explanations-{method}{suffix}", method=method, progress=False)
         exps[method] = es
         f = [e["image"]["faithfulness"] for e in es]
         gain = np.array([x["faithfulness"] for x in f])
@@ -233,10 +237,11 @@ def question_3(img: Path, out: Path, n: int = 30) -> None:
                         f"{gain.mean():+.3f} (sd {gain.std():.3f})", f"{(time.time() - t0) / len(es):.1f}"])
     print(table(["method", "better than every random order", "mean deletion area", "mean random area",
                  "faithfulness (random - deletion)", "s per image"], summary))
-    figure(exps, out, HERE / "img" / "overlays.png")
+    print(f"{NAMES[encoder]} of question 1, the first {len(rows)} test images")
+    figure(exps, out, HERE / "img" / "overlays.png" if encoder == "resnet18" else out / f"overlays{suffix}.png", suffix)
 
 
-def figure(exps: dict, out: Path, dst: Path) -> None:
+def figure(exps: dict, out: Path, dst: Path, suffix: str = "") -> None:
     """Two test images (one pneumonia, one not) x three methods = six overlays, in one PNG."""
     from PIL import Image, ImageDraw
 
@@ -246,7 +251,7 @@ def figure(exps: dict, out: Path, dst: Path) -> None:
     tiles = []
     for e in (pos, neg):
         for method in ("ig", "gradcam", "occlusion"):
-            im = Image.open(out / f"explanations-{method}" / e["study_id"] / "overlay.png").convert("RGB")
+            im = Image.open(out / f"explanations-{method}{suffix}" / e["study_id"] / "overlay.png").convert("RGB")
             im.thumbnail((300, 300))
             canvas = Image.new("RGB", (300, 320), "white")
             canvas.paste(im, (0, 20))
@@ -441,6 +446,9 @@ def main(argv=None) -> None:
     ap.add_argument("--epochs", type=int, default=12,
                     help="epochs of the study-config models (questions 1, 2, 4, 5; the recipe schedule keeps 20)")
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of patients for the CIs")
+    ap.add_argument("--encoder", default="resnet18", choices=list(NAMES),
+                    help="image encoder of questions 2 and 3 (default resnet18, as their printed tables; question 5 "
+                    "chooses densenet121)")
     ap.add_argument("--cv-folds", type=int, default=4, help="question 5: folds of the development patients (default 4)")
     args = ap.parse_args(argv)
     if not (args.data / "labels.csv").is_file():
@@ -455,9 +463,9 @@ def main(argv=None) -> None:
         if q == 1:
             question_1(img, args.out, args.bootstrap, args.epochs)
         elif q == 2:
-            question_2(ctx, img, args.out, args.bootstrap, args.epochs)
+            question_2(ctx, img, args.out, args.bootstrap, args.epochs, args.encoder)
         elif q == 3:
-            question_3(img, args.out)
+            question_3(img, args.out, args.epochs, args.encoder)
         elif q == 4:
             question_4(img, args.data, args.out, args.bootstrap, args.epochs)
         else:
