@@ -115,6 +115,16 @@ def train_model(cohort: Path, name: str, extra: list[str], out: Path) -> Path:
     return run / "best"
 
 
+def study_config(encoder: str, epochs: int) -> list[str]:
+    """The overrides of an image-only model with the study config: what questions 1-5 train as `encoder`."""
+    return [f"model.image.name={encoder}", f"train.epochs={epochs}"]
+
+
+def encoder_suffix(encoder: str) -> str:
+    """Folder suffix of questions 2 and 3's outputs: none for ResNet18 (the printed tables), else the encoder."""
+    return "" if encoder == "resnet18" else f"-{encoder}"
+
+
 def strat_rows(results: dict, v: np.ndarray, n_boot: int) -> list[list[str]]:
     rows = []
     for name, (y, p, g) in results.items():
@@ -133,7 +143,7 @@ def question_1(img: Path, out: Path, n_boot: int, epochs: int) -> dict:
     y = labels_of(te, _)[:, 0]
     results = baselines(img)
     for name, enc in ENCODERS.items():
-        best = train_model(img, enc, [f"model.image.name={enc}", f"train.epochs={epochs}"], out)
+        best = train_model(img, enc, study_config(enc, epochs), out)
         yy, p, g, _r = model_predictions(best, img)
         results[name] = (yy, p, g)
     print(f"test split: {len(te)} images of {len(set(r['patient_id'] for r in te))} patients; "
@@ -161,8 +171,7 @@ def question_2(ctx: Path, img: Path, out: Path, n_boot: int, epochs: int, encode
     from clinfuse.evaluation.evaluate import predict_split
     from clinfuse.inference import Model
 
-    best = train_model(ctx, f"{encoder}+context", [f"model.image.name={encoder}", "model.fusion.kind=attention",
-                                                   f"train.epochs={epochs}"], out)
+    best = train_model(ctx, f"{encoder}+context", study_config(encoder, epochs) + ["model.fusion.kind=attention"], out)
     te, info = split_rows(ctx, "test")
     v = views(te)
     model = Model.load(best)
@@ -179,8 +188,7 @@ def question_2(ctx: Path, img: Path, out: Path, n_boot: int, epochs: int, encode
     p_flip, _ = predict(flip_view(te))
     results = {"fused: image + context": (y, p_both, g), "fused, context hidden (image only)": (y, p_img, g),
                "fused, image hidden (context only)": (y, p_txt, g), "fused, view word flipped": (y, p_flip, g)}
-    yi, pi, gi, _ = model_predictions(train_model(img, encoder, [f"model.image.name={encoder}", f"train.epochs={epochs}"],
-                                                  out), img)
+    yi, pi, gi, _ = model_predictions(train_model(img, encoder, study_config(encoder, epochs), out), img)
     results[f"image-only {NAMES[encoder]} (question 1)"] = (yi, pi, gi)
     print(table(["model", "AUROC", "AUPRC", "AUROC within AP", "AUROC within PA"], strat_rows(results, v, n_boot)))
     w = np.asarray(o["weights"])
@@ -192,7 +200,7 @@ def question_2(ctx: Path, img: Path, out: Path, n_boot: int, epochs: int, encode
           f"mean |p(both) - p(image hidden)| = {np.abs(p_both - p_txt).mean():.3f}")
     print(f"flipping only the view word: AP->PA mean change in p {d[v == 'AP'].mean():+.3f}, "
           f"PA->AP {d[v == 'PA'].mean():+.3f}; decisions changed at the stored threshold: {crossed:.1%}", flush=True)
-    shortcut_in_explanations(best, te, info, v, out, "" if encoder == "resnet18" else f"-{encoder}")
+    shortcut_in_explanations(best, te, info, v, out, encoder_suffix(encoder))
 
 
 def shortcut_in_explanations(best: Path, te: list[dict], info: dict, v: np.ndarray, out: Path, suffix: str = "",
@@ -221,8 +229,8 @@ def shortcut_in_explanations(best: Path, te: list[dict], info: dict, v: np.ndarr
 def question_3(img: Path, out: Path, epochs: int, encoder: str = "resnet18", n: int = 30) -> None:
     from clinfuse.inference import Model, explain_rows
 
-    best = Model.load(train_model(img, encoder, [f"model.image.name={encoder}", f"train.epochs={epochs}"], out))
-    suffix = "" if encoder == "resnet18" else f"-{encoder}"
+    best = Model.load(train_model(img, encoder, study_config(encoder, epochs), out))
+    suffix = encoder_suffix(encoder)
     te, info = split_rows(img, "test")
     rows = te[:n]
     summary, exps = [], {}
@@ -311,8 +319,7 @@ def question_4(img: Path, data: Path, out: Path, n_boot: int, epochs: int) -> No
     facts = [["MONAI recipe (plain MONAI, PNG)", "20", str(rec["best_epoch"]), f"{rec['val_auroc']:.3f}",
               f"{rec['seconds']:.0f}"]]
     for name, run, extra, n_ep in (
-            ("clinfuse DenseNet121, study config", "densenet121", ["model.image.name=densenet121",
-                                                                   f"train.epochs={epochs}"], epochs),
+            ("clinfuse DenseNet121, study config", "densenet121", study_config("densenet121", epochs), epochs),
             ("clinfuse DenseNet121, recipe schedule", "densenet121-recipe", RECIPE_SETTINGS, 20)):
         best = train_model(img, run, extra, out)
         yy, p, gg, _ = model_predictions(best, img)
@@ -331,9 +338,12 @@ def cv_cohort(img: Path, out: Path, fold: int, k: int, seed: int = 0) -> Path:
     """A copy of the image cohort for model choice: its test split left out entirely, its train and val
     patients cut into `k` label-stratified folds (:func:`_common.patient_folds`, the same on every rerun);
     fold `fold` is the validation split, the others train."""
+    import json
+
     from _common import derived_cohort, original_keys, patient_folds
 
     original = original_keys(img)
+    info = json.loads((img / "cohort.json").read_text())  # what labels_of needs: task, columns, classes
 
     def edit(rows):
         rows[:] = [r for r in rows if r["split"] != "test"]
@@ -341,7 +351,6 @@ def cv_cohort(img: Path, out: Path, fold: int, k: int, seed: int = 0) -> Path:
         for r in rows:
             r["split"] = "val" if fold_of[r["patient_id"]] == fold else "train"
 
-    _, info = split_rows(img, "train")
     return derived_cohort(img, out / "cohorts-cv" / f"fold{fold + 1}", edit,
                           f"fold {fold + 1} of {k} of train+val, test left out (nih-cxr model choice)")
 
@@ -351,8 +360,8 @@ def question_5(img: Path, out: Path, n_boot: int, epochs: int, k: int) -> None:
     neither trained on nor scored. Each candidate is trained k times, each fold's patients validating once;
     the epoch is chosen inside each fold on its validation part, as every question does."""
     candidates = {
-        "ResNet18, study config": ("resnet18", ["model.image.name=resnet18", f"train.epochs={epochs}"]),
-        "DenseNet121, study config": ("densenet121", ["model.image.name=densenet121", f"train.epochs={epochs}"]),
+        "ResNet18, study config": ("resnet18", study_config("resnet18", epochs)),
+        "DenseNet121, study config": ("densenet121", study_config("densenet121", epochs)),
         "DenseNet121, recipe schedule": ("densenet121-recipe", RECIPE_SETTINGS),
     }
     folds = [cv_cohort(img, out, f, k) for f in range(k)]
@@ -369,11 +378,10 @@ def question_5(img: Path, out: Path, n_boot: int, epochs: int, k: int) -> None:
             pooled[name].append((y, p, g, v))
             secs[name].append(train_seconds(out / "runs" / f"cv{f + 1}-{run}"))
             print(f"  fold {f + 1}/{k} {name}: val AUROC {per_fold[name][-1]:.3f} ({len(va)} images)", flush=True)
-    dev = sum(len(split_rows(folds[0], s)[0]) for s in ("train", "val"))
-    print(f"model choice: {k}-fold cross-validation by patient on the {dev} development images (train + val); "
-          f"test split untouched; pooled out-of-fold predictions, 95% bootstrap CIs over patients")
     results = {n: tuple(np.concatenate([x[i] for x in pooled[n]]) for i in range(3)) for n in candidates}
-    v = np.concatenate([x[3] for x in next(iter(pooled.values()))])
+    v = np.concatenate([x[3] for x in next(iter(pooled.values()))])  # every development image, once
+    print(f"model choice: {k}-fold cross-validation by patient on the {len(v)} development images (train + val); "
+          f"test split untouched; pooled out-of-fold predictions, 95% bootstrap CIs over patients")
     print(table(["candidate", "AUROC (pooled)", "AUPRC (pooled)", "AUROC within AP", "AUROC within PA"],
                 strat_rows(results, v, n_boot)))
     ref = "DenseNet121, study config"
