@@ -301,3 +301,33 @@ def test_covid_notes_hidden_evaluation_scores_fold_1_models_on_a_second_folder(t
     # the second folder was prepared on its own, through the study's prepare step: its images, not the first's
     assert len(list((tmp_path / "out/test-export/dicom").rglob("*.dcm"))) == len(hidden_rows)
     assert len(list((tmp_path / "out/export/dicom").rglob("*.dcm"))) == sum(len(by_patient[p]) for p in train_p)
+
+
+def test_imbalance_study_prints_the_bayes_limit_of_the_same_test_studies(tmp_path, capsys):
+    """The limit line scores truth.csv's posterior on exactly the test studies the model was scored on:
+    the generator's labels joined through the cohort's key map must equal the cohort's labels, and
+    `--set` must reach every condition's config."""
+    import json
+
+    import yaml
+    from sklearn.metrics import roc_auc_score
+
+    from clinfuse.evaluation.bayes import truth_rows
+
+    imb = _load("imbalance", "run")
+    out = tmp_path / "imb"
+    imb.main(["--studies", "160", "--prevalence", "0.25", "--seeds", "3", "--conditions", "baseline",
+              "--set", "train.epochs=1", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "seed 3  bayes-optimal (the limit)" in printed and "overrides=['train.epochs=1']" in printed
+    res = json.loads((out / "results.json").read_text())
+    base, lim = res["bce unweighted (baseline)"][0], res[imb.LIMIT][0]
+    assert (lim["test_pos"], lim["test_n"]) == (base["test_pos"], base["test_n"]) and lim["test_pos"] > 0
+    cfg = yaml.safe_load((out / "seed3" / "bce_unweighted" / "config.yaml").read_text())
+    assert cfg["train"]["epochs"] == 1 and cfg["train"]["seed"] == 3
+    coh = out / "seed3" / "cohort"
+    test = [r for r in csv.DictReader(open(coh / "cohort.csv", encoding="utf-8")) if r["split"] == "test"]
+    truth = truth_rows(out / "seed3" / "export" / "truth.csv", coh, [r["study_id"] for r in test])
+    y = [int(next(v for k, v in t.items() if k.startswith("y_"))) for t in truth]
+    assert y == [int(float(r["label"])) for r in test]
+    assert lim["auroc"] == pytest.approx(roc_auc_score(y, [float(t["p_available_label"]) for t in truth]))
