@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image method (default: the model config's explain.image_method; 'auto' for models trained "
                    "since it became the default: Occlusion for 2D images, Grad-CAM for volumes)")
     x.add_argument("--steps", type=int, metavar="N", help="Integrated Gradients steps (default: explain.steps, 32)")
+    x.add_argument("--deletion-fill", choices=["zero", "inpaint"],
+                   help="what the image deletion test puts in a removed patch (default: the model config's "
+                   "explain.deletion_fill): black, or in-painted from the patches kept around it")
     x.add_argument("--target", metavar="OUTPUT", help="output to explain (default: the predicted one)")
     x.add_argument("--out", metavar="DIR", default="explanations", help="output folder (default ./explanations)")
     x.add_argument("--tracking-uri", metavar="URI", help="MLflow store for a models:/ URI")
@@ -244,6 +247,8 @@ def _explain(args) -> int:
     if args.dicom and not args.report:
         print("clinfuse explain: note: no --report given; explaining the image alone", file=sys.stderr)
     model = Model.load(args.model, tracking_uri=args.tracking_uri)
+    if args.deletion_fill:
+        model.config.explain.deletion_fill = args.deletion_fill
     res = explain_and_log(model, args.out, cohort_dir=args.cohort, split=args.split, limit=args.limit or None,
                           dicom=args.dicom, report=args.report, variables=_variables_arg(args.variables),
                           method=args.method, steps=args.steps,

@@ -67,7 +67,8 @@ class Explanation:
 
 def build_explanation(network, batch: dict, *, task: str, tokenizer, output_names: list[str],
                       thresholds: list[float], temperature: float = 1.0, method: str = "ig", steps: int = 32,
-                      target: int | None = None, model_ref: dict | None = None) -> Explanation:
+                      target: int | None = None, model_ref: dict | None = None,
+                      deletion_fill: str = "zero") -> Explanation:
     """Attributions, modality Shapley values and faithfulness of one study (a batch of 1).
 
     For a model with several image slots, ``images`` lists one entry per present image (its view,
@@ -78,7 +79,7 @@ def build_explanation(network, batch: dict, *, task: str, tokenizer, output_name
     a = explain_study(network, x, task=task, tokenizer=tokenizer, target=target, image_method=method,
                       steps=steps, temperature=temperature)
     slots = sorted(a.image_maps)
-    faith_img = {j: image_deletion(network, x, a, task, temperature, slot=j) for j in slots}
+    faith_img = {j: image_deletion(network, x, a, task, temperature, slot=j, fill=deletion_fill) for j in slots}
     fi = faith_img[slots[0]] if slots else None
     ft = text_deletion(network, x, a, task, tokenizer, temperature)
     groups = list(getattr(network, "group_names", ("image", "report")))

@@ -518,7 +518,8 @@ class Model:
         return build_explanation(self.network, batch, task=self.task, tokenizer=self.tokenizer,
                                  output_names=self.output_names, thresholds=self.thresholds,
                                  temperature=self.temperature, method=method or ecfg.image_method,
-                                 steps=steps or ecfg.steps, target=self._target_index(target), model_ref=self.ref)
+                                 steps=steps or ecfg.steps, target=self._target_index(target), model_ref=self.ref,
+                                 deletion_fill=ecfg.deletion_fill)
 
     def _target_index(self, target: str | int | None) -> int | None:
         if target is None or isinstance(target, int):
