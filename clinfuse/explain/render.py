@@ -138,10 +138,19 @@ def overlay_of(exp: dict, image: np.ndarray | None, amap: np.ndarray | None, slo
                        f"{exp['study_id']}{which}: p({target}) = {exp['probabilities'][target]:.3f}")
 
 
+UNSTEADY_FIRST_STEP = 0.1  # |change in p| when 10% of the patches go at random, above which the test is in doubt
+
+
 def _faith_line(name: str, f: dict) -> str:
     flag = "better than random" if f["better_than_random"] else "<b>NOT better than random: do not rely on this map</b>"
+    how = {"zero": "; removed patches blacked out", "inpaint": "; removed patches in-painted"}.get(f.get("fill"), "")
+    step = f.get("random_first_step")
+    doubt = ""
+    if step is not None and "fill" in f and abs(step) > UNSTEADY_FIRST_STEP:  # image maps only
+        doubt = (f" <b>Removing 10% of the patches at random already moves p by {step:+.2f}: the verdict says more "
+                 f"about how the model reads removed patches than about the map.</b>")
     return (f"<li>{html.escape(name)}: deletion area {f['deletion_area']:.3f} vs random {f['random_area']:.3f} "
-            f"(faithfulness {f['faithfulness']:+.3f}; {flag})</li>")
+            f"(faithfulness {f['faithfulness']:+.3f}; {flag}{how}).{doubt}</li>")
 
 
 def explanation_html(exp: dict, png: bytes | None, overlays: dict | None = None) -> str:

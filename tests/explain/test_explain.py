@@ -356,3 +356,18 @@ def test_explain_one_study_given_as_files(trained, tmp_path, capsys):
     rc = main(["explain", "--model", str(d / "run/best"), "--dicom", str(tmp_path / "missing.dcm"),
                "--out", str(tmp_path / "two"), "--no-progress"])
     assert rc == 2 and "DICOM file not found" in capsys.readouterr().err
+
+
+def test_the_page_says_when_random_removal_alone_moves_the_probability():
+    from clinfuse.explain.render import _faith_line
+
+    f = {"deletion_area": 0.1, "random_area": 0.12, "faithfulness": 0.02, "better_than_random": True,
+         "fill": "zero", "random_first_step": -0.38}
+    line = _faith_line("image map", f)
+    assert "blacked out" in line and "already moves p by -0.38" in line
+    steady = _faith_line("image map", {**f, "fill": "inpaint", "random_first_step": 0.01})
+    assert "in-painted" in steady and "already moves" not in steady
+    old = {k: v for k, v in f.items() if k not in ("fill", "random_first_step")}  # explanations written before
+    assert "already moves" not in _faith_line("image map", old)
+    words = {k: v for k, v in f.items() if k != "fill"}  # the report's deletion test removes words, not patches
+    assert "already moves" not in _faith_line("report words", words)
