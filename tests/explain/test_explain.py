@@ -147,6 +147,23 @@ def test_inpainter_fills_a_removed_finding_from_its_surroundings(shape):
     assert torch.equal(inp.fill(torch.ones(grid, dtype=torch.bool)), image)
 
 
+def test_inpainter_on_a_large_volume_grid_takes_the_one_kept_patch_everywhere():
+    """16,383 removed patches (the conjugate-gradient path): with one patch kept, the harmonic fill is that
+    patch's mean everywhere else."""
+    from clinfuse.explain.faithfulness import Inpainter
+
+    image = torch.rand(1, 1, 32, 64, 64, generator=torch.Generator().manual_seed(0))
+    inp = Inpainter(image, 2)
+    keep = torch.zeros(inp.grid, dtype=torch.bool)
+    keep[3, 7, 9] = True
+    filled = inp.fill(keep)
+    kept = image[0, 0, 6:8, 14:16, 18:20]
+    assert torch.equal(filled[0, 0, 6:8, 14:16, 18:20], kept)
+    out = filled.clone()
+    out[0, 0, 6:8, 14:16, 18:20] = kept.mean()
+    assert torch.allclose(out, kept.mean().expand_as(out), atol=1e-4)
+
+
 def test_wordpieces_merge_into_words():
     tok = build_tiny_tokenizer(["clear lungs", "clear"])  # 'clear' is a word, 'zebra' only characters
     cfg = config_from_dict({"model": {"text": {"max_length": 16}}}).model.text
