@@ -474,13 +474,14 @@ class ExplainConfig(_Strict):
 
     image_method: Literal["auto", "ig", "gradcam", "occlusion"] = Field(
         "auto", description="Image attribution: Integrated Gradients, Grad-CAM (last conv block), Occlusion, or "
-        "'auto': Occlusion for 2D images (the most faithful on real radiographs), Grad-CAM for volumes (cost). "
-        "Chosen by evidence: docs/explanations.md. The report is explained by Integrated Gradients whatever this is.")
+        "'auto': Grad-CAM (the most faithful on real radiographs under in-painted deletion, and the cheapest), "
+        "Occlusion for an encoder without a convolutional block. Chosen by evidence: docs/explanations.md. The report is explained by Integrated Gradients whatever this is.")
     steps: int = Field(32, ge=2, le=512, description="Integrated Gradients steps (all in one batch).")
     deletion_fill: Literal["zero", "inpaint"] = Field(
-        "zero", description="What the deletion faithfulness test puts in a removed image patch: black ('zero') or "
+        "inpaint", description="What the deletion faithfulness test puts in a removed image patch: black ('zero') or "
         "'inpaint': filled from the patches kept around it, so the local brightness stays and what is only inside "
-        "the removed patches goes. docs/explanations.md.")
+        "the removed patches goes (the default: random removal is neutral for the models measured, zeroed holes "
+        "were not). docs/explanations.md.")
 
 
 class TrackingConfig(_Strict):

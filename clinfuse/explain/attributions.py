@@ -250,11 +250,10 @@ def gradcam_layer(model) -> nn.Module:
 
 def auto_image_method(model, x: StudyInput) -> str:
     """The image method of ``explain.image_method: auto``, chosen by evidence (docs/explanations.md, "The
-    default image method"): Occlusion for 2D images, the most faithful on real radiographs; Grad-CAM for
-    volumes, where Occlusion's sliding window costs the cube of the positions per side (3,375 passes of a 3D
-    network instead of 225), or Occlusion there too when the encoder has no convolutional block."""
-    if x.slot_image(0).ndim == 4:  # [1, C, H, W]
-        return "occlusion"
+    default image method"): Grad-CAM, the most faithful of the three on real radiographs under a deletion
+    test the models do not read as a finding (in-painted patches; 2026-12-07), and the cheapest; Occlusion
+    when the encoder has no convolutional block (a ViT). From 2026-12-06 to 12-07 it was Occlusion for 2D
+    images, chosen under zeroed-patch deletion, which favours Occlusion's own black window."""
     try:
         gradcam_layer(model)
     except ClinfuseError:
@@ -273,8 +272,8 @@ def explain_study(model, x: StudyInput, *, task: str, tokenizer=None, target: in
         task: 'binary', 'multilabel' or 'multiclass'.
         tokenizer: the model's tokenizer (needed for the report).
         target: output index to explain (default: the predicted one; for a binary model, 0).
-        image_method: 'ig', 'gradcam', 'occlusion' or 'auto' (:func:`auto_image_method`: Occlusion for 2D
-            images, Grad-CAM for volumes).
+        image_method: 'ig', 'gradcam', 'occlusion' or 'auto' (:func:`auto_image_method`: Grad-CAM, or
+            Occlusion for an encoder without a convolutional block).
         steps: Integrated Gradients steps.
         internal_batch_size: IG steps per forward batch (default: all steps in one batch).
     """

@@ -106,7 +106,7 @@ def _upsample_mask(keep: torch.Tensor, p: int, spatial: tuple) -> torch.Tensor:
 
 @torch.no_grad()
 def image_deletion(model, x: StudyInput, attr: Attribution, task: str, temperature: float = 1.0,
-                   n_random: int = 3, seed: int = 0, slot: int | None = None, fill: str = "zero") -> dict | None:
+                   n_random: int = 3, seed: int = 0, slot: int | None = None, fill: str = "inpaint") -> dict | None:
     """The deletion test of one image's map (`slot`: which image of a several-image study; default the
     first present), the study's other inputs shown as they are; removed patches take `fill`
     (``zero`` or ``inpaint``, see the module's docstring)."""

@@ -323,7 +323,7 @@ def test_volumes_are_explained_too(method, tmp_path):
     assert overlay_png(x.image[0, 0].numpy(), a.image_map, method, "volume")[:4] == b"\x89PNG"
 
 
-def test_auto_method_is_occlusion_for_images_and_gradcam_for_volumes():
+def test_auto_method_is_gradcam_and_occlusion_without_a_conv_block():
     """explain.image_method 'auto' (the default, chosen by faithfulness on real radiographs: docs/explanations.md)."""
     from clinfuse.config import Config
     from clinfuse.explain.attributions import auto_image_method
@@ -333,7 +333,8 @@ def test_auto_method_is_occlusion_for_images_and_gradcam_for_volumes():
     assert Config().explain.image_method == "auto"
     tok = build_tiny_tokenizer(CORPUS)
     ids, mask = tokenize_reports(tok, [CORPUS[0]], config_from_dict({}).model.text)
-    for dims, size, name, want in ((2, [32, 32], "densenet_tiny", "occlusion"), (3, [16, 32, 32], "densenet_tiny", "gradcam"),
+    assert Config().explain.deletion_fill == "inpaint"
+    for dims, size, name, want in ((2, [32, 32], "densenet_tiny", "gradcam"), (3, [16, 32, 32], "densenet_tiny", "gradcam"),
                                    (3, [16, 32, 32], "vit", "occlusion")):
         cfg = config_from_dict({"data": {"image_size": size},
                                 "model": {"image": {"name": name, "spatial_dims": dims},
