@@ -61,10 +61,10 @@ class Inpainter:
         self.image, self.p = image, p
         self.spatial = tuple(image.shape[2:])
         pool = F.avg_pool2d if len(self.spatial) == 2 else F.avg_pool3d
-        means = pool(image.float(), p, ceil_mode=True)[0]  # [C, *G]
+        means = pool(image.float(), p, ceil_mode=True)[0].cpu()  # [C, *G]
         self.grid = tuple(means.shape[1:])
         self.values = means.reshape(means.shape[0], -1).double().numpy().T  # [N, C]
-        self.mean = image.float().mean(dim=tuple(range(2, image.ndim)))[0].double().numpy()  # [C]
+        self.mean = image.float().mean(dim=tuple(range(2, image.ndim)))[0].double().cpu().numpy()  # [C]
         n = self.values.shape[0]
         idx = np.arange(n).reshape(self.grid)
         pairs = [(np.take(idx, range(0, g - 1), axis=a).ravel(), np.take(idx, range(1, g), axis=a).ravel())
@@ -77,7 +77,7 @@ class Inpainter:
     def fill(self, keep: torch.Tensor) -> torch.Tensor:
         from scipy.sparse.linalg import cg, spsolve
 
-        k = keep.flatten().numpy().astype(bool)
+        k = keep.flatten().cpu().numpy().astype(bool)
         grid_vals = self.values.copy()
         if not k.any():
             grid_vals[:] = self.mean
@@ -91,11 +91,11 @@ class Inpainter:
             else:  # a volume's grid (up to 16x32x32): conjugate gradients, 5-10x faster than the direct solve
                 sol = np.stack([cg(a, b[:, c], rtol=1e-10, atol=0.0, maxiter=10_000)[0] for c in range(b.shape[1])], 1)
             grid_vals[u] = sol
-        g = torch.from_numpy(grid_vals.T.reshape(-1, *self.grid)).float()[None]  # [1, C, *G]
+        g = torch.from_numpy(grid_vals.T.reshape(-1, *self.grid)).float()[None].to(self.image.device)  # [1, C, *G]
         mode = "bilinear" if len(self.grid) == 2 else "trilinear"
         up = F.interpolate(g, size=tuple(s * self.p for s in self.grid), mode=mode, align_corners=False)
         up = up[(..., *[slice(0, s) for s in self.spatial])].to(self.image.dtype)
-        m = _upsample_mask(keep, self.p, self.spatial)
+        m = _upsample_mask(keep, self.p, self.spatial).to(self.image.device)
         return self.image * m + up * (1 - m)
 
 
@@ -136,7 +136,7 @@ def image_deletion(model, x: StudyInput, attr: Attribution, task: str, temperatu
             keep = torch.ones(n, dtype=torch.bool)
             keep[order[: int(round(f * n))]] = False
             keep = keep.reshape(grid)
-            imgs.append((inpainter.fill(keep) if inpainter else image * _upsample_mask(keep, p, spatial))[0])
+            imgs.append((inpainter.fill(keep) if inpainter else image * _upsample_mask(keep, p, spatial).to(image.device))[0])
         out = x.run(model, x.with_slot(slot, torch.stack(imgs)))
         curves.append(_probs(out["logits"], task, temperature)[:, attr.target].numpy())
     res = _summary(curves[0], np.stack(curves[1:]))
