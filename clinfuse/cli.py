@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Explain studies with Captum: an image map by the model's explain.image_method or --method "
         "(auto: Grad-CAM, or Occlusion for an encoder without a convolutional block; or ig, gradcam, occlusion), "
         "Integrated Gradients on the report's word embeddings merged into words, exact Shapley values of the "
-        "modalities, and deletion-curve faithfulness against random orders (removed patches in-painted by default). One folder per study under --out "
+        "modalities, and deletion-curve faithfulness against random orders (removed patches in-painted by "
+        "default). One folder per study under --out "
         "(explanation.json, image_attribution.npy, overlay.png, explanation.html); logged to the model's MLflow run.",
     )
     x.add_argument("--model", metavar="REF", required=True,

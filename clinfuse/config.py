@@ -475,7 +475,8 @@ class ExplainConfig(_Strict):
     image_method: Literal["auto", "ig", "gradcam", "occlusion"] = Field(
         "auto", description="Image attribution: Integrated Gradients, Grad-CAM (last conv block), Occlusion, or "
         "'auto': Grad-CAM (the most faithful on real radiographs under in-painted deletion, and the cheapest), "
-        "Occlusion for an encoder without a convolutional block. Chosen by evidence: docs/explanations.md. The report is explained by Integrated Gradients whatever this is.")
+        "Occlusion for an encoder without a convolutional block. Chosen by evidence: docs/explanations.md. "
+        "The report is explained by Integrated Gradients whatever this is.")
     steps: int = Field(32, ge=2, le=512, description="Integrated Gradients steps (all in one batch).")
     deletion_fill: Literal["zero", "inpaint"] = Field(
         "inpaint", description="What the deletion faithfulness test puts in a removed image patch: black ('zero') or "
