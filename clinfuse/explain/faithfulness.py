@@ -59,9 +59,7 @@ class Inpainter:
         from scipy import sparse
 
         self.image, self.p = image, p
-        self.spatial = tuple(image.shape[2:])
-        pool = F.avg_pool2d if len(self.spatial) == 2 else F.avg_pool3d
-        means = pool(image.float(), p, ceil_mode=True)[0].cpu()  # [C, *G]
+        means = _patch_means(image, p)[0].cpu()  # [C, *G]
         self.grid = tuple(means.shape[1:])
         self.values = means.reshape(means.shape[0], -1).double().numpy().T  # [N, C]
         self.mean = image.float().mean(dim=tuple(range(2, image.ndim)))[0].double().cpu().numpy()  # [C]
@@ -93,15 +91,26 @@ class Inpainter:
             grid_vals[u] = sol
         g = torch.from_numpy(grid_vals.T.reshape(-1, *self.grid)).float()[None].to(self.image.device)  # [1, C, *G]
         mode = "bilinear" if len(self.grid) == 2 else "trilinear"
-        up = F.interpolate(g, size=tuple(s * self.p for s in self.grid), mode=mode, align_corners=False)
-        up = up[(..., *[slice(0, s) for s in self.spatial])].to(self.image.dtype)
-        m = _upsample_mask(keep, self.p, self.spatial).to(self.image.device)
+        up = _crop(F.interpolate(g, size=tuple(s * self.p for s in self.grid), mode=mode, align_corners=False),
+                   self.image).to(self.image.dtype)
+        m = _pixel_mask(keep, self.p, self.image)
         return self.image * m + up * (1 - m)
 
 
-def _upsample_mask(keep: torch.Tensor, p: int, spatial: tuple) -> torch.Tensor:
-    m = keep.float()[None, None]
-    return F.interpolate(m, scale_factor=p, mode="nearest")[(..., *[slice(0, s) for s in spatial])]
+def _patch_means(x: torch.Tensor, p: int) -> torch.Tensor:
+    """[B, C, *S] -> [B, C, *ceil(S/p)]: the mean of each p-sided patch (a partial edge patch over its pixels)."""
+    pool = F.avg_pool2d if x.ndim == 4 else F.avg_pool3d
+    return pool(x.float(), p, ceil_mode=True)
+
+
+def _crop(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`t` cut to the spatial size of `like` (a patch grid blown up to pixels overhangs by a partial patch)."""
+    return t[(..., *[slice(0, s) for s in like.shape[2:]])]
+
+
+def _pixel_mask(keep: torch.Tensor, p: int, like: torch.Tensor) -> torch.Tensor:
+    """The patch grid's keep mask as a [1, 1, *S] float mask of `like`'s pixels, on its device."""
+    return _crop(F.interpolate(keep.float()[None, None], scale_factor=p, mode="nearest"), like).to(like.device)
 
 
 @torch.no_grad()
@@ -118,12 +127,8 @@ def image_deletion(model, x: StudyInput, attr: Attribution, task: str, temperatu
     if amap is None:
         return None
     image = x.slot_image(slot)
-    spatial = tuple(image.shape[2:])
-    nd = len(spatial)
-    p = max(1, min(spatial) // 16)
-    amap = torch.as_tensor(amap, dtype=torch.float32)[None, None]
-    pool = F.avg_pool2d if nd == 2 else F.avg_pool3d
-    patches = pool(amap, p, ceil_mode=True)[0, 0]  # [*S/p]
+    p = max(1, min(image.shape[2:]) // 16)
+    patches = _patch_means(torch.as_tensor(amap, dtype=torch.float32)[None, None], p)[0, 0]  # [*S/p]
     grid = patches.shape
     n = patches.numel()
     inpainter = Inpainter(image, p) if fill == "inpaint" else None
@@ -136,7 +141,7 @@ def image_deletion(model, x: StudyInput, attr: Attribution, task: str, temperatu
             keep = torch.ones(n, dtype=torch.bool)
             keep[order[: int(round(f * n))]] = False
             keep = keep.reshape(grid)
-            imgs.append((inpainter.fill(keep) if inpainter else image * _upsample_mask(keep, p, spatial).to(image.device))[0])
+            imgs.append((inpainter.fill(keep) if inpainter else image * _pixel_mask(keep, p, image))[0])
         out = x.run(model, x.with_slot(slot, torch.stack(imgs)))
         curves.append(_probs(out["logits"], task, temperature)[:, attr.target].numpy())
     res = _summary(curves[0], np.stack(curves[1:]))
