@@ -52,13 +52,18 @@ CONDITIONS = {
 LIMIT = "bayes-optimal (the limit)"
 
 
-def score(model_dir: Path, cohort: Path) -> dict:
+def metrics(y, p, auprc=average_precision_score) -> dict:
+    y = np.asarray(y).astype(int)
+    return {"auroc": roc_auc_score(y, p), "auprc": auprc(y, p), "recall@spec0.90": recall_at_specificity(y, p),
+            "test_pos": int(y.sum()), "test_n": len(y)}
+
+
+def score(model_dir: Path, cohort: Path) -> tuple[dict, list[str], np.ndarray]:
+    """The model's metrics on the test split, and the split's study ids and labels (the limit's studies)."""
     out = predict_split(Model.load(model_dir), cohort, "test", batch_size=64)
     y = out["labels"][:, 0]
     p = probabilities(torch.from_numpy(out["logits"]), "binary").numpy()[:, 0]
-    return {"auroc": roc_auc_score(y, p), "auprc": average_precision_score(y, p),
-            "recall@spec0.90": recall_at_specificity(y, p), "test_pos": int(y.sum()), "test_n": len(y),
-            "_ids": list(out["study_id"]), "_y": y.astype(int).tolist()}
+    return metrics(y, p), list(out["study_id"]), y
 
 
 def limit(truth_csv: Path, cohort: Path, study_ids: list[str], y) -> dict:
@@ -66,9 +71,7 @@ def limit(truth_csv: Path, cohort: Path, study_ids: list[str], y) -> dict:
     distinct values, so its AUPRC is read with ties in random order and its recall at the threshold
     where specificity reaches 0.90 counts tied studies as below it (a lower bound)."""
     p = np.array([float(r["p_available_label"]) for r in truth_rows(truth_csv, cohort, study_ids)])
-    y = np.asarray(y).astype(int)
-    return {"auroc": roc_auc_score(y, p), "auprc": auprc_ties_random(y, p),
-            "recall@spec0.90": recall_at_specificity(y, p), "test_pos": int(y.sum()), "test_n": len(y)}
+    return metrics(y, p, auprc_ties_random)
 
 
 def line(seed: int, name: str, r: dict) -> str:
@@ -106,12 +109,12 @@ def main(argv=None) -> None:
             cfg = load_config(HERE / "config.yaml", overrides + args.overrides + [f"train.seed={seed}"])
             t0 = time.perf_counter()
             train(coh, cfg, run, progress=False)
-            r = score(run / "best", coh)
+            r, test_ids, test_y = score(run / "best", coh)
             r["seconds"] = round(time.perf_counter() - t0)
             results[name].append(r)
             print(line(seed, name, r), flush=True)
         if conditions:
-            results[LIMIT].append(limit(exp / "truth.csv", coh, r["_ids"], r["_y"]))
+            results[LIMIT].append(limit(exp / "truth.csv", coh, test_ids, test_y))
             print(line(seed, LIMIT, results[LIMIT][-1]), flush=True)
     print(f"\nstudies={args.studies} prevalence={args.prevalence} seeds={args.seeds} "
           f"overrides={args.overrides or 'none'}; mean ± sd over seeds")
@@ -136,8 +139,7 @@ def main(argv=None) -> None:
                 cells.append(f"{d.mean():+.3f} (wins {int((d > 0).sum())}/{len(d)})")
             print(f"{name:<42} " + "  ".join(f"{c:>20}" for c in cells))
     out.mkdir(parents=True, exist_ok=True)
-    public = {k: [{m: v for m, v in r.items() if not m.startswith("_")} for r in rs] for k, rs in results.items()}
-    (out / "results.json").write_text(json.dumps(public, indent=2))
+    (out / "results.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
