@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--deletion-fill", choices=["zero", "inpaint"],
                    help="what the image deletion test puts in a removed patch (default: the model config's "
                    "explain.deletion_fill): black, or in-painted from the patches kept around it")
+    x.add_argument("--occlusion-baseline", choices=["zero", "blur"],
+                   help="what Occlusion puts in its window (default: the model config's explain.occlusion_baseline): "
+                   "black, or the image blurred at the window's scale")
     x.add_argument("--target", metavar="OUTPUT", help="output to explain (default: the predicted one)")
     x.add_argument("--out", metavar="DIR", default="explanations", help="output folder (default ./explanations)")
     x.add_argument("--tracking-uri", metavar="URI", help="MLflow store for a models:/ URI")
@@ -250,6 +253,8 @@ def _explain(args) -> int:
     model = Model.load(args.model, tracking_uri=args.tracking_uri)
     if args.deletion_fill:
         model.config.explain.deletion_fill = args.deletion_fill
+    if args.occlusion_baseline:
+        model.config.explain.occlusion_baseline = args.occlusion_baseline
     res = explain_and_log(model, args.out, cohort_dir=args.cohort, split=args.split, limit=args.limit or None,
                           dicom=args.dicom, report=args.report, variables=_variables_arg(args.variables),
                           method=args.method, steps=args.steps,

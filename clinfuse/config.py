@@ -483,6 +483,10 @@ class ExplainConfig(_Strict):
         "'inpaint': filled from the patches kept around it, so the local brightness stays and what is only inside "
         "the removed patches goes (the default: random removal is neutral for the models measured, zeroed holes "
         "were not). docs/explanations.md.")
+    occlusion_baseline: Literal["zero", "blur"] = Field(
+        "zero", description="What Occlusion puts in its sliding window: black ('zero', Captum's default) or "
+        "'blur': the image blurred at the window's scale (Gaussian, sigma = the window's side), so the window keeps "
+        "its surroundings' brightness and loses only its own detail. docs/explanations.md.")
 
 
 class TrackingConfig(_Strict):

@@ -261,9 +261,26 @@ def auto_image_method(model, x: StudyInput) -> str:
     return "gradcam"
 
 
+def occlusion_baseline_image(img: torch.Tensor, window: int, kind: str = "zero"):
+    """What Occlusion puts in its window. 'zero': black (Captum's default), which the models read as a dark
+    finding rather than as nothing; 'blur': the image under a Gaussian blur with sigma = the window's side
+    (per channel, edges replicated), so a window takes the local mean brightness of its surroundings and loses
+    only what is finer than the window: the occlusion counterpart of the deletion test's in-painting."""
+    if kind == "zero":
+        return 0.0
+    if kind != "blur":
+        raise ClinfuseError(f"explain.occlusion_baseline must be 'zero' or 'blur', got '{kind}'")
+    from monai.networks.layers import gaussian_1d, separable_filtering
+
+    k = gaussian_1d(torch.tensor(float(window)), truncated=3.0).to(img.device)
+    with torch.no_grad():
+        return separable_filtering(img.float(), [k] * (img.ndim - 2), mode="replicate").to(img.dtype)
+
+
 def explain_study(model, x: StudyInput, *, task: str, tokenizer=None, target: int | None = None,
                   image_method: str = "ig", steps: int = 32, internal_batch_size: int | None = None,
-                  temperature: float = 1.0, occlusion_window: int | None = None) -> Attribution:
+                  temperature: float = 1.0, occlusion_window: int | None = None,
+                  occlusion_baseline: str = "zero") -> Attribution:
     """All attributions of one study.
 
     Args:
@@ -276,6 +293,9 @@ def explain_study(model, x: StudyInput, *, task: str, tokenizer=None, target: in
             Occlusion for an encoder without a convolutional block).
         steps: Integrated Gradients steps.
         internal_batch_size: IG steps per forward batch (default: all steps in one batch).
+        occlusion_window: Occlusion's window side in pixels (default: an eighth of the image's shorter side).
+        occlusion_baseline: what Occlusion puts in its window: 'zero' (black) or 'blur' (the image blurred at
+            the window's scale, :func:`occlusion_baseline`).
     """
     from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion
 
@@ -380,7 +400,8 @@ def explain_study(model, x: StudyInput, *, task: str, tokenizer=None, target: in
             w = occlusion_window or max(2, min(size) // 8)
             occ = Occlusion(g)
             a = occ.attribute(img, sliding_window_shapes=(img.shape[1], *([w] * len(size))),
-                              strides=(img.shape[1], *([max(1, w // 2)] * len(size))), baselines=0.0,
+                              strides=(img.shape[1], *([max(1, w // 2)] * len(size))),
+                              baselines=occlusion_baseline_image(img, w, occlusion_baseline),
                               perturbations_per_eval=16)
             res.image_maps[j] = a[0].sum(0).detach().numpy()
         res.image_method = "occlusion"

@@ -68,7 +68,7 @@ class Explanation:
 def build_explanation(network, batch: dict, *, task: str, tokenizer, output_names: list[str],
                       thresholds: list[float], temperature: float = 1.0, method: str = "ig", steps: int = 32,
                       target: int | None = None, model_ref: dict | None = None,
-                      deletion_fill: str = "inpaint") -> Explanation:
+                      deletion_fill: str = "inpaint", occlusion_baseline: str = "zero") -> Explanation:
     """Attributions, modality Shapley values and faithfulness of one study (a batch of 1).
 
     For a model with several image slots, ``images`` lists one entry per present image (its view,
@@ -77,7 +77,7 @@ def build_explanation(network, batch: dict, *, task: str, tokenizer, output_name
     x = StudyInput.from_batch(batch)
     study_id = batch["study_id"][0] if isinstance(batch["study_id"], (list, tuple)) else batch["study_id"]
     a = explain_study(network, x, task=task, tokenizer=tokenizer, target=target, image_method=method,
-                      steps=steps, temperature=temperature)
+                      steps=steps, temperature=temperature, occlusion_baseline=occlusion_baseline)
     slots = sorted(a.image_maps)
     faith_img = {j: image_deletion(network, x, a, task, temperature, slot=j, fill=deletion_fill) for j in slots}
     fi = faith_img[slots[0]] if slots else None
@@ -106,7 +106,9 @@ def build_explanation(network, batch: dict, *, task: str, tokenizer, output_name
             # prediction depends on it (the Shapley value also averages in its effect when shown alone)
             "p_without": p_without(sh, present),
         },
-        "image": {"method": a.image_method, "file": "image_attribution.npy" if a.image_map is not None else None,
+        "image": {"method": a.image_method,
+                  "occlusion_baseline": occlusion_baseline if a.image_method == "occlusion" else None,
+                  "file": "image_attribution.npy" if a.image_map is not None else None,
                   "overlay": "overlay.png" if a.image_map is not None else None, "faithfulness": fi},
         "report": {"words": [[w, float(s)] for w, s in a.tokens], "faithfulness": ft},
         "convergence_delta": a.convergence_delta,

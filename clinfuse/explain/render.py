@@ -18,6 +18,12 @@ def _2d(a: np.ndarray) -> np.ndarray:
     return a if a.ndim == 2 else a[a.shape[0] // 2]
 
 
+def _method_label(image: dict) -> str:
+    """'gradcam', 'occlusion' (black window) or 'occlusion, blurred window'."""
+    m = str(image.get("method"))
+    return m + (", blurred window" if m == "occlusion" and image.get("occlusion_baseline") == "blur" else "")
+
+
 def overlay_png(image: np.ndarray, amap: np.ndarray, method: str, title: str) -> bytes:
     """The heatmap over the grey image, with a colour bar; PNG bytes."""
     import matplotlib
@@ -188,7 +194,7 @@ explained output: <b>{html.escape(exp['explained_output'])}</b>; operating point
 <h3>Modalities</h3><p>attention weight: {att};
 Shapley value on the probability: {shap}
 (share: {share}){_without_html(exp)}</p>
-<div class="cols"><div><h3>Image ({html.escape(str(exp['image'].get('method')))})</h3>{img_html}</div>
+<div class="cols"><div><h3>Image ({html.escape(_method_label(exp['image']))})</h3>{img_html}</div>
 <div><h3>Report</h3><p>red: words that raised the explained output, blue: words that lowered it</p>{_word_html([tuple(t) for t in exp['report']['words']])}</div></div>
 {_variables_html(exp)}
 <h3>How far to trust these maps</h3><ul>{''.join(faith) or '<li>nothing to measure</li>'}</ul>

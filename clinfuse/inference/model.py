@@ -519,7 +519,7 @@ class Model:
                                  output_names=self.output_names, thresholds=self.thresholds,
                                  temperature=self.temperature, method=method or ecfg.image_method,
                                  steps=steps or ecfg.steps, target=self._target_index(target), model_ref=self.ref,
-                                 deletion_fill=ecfg.deletion_fill)
+                                 deletion_fill=ecfg.deletion_fill, occlusion_baseline=ecfg.occlusion_baseline)
 
     def _target_index(self, target: str | int | None) -> int | None:
         if target is None or isinstance(target, int):

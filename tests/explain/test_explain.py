@@ -120,6 +120,25 @@ def test_inpainted_deletion_keeps_the_brightness_that_zeroed_holes_take_away():
     assert abs(inpaint["random_first_step"]) < 0.02
 
 
+def test_blurred_occlusion_window_is_not_read_as_a_dark_finding():
+    """A black Occlusion window moves a brightness-reading model wherever it slides (every region looks
+    important); the blurred window keeps the local brightness, so the map stays near zero there, while on a
+    model that reads a region it still marks that region."""
+    tok = build_tiny_tokenizer(CORPUS)
+    x = _toy_input(tok)
+    x.image = 0.5 + 0.02 * torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(2))
+    bright = BrightnessModel(len(tok)).eval()
+    black = explain_study(bright, x, task="binary", tokenizer=tok, image_method="occlusion").image_map
+    blur = explain_study(bright, x, task="binary", tokenizer=tok, image_method="occlusion",
+                         occlusion_baseline="blur").image_map
+    assert np.abs(blur).max() < 0.05 * np.abs(black).max()
+    x.image[:, :, 4:8, 4:8] = 0.9  # a small bright finding where ToyModel looks
+    amap = explain_study(ToyModel(len(tok)).eval(), x, task="binary", tokenizer=tok, image_method="occlusion",
+                         occlusion_window=4, occlusion_baseline="blur").image_map
+    assert np.unravel_index(amap.argmax(), amap.shape)[0] in range(4, 8) and amap[4:8, 4:8].mean() > 0
+    assert amap[4:8, 4:8].mean() > 20 * np.abs(amap[32:, 32:]).mean()
+
+
 @pytest.mark.parametrize("shape", [(64, 64), (20, 32, 32)])
 def test_inpainter_fills_a_removed_finding_from_its_surroundings(shape):
     from clinfuse.explain.faithfulness import Inpainter
@@ -249,7 +268,8 @@ def test_explain_and_predict_cli_outputs_without_identifiers(trained, tmp_path, 
 
     d = trained[0]
     rc = main(["explain", "--model", str(d / "run/best"), "--cohort", str(d / "c"), "--limit", "3",
-               "--out", str(tmp_path / "x"), "--no-progress", "--no-mlflow", "--deletion-fill", "inpaint"])
+               "--out", str(tmp_path / "x"), "--no-progress", "--no-mlflow", "--deletion-fill", "inpaint",
+               "--method", "occlusion", "--occlusion-baseline", "blur"])
     assert rc == 0 and "explanation(s)" in capsys.readouterr().out
     folders = [p for p in (tmp_path / "x").iterdir() if p.is_dir()]
     assert len(folders) == 3
@@ -261,8 +281,10 @@ def test_explain_and_predict_cli_outputs_without_identifiers(trained, tmp_path, 
             assert (f / "overlay.png").is_file() and np.load(f / "image_attribution.npy").shape == (32, 32)
             assert "better_than_random" in e["image"]["faithfulness"]
             assert e["image"]["faithfulness"]["fill"] == "inpaint"  # --deletion-fill reached the test
+            assert e["image"]["method"] == "occlusion" and e["image"]["occlusion_baseline"] == "blur"
         page = (f / "explanation.html").read_text()
         assert "data:image/png;base64," in page or not e["modalities"]["present"]["image"]
+        assert "Image (occlusion, blurred window)" in page or not e["modalities"]["present"]["image"]
         assert "http://" not in page and "https://" not in page and "<script" not in page
     guard = PhiGuard.from_cohort(d / "c")
     assert len(guard) > 0
