@@ -58,6 +58,34 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
+# the image methods the explanation questions compare: name -> (explain method, explain.occlusion_baseline)
+IMAGE_METHODS = {"ig": ("ig", "zero"), "gradcam": ("gradcam", "zero"), "occlusion": ("occlusion", "zero"),
+                 "occlusion-blur": ("occlusion", "blur")}
+
+
+def use_image_method(model: Model, name: str) -> str:
+    """Set `model`'s Occlusion window for the IMAGE_METHODS entry `name`; returns the method to explain with."""
+    method, model.config.explain.occlusion_baseline = IMAGE_METHODS[name]
+    return method
+
+
+DELETION_HEADER = ["better than every random order", "mean deletion area", "mean random area",
+                   "faithfulness (random - deletion)", "p -> p after 10% removed at random", "s per image"]
+
+
+def deletion_summary(f: list[dict], seconds: float) -> list[str]:
+    """One table row (the cells of DELETION_HEADER) over the image faithfulness records `f` of one method and
+    fill: how often the map beat every random order, the mean areas and gain, and how far removing 10% of the
+    patches at random moves p (near 0: the removal itself is neutral)."""
+    gain = np.array([x["faithfulness"] for x in f])
+    return [f"{sum(bool(x['better_than_random']) for x in f)}/{len(f)}",
+            f"{np.mean([x['deletion_area'] for x in f]):.3f}", f"{np.mean([x['random_area'] for x in f]):.3f}",
+            f"{gain.mean():+.3f} (sd {gain.std():.3f})",
+            f"{np.mean([x['curve'][0] for x in f]):.3f} -> "
+            f"{np.mean([x['curve'][0] + x['random_first_step'] for x in f]):.3f}",
+            f"{seconds / len(f):.1f}"]
+
+
 def original_keys(base: Path) -> dict[str, str]:
     """study pseudonym -> original study key (the export's accession number or file key), from the cohort's
     private key map: what the studies order by where an order must survive a rebuild with another salt."""

@@ -7,7 +7,7 @@ probability 0.5; DenseNet121 from scratch (2D, 1 channel, 2 outputs), cross-entr
 20 epochs, batch 32, the epoch with the best validation AUROC kept. It reads the original PNGs, not the
 DICOM files the clinfuse path reads, as that user would.
 
-`train_recipe(train, val, test, ...)` takes (png path, 0/1 label) lists and returns the test
+`train_recipe(train, val, test, ...)` takes (png path, 0/1 label) lists (`test` may be empty) and returns the test
 probabilities of the best epoch with the facts of the run (epochs, best epoch, validation AUROC, time);
 `save=` keeps the best weights, which `predict_recipe` scores on other PNGs.
 """
@@ -91,8 +91,8 @@ def train_recipe(train: list[tuple[str, int]], val: list[tuple[str, int]], test:
     model.load_state_dict(best_state)
     if save:
         torch.save(best_state, save)
-    return {"p_test": _probs(model, te), "p_val": _probs(model, va), "val_auroc": best, "best_epoch": best_epoch,
-            "epochs": epochs, "seconds": time.time() - t0}
+    return {"p_test": _probs(model, te) if test else np.zeros(0), "p_val": _probs(model, va), "val_auroc": best,
+            "best_epoch": best_epoch, "epochs": epochs, "seconds": time.time() - t0}
 
 
 def predict_recipe(weights: str, paths: list[str], size: int = 128, batch_size: int = 32) -> np.ndarray:

@@ -8,13 +8,14 @@ Questions (see README.md):
      modality; modality shares, the score with each modality hidden, and the change in probability
      when only the view word is flipped (AP <-> PA).
   3. Explanations on real images: deletion faithfulness against random orders for IG, Grad-CAM and
-     Occlusion on 30 test images, with removed patches black and in-painted (explain.deletion_fill),
-     and a figure of 6 overlays.
+     Occlusion (black and blurred window, explain.occlusion_baseline) on 30 test images, with removed
+     patches black and in-painted (explain.deletion_fill), and a figure of 6 overlays.
   4. The plain MONAI recipe (monai_recipe.py: MONAI alone, on the PNGs) against clinfuse's DenseNet121
      on the same split, with its settings and with the recipe's schedule (Adam-like 1e-4, 20 epochs).
   5. Model choice by cross-validation (issue #14): ResNet18 and DenseNet121 with the study config and
      DenseNet121 with the recipe's schedule, each trained on k folds of the development patients
-     (train + val; the test split is left out), chosen by validation AUROC over the folds.
+     (train + val; the test split is left out), chosen by validation AUROC over the folds; the plain
+     MONAI recipe of question 4 in the same folds as a named baseline.
 
 ``--test-data DIR`` scores the models this command trained on --data (question 1's ResNet18 and
 DenseNet121, question 4's DenseNet121 with the recipe schedule, the MONAI recipe's saved weights) and the
@@ -37,7 +38,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from _common import auprc, auroc, cell, labels_of, model_predictions, split_rows, table  # noqa: E402
+from _common import (DELETION_HEADER, IMAGE_METHODS, auprc, auroc, cell, deletion_summary, labels_of,  # noqa: E402
+                     model_predictions, split_rows, table, use_image_method)
 from prepare import DEFAULT_DATA, prepare  # noqa: E402
 
 from clinfuse.config import load_config  # noqa: E402
@@ -237,24 +239,15 @@ def question_3(img: Path, out: Path, epochs: int, encoder: str = "resnet18", n: 
     summary, exps = [], {}
     for fill in ("zero", "inpaint"):
         best.config.explain.deletion_fill = fill
-        for method in ("ig", "gradcam", "occlusion"):
+        for name in IMAGE_METHODS:
             t0 = time.time()
-            folder = f"explanations-{method}{'' if fill == 'zero' else '-' + fill}{suffix}"
-            es = explain_rows(best, rows, out / folder, method=method, progress=False)
-            if fill == "zero":
-                exps[method] = es
-            f = [e["image"]["faithfulness"] for e in es]
-            gain = np.array([x["faithfulness"] for x in f])
-            summary.append([method, fill, f"{sum(x['better_than_random'] for x in f)}/{len(f)}",
-                            f"{np.mean([x['deletion_area'] for x in f]):.3f}",
-                            f"{np.mean([x['random_area'] for x in f]):.3f}",
-                            f"{gain.mean():+.3f} (sd {gain.std():.3f})",
-                            f"{np.mean([x['curve'][0] for x in f]):.3f} -> "
-                            f"{np.mean([x['curve'][0] + x['random_first_step'] for x in f]):.3f}",
-                            f"{(time.time() - t0) / len(es):.1f}"])
-    print(table(["method", "removed patch", "better than every random order", "mean deletion area",
-                 "mean random area", "faithfulness (random - deletion)", "p -> p after 10% removed at random",
-                 "s per image"], summary))
+            folder = f"explanations-{name}{'' if fill == 'zero' else '-' + fill}{suffix}"
+            es = explain_rows(best, rows, out / folder, method=use_image_method(best, name), progress=False)
+            if fill == "zero" and name != "occlusion-blur":
+                exps[name] = es
+            summary.append([name, fill] + deletion_summary([e["image"]["faithfulness"] for e in es],
+                                                             time.time() - t0))
+    print(table(["method", "removed patch"] + DELETION_HEADER, summary))
     print(f"{NAMES[encoder]} of question 1, the first {len(rows)} test images")
     figure(exps, out, HERE / "img" / "overlays.png" if encoder == "resnet18" else out / f"overlays{suffix}.png", suffix)
 
@@ -291,6 +284,36 @@ def train_seconds(run: Path) -> float:
     return sum(x.get("train_seconds", 0) + x.get("val_seconds", 0) for x in lines)
 
 
+def png_items(coh: Path, split: str, data: Path) -> tuple[list[dict], list[tuple[str, int]]]:
+    """The cohort rows of `split` and, for the plain MONAI recipe, their original PNGs with 0/1 labels."""
+    rows, info = split_rows(coh, split)
+    y = labels_of(rows, info)[:, 0]
+    items = [(str(data / "images" / f"{Path(first_path(r)).stem}.png"), int(t)) for r, t in zip(rows, y)]
+    missing = [p for p, _ in items if not Path(p).is_file()]
+    if missing:
+        sys.exit(f"nih study: {len(missing)} PNGs of the cohort are not under {data}/images (first: {missing[0]})")
+    return rows, items
+
+
+def recipe_fold(coh: Path, data: Path, cache: Path) -> tuple[np.ndarray, float]:
+    """The plain MONAI recipe trained on a fold cohort's train split, its best epoch chosen on the fold's val
+    split as the recipe does; returns p(pneumonia) of the val images and the training seconds (cached)."""
+    import json
+
+    if not cache.is_file():
+        import torch
+
+        from monai_recipe import train_recipe
+
+        (_, tr), (_, va) = png_items(coh, "train", data), png_items(coh, "val", data)
+        torch.manual_seed(0)
+        r = train_recipe(tr, va, [], log=lambda s: print(s, flush=True))
+        cache.write_text(json.dumps({"p_val": r["p_val"].tolist(), "seconds": r["seconds"],
+                                     "best_epoch": r["best_epoch"]}))
+    rec = json.loads(cache.read_text())
+    return np.array(rec["p_val"])[:, None], rec["seconds"]
+
+
 RECIPE_SETTINGS = ["model.image.name=densenet121", "train.epochs=20", "train.lr_image=1.0e-4", "train.lr_head=1.0e-4",
                    "train.patience=0"]
 
@@ -303,15 +326,7 @@ def question_4(img: Path, data: Path, out: Path, n_boot: int, epochs: int) -> No
 
     from monai_recipe import train_recipe
 
-    def items(split):
-        rows, info = split_rows(img, split)
-        y = labels_of(rows, info)[:, 0]
-        return rows, [(str(data / "images" / f"{Path(first_path(r)).stem}.png"), int(t)) for r, t in zip(rows, y)]
-
-    (tr_rows, tr), (va_rows, va), (te_rows, te) = items("train"), items("val"), items("test")
-    missing = [p for p, _ in tr + va + te if not Path(p).is_file()]
-    if missing:
-        sys.exit(f"nih study: {len(missing)} PNGs of the cohort are not under {data}/images (first: {missing[0]})")
+    (tr_rows, tr), (va_rows, va), (te_rows, te) = (png_items(img, s, data) for s in ("train", "val", "test"))
     cache = out / "monai-recipe.json"
     if cache.is_file():
         rec = json.loads(cache.read_text())
@@ -365,28 +380,38 @@ def cv_cohort(img: Path, out: Path, fold: int, k: int, seed: int = 0) -> Path:
                           f"fold {fold + 1} of {k} of train+val, test left out (nih-cxr model choice)")
 
 
-def question_5(img: Path, out: Path, n_boot: int, epochs: int, k: int) -> None:
+RECIPE = "MONAI recipe (plain MONAI, PNG)"
+
+
+def question_5(img: Path, data: Path, out: Path, n_boot: int, epochs: int, k: int) -> None:
     """Model choice by k-fold cross-validation on the development patients (train + val); the test split is
     neither trained on nor scored. Each candidate is trained k times, each fold's patients validating once;
-    the epoch is chosen inside each fold on its validation part, as every question does."""
+    the epoch is chosen inside each fold on its validation part, as every question does. The plain MONAI
+    recipe of question 4 runs in the same folds as a named baseline (not a candidate)."""
     candidates = {
         "ResNet18, study config": ("resnet18", study_config("resnet18", epochs)),
         "DenseNet121, study config": ("densenet121", study_config("densenet121", epochs)),
         "DenseNet121, recipe schedule": ("densenet121-recipe", RECIPE_SETTINGS),
+        RECIPE: (None, None),
     }
     folds = [cv_cohort(img, out, f, k) for f in range(k)]
     per_fold: dict[str, list[float]] = {n: [] for n in candidates}
     pooled: dict[str, list] = {n: [] for n in candidates}
     secs: dict[str, list[float]] = {n: [] for n in candidates}
     for f, coh in enumerate(folds):
-        va, _ = split_rows(coh, "val")
+        va, info = split_rows(coh, "val")
         v = views(va)
         for name, (run, extra) in candidates.items():
-            best = train_model(coh, f"cv{f + 1}-{run}", extra, out)
-            y, p, g, _ = model_predictions(best, coh, "val")
+            if run is None:
+                p, sec = recipe_fold(coh, data, out / f"monai-recipe-cv{f + 1}.json")
+                y, g = labels_of(va, info), [r["patient_id"] for r in va]
+            else:
+                best = train_model(coh, f"cv{f + 1}-{run}", extra, out)
+                y, p, g, _ = model_predictions(best, coh, "val")
+                sec = train_seconds(out / "runs" / f"cv{f + 1}-{run}")
             per_fold[name].append(auroc(y[:, 0], p[:, 0]))
             pooled[name].append((y, p, g, v))
-            secs[name].append(train_seconds(out / "runs" / f"cv{f + 1}-{run}"))
+            secs[name].append(sec)
             print(f"  fold {f + 1}/{k} {name}: val AUROC {per_fold[name][-1]:.3f} ({len(va)} images)", flush=True)
     results = {n: tuple(np.concatenate([x[i] for x in pooled[n]]) for i in range(3)) for n in candidates}
     v = np.concatenate([x[3] for x in next(iter(pooled.values()))])  # every development image, once
@@ -402,7 +427,7 @@ def question_5(img: Path, out: Path, n_boot: int, epochs: int, k: int) -> None:
                      "-" if name == ref else f"{d.mean():+.3f}, ahead {int((d > 0).sum())}/{k}",
                      f"{np.mean(secs[name]):.0f}"])
     print(table(["candidate", "val AUROC per fold", "mean ± sd", f"vs {ref}", "train s (mean)"], rows))
-    chosen = max(candidates, key=lambda n: np.mean(per_fold[n]))
+    chosen = max((n for n in candidates if n != RECIPE), key=lambda n: np.mean(per_fold[n]))
     print(f"chosen by mean validation AUROC over the {k} folds: {chosen}", flush=True)
 
 
@@ -487,7 +512,7 @@ def main(argv=None) -> None:
         elif q == 4:
             question_4(img, args.data, args.out, args.bootstrap, args.epochs)
         else:
-            question_5(img, args.out, args.bootstrap, args.epochs, args.cv_folds)
+            question_5(img, args.data, args.out, args.bootstrap, args.epochs, args.cv_folds)
     if args.test_data:
         if not (args.test_data / "labels.csv").is_file():
             sys.exit(f"nih study: {args.test_data}/labels.csv not found (--test-data needs the layout of --data)")
