@@ -12,8 +12,9 @@ Questions (see README.md):
      patches black and in-painted (explain.deletion_fill), and a figure of 6 overlays.
   4. The plain MONAI recipe (monai_recipe.py: MONAI alone, on the PNGs) against clinfuse's DenseNet121
      on the same split, with its settings and with the recipe's schedule (Adam-like 1e-4, 20 epochs).
-  5. Model choice by cross-validation (issue #14): ResNet18 and DenseNet121 with the study config and
-     DenseNet121 with the recipe's schedule, each trained on k folds of the development patients
+  5. Model choice by cross-validation (issue #14): ResNet18 and DenseNet121 with the study config,
+     DenseNet121 with the recipe's schedule, and DenseNet121 with unweighted BCE (the package default loss;
+     alone, and with the recipe's schedule, rotation and zoom ranges), each trained on k folds of the development patients
      (train + val; the test split is left out), chosen by validation AUROC over the folds; the plain
      MONAI recipe of question 4 in the same folds as a named baseline.
 
@@ -316,6 +317,8 @@ def recipe_fold(coh: Path, data: Path, cache: Path) -> tuple[np.ndarray, float]:
 
 RECIPE_SETTINGS = ["model.image.name=densenet121", "train.epochs=20", "train.lr_image=1.0e-4", "train.lr_head=1.0e-4",
                    "train.patience=0"]
+BCE = ["loss.name=bce", "loss.class_weights=none"]  # the package's default loss since 2026-12-06 (docs/model.md)
+RECIPE_AUGMENT = ["data.rotate_degrees=15", "data.scale=0.1"]  # the recipe's rotation and zoom ranges
 
 
 def question_4(img: Path, data: Path, out: Path, n_boot: int, epochs: int) -> None:
@@ -392,6 +395,9 @@ def question_5(img: Path, data: Path, out: Path, n_boot: int, epochs: int, k: in
         "ResNet18, study config": ("resnet18", study_config("resnet18", epochs)),
         "DenseNet121, study config": ("densenet121", study_config("densenet121", epochs)),
         "DenseNet121, recipe schedule": ("densenet121-recipe", RECIPE_SETTINGS),
+        "DenseNet121, BCE": ("densenet121-bce", study_config("densenet121", epochs) + BCE),
+        "DenseNet121, BCE, recipe schedule + rotation/zoom": ("densenet121-bce-recipe",
+                                                              RECIPE_SETTINGS + BCE + RECIPE_AUGMENT),
         RECIPE: (None, None),
     }
     folds = [cv_cohort(img, out, f, k) for f in range(k)]
