@@ -7,7 +7,7 @@ On cohorts from `clinfuse synth` (the Bayes-optimal answer is known from truth.c
      against dedicated unimodal models;
   3. imbalance at 20%, 5% and 1% prevalence: each loss/sampler option, AUPRC and recall at 90% specificity;
   4. explanations: share of image attribution mass inside the planted opacity (pointing game) for IG,
-     Grad-CAM and Occlusion, trained vs randomised model;
+     Grad-CAM and Occlusion (black and blurred window), trained vs randomised model;
   5. whole studies: a frontal and a lateral view and structured variables (`synth --views 2
      --variables 4`): the model with both image slots and the variables token against the same model on
      the frontal view and the report only and against the Bayes optimum, overall and per pattern.
@@ -31,8 +31,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from _common import (auprc, auprc_ties_random, auroc, derived_cohort, model_predictions,  # noqa: E402
-                     recall_at_specificity, split_rows, table)
+from _common import (IMAGE_METHODS, auprc, auprc_ties_random, auroc, derived_cohort,  # noqa: E402
+                     model_predictions, recall_at_specificity, split_rows, table)
 
 from clinfuse.config import load_config  # noqa: E402
 from clinfuse.data.cohort import build_cohort  # noqa: E402
@@ -224,12 +224,13 @@ def question_4(out: Path, seeds: list[int], studies: int, n: int = 30) -> None:
         pick = [i for i, r in enumerate(t) if int(r["image_cue_pneumonia"]) > 0 and int(r["has_image"])][:n]
         total += len(pick)
         ds = loaded.dataset([rows[i] for i in pick])
-        for method in ("ig", "gradcam", "occlusion"):
+        for name, (method, window) in IMAGE_METHODS.items():
             for which, mdl in (("trained", model), ("randomised", rnd)):
-                shares = res.setdefault((method, which), [])
+                shares = res.setdefault((name, which), [])
                 for i in range(len(ds)):
                     x = StudyInput.from_item(ds[i])
-                    a = explain_study(mdl, x, task="binary", tokenizer=tok, image_method=method, steps=32).image_map
+                    a = explain_study(mdl, x, task="binary", tokenizer=tok, image_method=method, steps=32,
+                                      occlusion_baseline=window).image_map
                     a = np.abs(np.asarray(a, float)).squeeze()
                     h, w = a.shape
                     yy, xx = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]
@@ -241,7 +242,7 @@ def question_4(out: Path, seeds: list[int], studies: int, n: int = 30) -> None:
           f"would give); mean ± sd over studies")
     print(table(["method", "trained: mass in region", "randomised: mass in region", "pointing hits (trained)"],
                 [[m, mean_sd(res[(m, 'trained')]), mean_sd(res[(m, 'randomised')]),
-                  f"{sum(s > area for s in res[(m, 'trained')])}/{total}"] for m in ("ig", "gradcam", "occlusion")]),
+                  f"{sum(s > area for s in res[(m, 'trained')])}/{total}"] for m in IMAGE_METHODS]),
           flush=True)
 
 def q5_spec(studies: int, seed: int) -> SynthSpec:
