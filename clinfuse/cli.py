@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser(
         "explain", help="explain predictions: heatmap, report words, modality shares",
         description="Explain studies with Captum: an image map by the model's explain.image_method or --method "
-        "(auto: Grad-CAM, or Occlusion for an encoder without a convolutional block; or ig, gradcam, occlusion), "
+        "(auto: Occlusion with a blurred window for 2D images, Grad-CAM for volumes; or ig, gradcam, occlusion), "
         "Integrated Gradients on the report's word embeddings merged into words, exact Shapley values of the "
         "modalities, and deletion-curve faithfulness against random orders (removed patches in-painted by "
         "default). One folder per study under --out "
@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--limit", type=int, default=10, metavar="N", help="at most N studies (default 10; 0 = all)")
     x.add_argument("--method", choices=["auto", "ig", "gradcam", "occlusion"],
                    help="image method (default: the model config's explain.image_method; 'auto' for models trained "
-                   "since it became the default: Grad-CAM, or Occlusion for an encoder without a convolutional block)")
+                   "since it became the default: Occlusion for 2D images, Grad-CAM for volumes)")
     x.add_argument("--steps", type=int, metavar="N", help="Integrated Gradients steps (default: explain.steps, 32)")
     x.add_argument("--deletion-fill", choices=["zero", "inpaint"],
                    help="what the image deletion test puts in a removed patch (default: the model config's "

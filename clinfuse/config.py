@@ -474,9 +474,10 @@ class ExplainConfig(_Strict):
 
     image_method: Literal["auto", "ig", "gradcam", "occlusion"] = Field(
         "auto", description="Image attribution: Integrated Gradients, Grad-CAM (last conv block), Occlusion, or "
-        "'auto': Grad-CAM (the most faithful on real radiographs under in-painted deletion, and the cheapest), "
-        "Occlusion for an encoder without a convolutional block. Chosen by evidence: docs/explanations.md. "
-        "The report is explained by Integrated Gradients whatever this is.")
+        "'auto': Occlusion for 2D images (with its blurred window the most often faithful on real radiographs "
+        "under in-painted deletion), Grad-CAM for volumes (cost), Occlusion for an encoder without a "
+        "convolutional block. Chosen by evidence: docs/explanations.md. The report is explained by Integrated "
+        "Gradients whatever this is.")
     steps: int = Field(32, ge=2, le=512, description="Integrated Gradients steps (all in one batch).")
     deletion_fill: Literal["zero", "inpaint"] = Field(
         "inpaint", description="What the deletion faithfulness test puts in a removed image patch: black ('zero') or "
@@ -484,9 +485,10 @@ class ExplainConfig(_Strict):
         "the removed patches goes (the default: random removal is neutral for the models measured, zeroed holes "
         "were not). docs/explanations.md.")
     occlusion_baseline: Literal["zero", "blur"] = Field(
-        "zero", description="What Occlusion puts in its sliding window: black ('zero', Captum's default) or "
-        "'blur': the image blurred at the window's scale (Gaussian, sigma = the window's side), so the window keeps "
-        "its surroundings' brightness and loses only its own detail. docs/explanations.md.")
+        "blur", description="What Occlusion puts in its sliding window: 'blur' (default): the image blurred at the "
+        "window's scale (Gaussian, sigma = the window's side), so the window keeps its surroundings' brightness and "
+        "loses only its own detail; or black ('zero', Captum's default, which the models read as a dark finding: "
+        "faithful on fewer real radiographs). docs/explanations.md.")
 
 
 class TrackingConfig(_Strict):

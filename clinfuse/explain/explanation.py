@@ -68,7 +68,7 @@ class Explanation:
 def build_explanation(network, batch: dict, *, task: str, tokenizer, output_names: list[str],
                       thresholds: list[float], temperature: float = 1.0, method: str = "ig", steps: int = 32,
                       target: int | None = None, model_ref: dict | None = None,
-                      deletion_fill: str = "inpaint", occlusion_baseline: str = "zero") -> Explanation:
+                      deletion_fill: str = "inpaint", occlusion_baseline: str = "blur") -> Explanation:
     """Attributions, modality Shapley values and faithfulness of one study (a batch of 1).
 
     For a model with several image slots, ``images`` lists one entry per present image (its view,

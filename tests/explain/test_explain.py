@@ -128,7 +128,8 @@ def test_blurred_occlusion_window_is_not_read_as_a_dark_finding():
     x = _toy_input(tok)
     x.image = 0.5 + 0.02 * torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(2))
     bright = BrightnessModel(len(tok)).eval()
-    black = explain_study(bright, x, task="binary", tokenizer=tok, image_method="occlusion").image_map
+    black = explain_study(bright, x, task="binary", tokenizer=tok, image_method="occlusion",
+                          occlusion_baseline="zero").image_map
     blur = explain_study(bright, x, task="binary", tokenizer=tok, image_method="occlusion",
                          occlusion_baseline="blur").image_map
     assert np.abs(blur).max() < 0.05 * np.abs(black).max()
@@ -345,7 +346,7 @@ def test_volumes_are_explained_too(method, tmp_path):
     assert overlay_png(x.image[0, 0].numpy(), a.image_map, method, "volume")[:4] == b"\x89PNG"
 
 
-def test_auto_method_is_gradcam_and_occlusion_without_a_conv_block():
+def test_auto_method_is_occlusion_in_2d_and_gradcam_for_volumes():
     """explain.image_method 'auto' (the default, chosen by faithfulness on real radiographs: docs/explanations.md)."""
     from clinfuse.config import Config
     from clinfuse.explain.attributions import auto_image_method
@@ -355,8 +356,8 @@ def test_auto_method_is_gradcam_and_occlusion_without_a_conv_block():
     assert Config().explain.image_method == "auto"
     tok = build_tiny_tokenizer(CORPUS)
     ids, mask = tokenize_reports(tok, [CORPUS[0]], config_from_dict({}).model.text)
-    assert Config().explain.deletion_fill == "inpaint"
-    for dims, size, name, want in ((2, [32, 32], "densenet_tiny", "gradcam"), (3, [16, 32, 32], "densenet_tiny", "gradcam"),
+    assert Config().explain.deletion_fill == "inpaint" and Config().explain.occlusion_baseline == "blur"
+    for dims, size, name, want in ((2, [32, 32], "densenet_tiny", "occlusion"), (3, [16, 32, 32], "densenet_tiny", "gradcam"),
                                    (3, [16, 32, 32], "vit", "occlusion")):
         cfg = config_from_dict({"data": {"image_size": size},
                                 "model": {"image": {"name": name, "spatial_dims": dims},
