@@ -14,7 +14,8 @@ Questions (see README.md):
      on the same split, with its settings and with the recipe's schedule (Adam-like 1e-4, 20 epochs).
   5. Model choice by cross-validation (issue #14): ResNet18 and DenseNet121 with the study config,
      DenseNet121 with the recipe's schedule, and DenseNet121 with unweighted BCE (the package default loss;
-     alone, and with the recipe's schedule, rotation and zoom ranges), each trained on k folds of the development patients
+     alone, and with the recipe's schedule, rotation and zoom ranges, the latter also with the recipe's
+     min-max intensity scaling), each trained on k folds of the development patients
      (train + val; the test split is left out), chosen by validation AUROC over the folds; the plain
      MONAI recipe of question 4 in the same folds as a named baseline.
 
@@ -398,6 +399,8 @@ def question_5(img: Path, data: Path, out: Path, n_boot: int, epochs: int, k: in
         "DenseNet121, BCE": ("densenet121-bce", study_config("densenet121", epochs) + BCE),
         "DenseNet121, BCE, recipe schedule + rotation/zoom": ("densenet121-bce-recipe",
                                                               RECIPE_SETTINGS + BCE + RECIPE_AUGMENT),
+        "DenseNet121, BCE, recipe schedule + rotation/zoom + min-max": (
+            "densenet121-bce-recipe-minmax", RECIPE_SETTINGS + BCE + RECIPE_AUGMENT + ["data.intensity=minmax"]),
         RECIPE: (None, None),
     }
     folds = [cv_cohort(img, out, f, k) for f in range(k)]
