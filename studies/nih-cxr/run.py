@@ -493,7 +493,7 @@ def main(argv=None) -> None:
                     "(default: %(default)s)")
     ap.add_argument("--questions", nargs="+", type=int, default=[1, 2, 3], choices=[1, 2, 3, 4, 5],
                     help="questions to run (default 1-3; 4: the plain MONAI recipe, 21 min on 2 CPU cores; 5: model "
-                    "choice by cross-validation, about 100 min)")
+                    "choice by cross-validation, about 2 h from scratch)")
     ap.add_argument("--test-data", type=Path, help="a second folder of the same layout to score the trained models on")
     ap.add_argument("--epochs", type=int, default=12,
                     help="epochs of the study-config models (questions 1, 2, 4, 5; the recipe schedule keeps 20)")
