@@ -262,8 +262,8 @@ def question_4(out, exp, outcome, k, n=10):
 
 def question_6(out, exp, outcome, k):
     """Image explanation methods on real radiographs: Integrated Gradients, Grad-CAM and Occlusion (black and
-    blurred window) on every fold-1 test study with an image, the fold-1 attention model (question 1's), by deletion faithfulness with
-    the removed patches black and in-painted (explain.deletion_fill)."""
+    blurred window) on every fold-1 test study with an image, the fold-1 attention model (question 1's), by
+    deletion faithfulness with the removed patches black and in-painted (explain.deletion_fill)."""
     from clinfuse.inference import Model
 
     base = base_cohort(exp, out, outcome, "reports.csv")

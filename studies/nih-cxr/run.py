@@ -297,9 +297,9 @@ def png_items(coh: Path, split: str, data: Path) -> tuple[list[dict], list[tuple
     return rows, items
 
 
-def recipe_fold(coh: Path, data: Path, cache: Path) -> tuple[np.ndarray, float]:
-    """The plain MONAI recipe trained on a fold cohort's train split, its best epoch chosen on the fold's val
-    split as the recipe does; returns p(pneumonia) of the val images and the training seconds (cached)."""
+def cached_recipe(train: list, val: list, test: list, cache: Path, save: Path | None = None) -> dict:
+    """The plain MONAI recipe (`monai_recipe.train_recipe`, seed 0) on (png, label) lists: its results with
+    arrays as lists, trained once and kept in `cache`; `save` keeps its best weights."""
     import json
 
     if not cache.is_file():
@@ -307,13 +307,10 @@ def recipe_fold(coh: Path, data: Path, cache: Path) -> tuple[np.ndarray, float]:
 
         from monai_recipe import train_recipe
 
-        (_, tr), (_, va) = png_items(coh, "train", data), png_items(coh, "val", data)
         torch.manual_seed(0)
-        r = train_recipe(tr, va, [], log=lambda s: print(s, flush=True))
-        cache.write_text(json.dumps({"p_val": r["p_val"].tolist(), "seconds": r["seconds"],
-                                     "best_epoch": r["best_epoch"]}))
-    rec = json.loads(cache.read_text())
-    return np.array(rec["p_val"])[:, None], rec["seconds"]
+        r = train_recipe(train, val, test, log=lambda s: print(s, flush=True), save=str(save) if save else None)
+        cache.write_text(json.dumps({k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()}))
+    return json.loads(cache.read_text())
 
 
 RECIPE_SETTINGS = ["model.image.name=densenet121", "train.epochs=20", "train.lr_image=1.0e-4", "train.lr_head=1.0e-4",
@@ -328,19 +325,8 @@ def question_4(img: Path, data: Path, out: Path, n_boot: int, epochs: int) -> No
     configs by validation AUROC too (the test split only reports)."""
     import json
 
-    from monai_recipe import train_recipe
-
     (tr_rows, tr), (va_rows, va), (te_rows, te) = (png_items(img, s, data) for s in ("train", "val", "test"))
-    cache = out / "monai-recipe.json"
-    if cache.is_file():
-        rec = json.loads(cache.read_text())
-    else:
-        import torch
-
-        torch.manual_seed(0)
-        r = train_recipe(tr, va, te, log=lambda s: print(s, flush=True), save=str(out / "monai-recipe.pt"))
-        rec = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()}
-        cache.write_text(json.dumps(rec))
+    rec = cached_recipe(tr, va, te, out / "monai-recipe.json", save=out / "monai-recipe.pt")
     y = np.array([t for _, t in te])[:, None]
     g = [r["patient_id"] for r in te_rows]
     yv = np.array([t for _, t in va])
@@ -411,8 +397,10 @@ def question_5(img: Path, data: Path, out: Path, n_boot: int, epochs: int, k: in
         va, info = split_rows(coh, "val")
         v = views(va)
         for name, (run, extra) in candidates.items():
-            if run is None:
-                p, sec = recipe_fold(coh, data, out / f"monai-recipe-cv{f + 1}.json")
+            if run is None:  # the recipe: trained on the fold's train split, its best epoch chosen on val
+                rec = cached_recipe(png_items(coh, "train", data)[1], png_items(coh, "val", data)[1], [],
+                                    out / f"monai-recipe-cv{f + 1}.json")
+                p, sec = np.array(rec["p_val"])[:, None], rec["seconds"]
                 y, g = labels_of(va, info), [r["patient_id"] for r in va]
             else:
                 best = train_model(coh, f"cv{f + 1}-{run}", extra, out)
