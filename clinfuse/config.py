@@ -395,6 +395,11 @@ class DataConfig(_Strict):
     rotate_degrees: float = Field(7.0, ge=0, le=45, description="Largest random rotation (augment).")
     scale: float = Field(0.08, ge=0, le=0.5, description="Largest random zoom, as a fraction (augment).")
     noise_std: float = Field(0.02, ge=0, le=0.5, description="Gaussian noise SD on [0, 1] images (augment).")
+    contrast: float = Field(0.3, ge=0, le=1, description="Probability of a random gamma (contrast) change, "
+                            "gamma in [0.8, 1.25] (augment).")
+    flip: float = Field(0.0, ge=0, le=1, description="Probability of a left-right flip (augment). Off by "
+                        "default: a chest film's two sides differ (heart, stomach bubble); MONAI's tutorial "
+                        "recipe flips with 0.5 (studies/nih-cxr question 5 measures it).")
     cache: Literal["memory", "disk", "none"] = Field(
         "memory", description="Cache decoded, resized images: in memory (CacheDataset), on disk "
         "(PersistentDataset under the run folder), or not at all.")

@@ -331,3 +331,25 @@ def test_imbalance_study_prints_the_bayes_limit_of_the_same_test_studies(tmp_pat
     y = [int(next(v for k, v in t.items() if k.startswith("y_"))) for t in truth]
     assert y == [int(float(r["label"])) for r in test]
     assert lim["auroc"] == pytest.approx(roc_auc_score(y, [float(t["p_available_label"]) for t in truth]))
+
+
+def test_nih_candidates_are_valid_configs_and_only_selects_them():
+    """Every question 5 candidate's overrides load against the study config (a misspelt key would only show
+    after a long run), run names are unique, the flip candidates set what their names say, and --only
+    refuses a run name that is not a candidate."""
+    from clinfuse.config import load_config
+
+    study = _load("nih-cxr", "run")
+    runs = [run for run, _ in study.CANDIDATES.values()]
+    assert len(runs) == len(set(runs)) and study.RECIPE_RUN in runs
+    assert study.CHOSEN in study.CANDIDATES and study.CHOSEN != study.RECIPE
+    cfgs = {name: load_config(study.HERE / "config.yaml", extra(12))
+            for name, (_, extra) in study.CANDIDATES.items() if extra is not None}
+    assert {c.model.image.name for n, c in cfgs.items() if n.startswith("DenseNet121")} == {"densenet121"}
+    flip = cfgs["DenseNet121, BCE, recipe schedule + rotation/zoom + flip"]
+    assert (flip.data.flip, flip.data.contrast, flip.train.epochs, flip.loss.name) == (0.5, 0.3, 20, "bce")
+    aug = cfgs["DenseNet121, BCE, recipe schedule + the recipe's augmentation only"]
+    assert (aug.data.flip, aug.data.contrast, aug.data.noise_std, aug.data.rotate_degrees) == (0.5, 0, 0, 15)
+    assert cfgs["DenseNet121, study config"].data.flip == 0 and cfgs["ResNet18, study config"].train.epochs == 12
+    with pytest.raises(SystemExit):
+        study.main(["--only", "densenet999", "--questions", "5"])

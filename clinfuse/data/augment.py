@@ -3,7 +3,8 @@
 Per-item MONAI augmentation costs about 1 ms per 64 px image on a CPU core (mostly per-call
 overhead), as much as a tiny model's training step, and makes data loading the bottleneck. Here the
 batch is augmented in one call on the device that trains: a random rotation and zoom resampled by
-MONAI's batched ``AffineTransform`` layer, a random gamma (contrast) and Gaussian noise. Each
+MONAI's batched ``AffineTransform`` layer, a random gamma (contrast), Gaussian noise and, where
+configured, a left-right flip. Each
 sample's parameters come from its own generator seeded by (seed, epoch, dataset index), so the
 augmentation of a study is the same whatever the batch, the worker count or an interruption.
 Absent images (all zeros) are left untouched. See docs/model.md.
@@ -40,10 +41,12 @@ def _rotation(angles: torch.Tensor, nd: int) -> torch.Tensor:
 
 
 class BatchAugment:
-    """Random affine (p=0.8), gamma (p=0.3) and Gaussian noise (p=0.3) on ``[B, C, *spatial]`` in [0, 1].
+    """Random affine (p=0.8), gamma (p=``data.contrast``, 0.3 by default), Gaussian noise (p=0.3) and a
+    left-right flip of the last axis (p=``data.flip``, 0 by default) on ``[B, C, *spatial]`` in [0, 1].
 
     Args:
-        cfg: ``data.rotate_degrees``, ``data.scale``, ``data.noise_std`` and the spatial dims.
+        cfg: ``data.rotate_degrees``, ``data.scale``, ``data.noise_std``, ``data.contrast``, ``data.flip``
+            and the spatial dims.
     """
 
     def __init__(self, cfg: Config):
@@ -53,11 +56,12 @@ class BatchAugment:
         self.rot = math.radians(cfg.data.rotate_degrees)
         self.scale = cfg.data.scale
         self.noise = cfg.data.noise_std
+        self.contrast, self.flip = cfg.data.contrast, cfg.data.flip
         self.resample = AffineTransform(normalized=True, padding_mode="zeros", align_corners=False)
 
     def params(self, seeds: list[int]) -> dict[str, torch.Tensor]:
         nd = self.nd
-        thetas, gammas, noise_on, affine_on, gamma_on = [], [], [], [], []
+        thetas, gammas, noise_on, affine_on, gamma_on, flip_on = [], [], [], [], [], []
         for s in seeds:
             g = torch.Generator().manual_seed(s)
             u = torch.rand(4 + nd, generator=g)
@@ -66,11 +70,12 @@ class BatchAugment:
             m = _rotation(angles, nd) / zoom
             thetas.append(torch.cat([m, torch.zeros(nd, 1)], dim=1))
             affine_on.append(u[0] < 0.8)
-            gamma_on.append(u[1] < 0.3)
+            gamma_on.append(u[1] < self.contrast)
             noise_on.append(u[2] < 0.3)
             gammas.append(0.8 + torch.rand(1, generator=g)[0] * 0.45)
+            flip_on.append(torch.rand(1, generator=g)[0] < self.flip)  # drawn last: earlier draws stay as they were
         return {"theta": torch.stack(thetas), "affine": torch.stack(affine_on), "gamma_on": torch.stack(gamma_on),
-                "gamma": torch.stack(gammas), "noise_on": torch.stack(noise_on)}
+                "gamma": torch.stack(gammas), "noise_on": torch.stack(noise_on), "flip": torch.stack(flip_on)}
 
     def __call__(self, image: torch.Tensor, present: torch.Tensor, seeds: list[int]) -> torch.Tensor:
         if image.ndim == self.nd + 3:  # [B, N, C, *S]: every image slot on its own, seeded by (study, slot)
@@ -87,6 +92,7 @@ class BatchAugment:
         shape = (-1,) + (1,) * (image.ndim - 1)
         gamma = torch.where(p["gamma_on"], p["gamma"], torch.ones_like(p["gamma"])).view(shape)
         out = out.clamp(0, 1) ** gamma
+        out = torch.where(p["flip"].view(shape), out.flip(-1), out)
         if self.noise > 0:
             noise = torch.stack([torch.randn(image.shape[1:], generator=torch.Generator().manual_seed(s + 1))
                                  for s in seeds]).to(image.device)

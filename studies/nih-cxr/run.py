@@ -317,25 +317,52 @@ RECIPE_SETTINGS = ["model.image.name=densenet121", "train.epochs=20", "train.lr_
                    "train.patience=0"]
 BCE = ["loss.name=bce", "loss.class_weights=none"]  # the package's default loss since 2026-12-06 (docs/model.md)
 RECIPE_AUGMENT = ["data.rotate_degrees=15", "data.scale=0.1"]  # the recipe's rotation and zoom ranges
+FLIP = ["data.flip=0.5"]  # the recipe's RandFlip(prob=0.5): left-right on its PNG arrays (PILReader gives W first)
+RECIPE = "MONAI recipe (plain MONAI, PNG)"
+RECIPE_RUN = "monai-recipe"  # its run name for --only
+# question 5's candidates: name -> (run name, config overrides for --epochs); the recipe is the named baseline
+CANDIDATES = {
+    "ResNet18, study config": ("resnet18", lambda ep: study_config("resnet18", ep)),
+    "DenseNet121, study config": ("densenet121", lambda ep: study_config("densenet121", ep)),
+    "DenseNet121, recipe schedule": ("densenet121-recipe", lambda ep: RECIPE_SETTINGS),
+    "DenseNet121, BCE": ("densenet121-bce", lambda ep: study_config("densenet121", ep) + BCE),
+    "DenseNet121, BCE, recipe schedule + rotation/zoom": (
+        "densenet121-bce-recipe", lambda ep: RECIPE_SETTINGS + BCE + RECIPE_AUGMENT),
+    "DenseNet121, BCE, recipe schedule + rotation/zoom + min-max": (
+        "densenet121-bce-recipe-minmax", lambda ep: RECIPE_SETTINGS + BCE + RECIPE_AUGMENT + ["data.intensity=minmax"]),
+    "DenseNet121, BCE, recipe schedule + rotation/zoom + flip": (
+        "densenet121-bce-recipe-flip", lambda ep: RECIPE_SETTINGS + BCE + RECIPE_AUGMENT + FLIP),
+    "DenseNet121, BCE, recipe schedule + the recipe's augmentation only": (
+        "densenet121-bce-recipe-aug",
+        lambda ep: RECIPE_SETTINGS + BCE + RECIPE_AUGMENT + FLIP + ["data.contrast=0", "data.noise_std=0"]),
+    RECIPE: (RECIPE_RUN, None),
+}
+CHOSEN = "DenseNet121, BCE, recipe schedule + rotation/zoom"  # question 5's choice (README); question 4 scores it
 
 
-def question_4(img: Path, data: Path, out: Path, n_boot: int, epochs: int) -> None:
+def question_4(img: Path, data: Path, out: Path, n_boot: int, epochs: int, only: set[str] | None = None) -> None:
     """The MONAI tutorial recipe, written with MONAI alone on the original PNGs, against clinfuse's DenseNet121
-    on the same patient split; every model's epoch chosen by validation AUROC, the choice between clinfuse
-    configs by validation AUROC too (the test split only reports)."""
+    on the same patient split: the study config, the recipe's schedule, and the config question 5 chose by
+    cross-validation (`CHOSEN`); every model's epoch chosen by validation AUROC (the test split only reports).
+    `only`: run names to train and report (default all)."""
     import json
 
     (tr_rows, tr), (va_rows, va), (te_rows, te) = (png_items(img, s, data) for s in ("train", "val", "test"))
-    rec = cached_recipe(tr, va, te, out / "monai-recipe.json", save=out / "monai-recipe.pt")
     y = np.array([t for _, t in te])[:, None]
     g = [r["patient_id"] for r in te_rows]
     yv = np.array([t for _, t in va])
-    results = {"MONAI recipe (plain MONAI, PNG)": (y, np.array(rec["p_test"])[:, None], g)}
-    facts = [["MONAI recipe (plain MONAI, PNG)", "20", str(rec["best_epoch"]), f"{rec['val_auroc']:.3f}",
-              f"{rec['seconds']:.0f}"]]
-    for name, run, extra, n_ep in (
-            ("clinfuse DenseNet121, study config", "densenet121", study_config("densenet121", epochs), epochs),
-            ("clinfuse DenseNet121, recipe schedule", "densenet121-recipe", RECIPE_SETTINGS, 20)):
+    results, facts = {}, []
+    if only is None or RECIPE_RUN in only:
+        rec = cached_recipe(tr, va, te, out / "monai-recipe.json", save=out / "monai-recipe.pt")
+        results[RECIPE] = (y, np.array(rec["p_test"])[:, None], g)
+        facts.append([RECIPE, "20", str(rec["best_epoch"]), f"{rec['val_auroc']:.3f}", f"{rec['seconds']:.0f}"])
+    models = [("clinfuse DenseNet121, study config", "densenet121", study_config("densenet121", epochs), epochs),
+              ("clinfuse DenseNet121, recipe schedule", "densenet121-recipe", RECIPE_SETTINGS, 20)]
+    run, extra = CANDIDATES[CHOSEN]
+    models.append((f"clinfuse {CHOSEN} (question 5's choice)", run, extra(epochs), 20))
+    for name, run, extra, n_ep in models:
+        if only is not None and run not in only:
+            continue
         best = train_model(img, run, extra, out)
         yy, p, gg, _ = model_predictions(best, img)
         _, pv, _, _ = model_predictions(best, img, "val")
@@ -370,25 +397,14 @@ def cv_cohort(img: Path, out: Path, fold: int, k: int, seed: int = 0) -> Path:
                           f"fold {fold + 1} of {k} of train+val, test left out (nih-cxr model choice)")
 
 
-RECIPE = "MONAI recipe (plain MONAI, PNG)"
-
-
-def question_5(img: Path, data: Path, out: Path, n_boot: int, epochs: int, k: int) -> None:
+def question_5(img: Path, data: Path, out: Path, n_boot: int, epochs: int, k: int, only: set[str] | None = None) -> None:
     """Model choice by k-fold cross-validation on the development patients (train + val); the test split is
     neither trained on nor scored. Each candidate is trained k times, each fold's patients validating once;
     the epoch is chosen inside each fold on its validation part, as every question does. The plain MONAI
-    recipe of question 4 runs in the same folds as a named baseline (not a candidate)."""
-    candidates = {
-        "ResNet18, study config": ("resnet18", study_config("resnet18", epochs)),
-        "DenseNet121, study config": ("densenet121", study_config("densenet121", epochs)),
-        "DenseNet121, recipe schedule": ("densenet121-recipe", RECIPE_SETTINGS),
-        "DenseNet121, BCE": ("densenet121-bce", study_config("densenet121", epochs) + BCE),
-        "DenseNet121, BCE, recipe schedule + rotation/zoom": ("densenet121-bce-recipe",
-                                                              RECIPE_SETTINGS + BCE + RECIPE_AUGMENT),
-        "DenseNet121, BCE, recipe schedule + rotation/zoom + min-max": (
-            "densenet121-bce-recipe-minmax", RECIPE_SETTINGS + BCE + RECIPE_AUGMENT + ["data.intensity=minmax"]),
-        RECIPE: (None, None),
-    }
+    recipe of question 4 runs in the same folds as a named baseline (not a candidate). `only`: run names
+    of the candidates to train and report (default all; a deterministic trainer gives the others' rows
+    unchanged, so a new candidate can be added without retraining them)."""
+    candidates = {n: c for n, c in CANDIDATES.items() if only is None or c[0] in only}
     folds = [cv_cohort(img, out, f, k) for f in range(k)]
     per_fold: dict[str, list[float]] = {n: [] for n in candidates}
     pooled: dict[str, list] = {n: [] for n in candidates}
@@ -397,13 +413,13 @@ def question_5(img: Path, data: Path, out: Path, n_boot: int, epochs: int, k: in
         va, info = split_rows(coh, "val")
         v = views(va)
         for name, (run, extra) in candidates.items():
-            if run is None:  # the recipe: trained on the fold's train split, its best epoch chosen on val
+            if name == RECIPE:  # the recipe: trained on the fold's train split, its best epoch chosen on val
                 rec = cached_recipe(png_items(coh, "train", data)[1], png_items(coh, "val", data)[1], [],
                                     out / f"monai-recipe-cv{f + 1}.json")
                 p, sec = np.array(rec["p_val"])[:, None], rec["seconds"]
                 y, g = labels_of(va, info), [r["patient_id"] for r in va]
             else:
-                best = train_model(coh, f"cv{f + 1}-{run}", extra, out)
+                best = train_model(coh, f"cv{f + 1}-{run}", extra(epochs), out)
                 y, p, g, _ = model_predictions(best, coh, "val")
                 sec = train_seconds(out / "runs" / f"cv{f + 1}-{run}")
             per_fold[name].append(auroc(y[:, 0], p[:, 0]))
@@ -416,16 +432,19 @@ def question_5(img: Path, data: Path, out: Path, n_boot: int, epochs: int, k: in
           f"test split untouched; pooled out-of-fold predictions, 95% bootstrap CIs over patients")
     print(table(["candidate", "AUROC (pooled)", "AUPRC (pooled)", "AUROC within AP", "AUROC within PA"],
                 strat_rows(results, v, n_boot)))
-    ref = "DenseNet121, study config"
+    ref = next((n for n in ("DenseNet121, study config", RECIPE) if n in candidates), None)
     rows = []
     for name in candidates:
         a, d = np.array(per_fold[name]), np.array(per_fold[name]) - np.array(per_fold[ref])
         rows.append([name, " ".join(f"{x:.3f}" for x in a), f"{a.mean():.3f} ± {a.std(ddof=1):.3f}",
-                     "-" if name == ref else f"{d.mean():+.3f}, ahead {int((d > 0).sum())}/{k}",
+                     "-" if name == ref or ref is None else f"{d.mean():+.3f}, ahead {int((d > 0).sum())}/{k}",
                      f"{np.mean(secs[name]):.0f}"])
     print(table(["candidate", "val AUROC per fold", "mean ± sd", f"vs {ref}", "train s (mean)"], rows))
-    chosen = max((n for n in candidates if n != RECIPE), key=lambda n: np.mean(per_fold[n]))
-    print(f"chosen by mean validation AUROC over the {k} folds: {chosen}", flush=True)
+    mine = [n for n in candidates if n != RECIPE]
+    if mine:
+        chosen = max(mine, key=lambda n: np.mean(per_fold[n]))
+        print(f"chosen by mean validation AUROC over the {k} folds{' (of these candidates)' if only else ''}: "
+              f"{chosen}", flush=True)
 
 
 def hidden_evaluation(img: Path, data: Path, test_data: Path, out: Path, n_boot: int) -> None:
@@ -458,7 +477,8 @@ def hidden_evaluation(img: Path, data: Path, test_data: Path, out: Path, n_boot:
         print(f"(MONAI recipe: no saved weights {recipe}: question 4 writes them when it trains the recipe; "
               f"delete {out / 'monai-recipe.json'} to retrain it)")
     for name, run in (("ResNet18 (MONAI, from scratch)", "resnet18"), ("DenseNet121 (MONAI, from scratch)", "densenet121"),
-                      ("clinfuse DenseNet121, recipe schedule", "densenet121-recipe")):
+                      ("clinfuse DenseNet121, recipe schedule", "densenet121-recipe"),
+                      (f"clinfuse {CHOSEN} (question 5's choice)", CANDIDATES[CHOSEN][0])):
         best = out / "runs" / run / "best"
         if not (best / "model.json").is_file():
             print(f"({name}: not trained under {out}; run the question that trains it first)")
@@ -490,6 +510,9 @@ def main(argv=None) -> None:
                     help="image encoder of questions 2 and 3 (default resnet18, as their printed tables; question 5 "
                     "chooses densenet121)")
     ap.add_argument("--cv-folds", type=int, default=4, help="question 5: folds of the development patients (default 4)")
+    ap.add_argument("--only", nargs="+", metavar="RUN", choices=sorted({c[0] for c in CANDIDATES.values()}),
+                    help="questions 4 and 5: train and report only these models, by run name (default all): "
+                    + "; ".join(f"{c[0]} = {n}" for n, c in CANDIDATES.items()))
     args = ap.parse_args(argv)
     if not (args.data / "labels.csv").is_file():
         sys.exit(f"nih study: {args.data}/labels.csv not found; pass --data (the NIH chest X-ray folder)")
@@ -497,6 +520,7 @@ def main(argv=None) -> None:
 
     torch.manual_seed(0)
     t0 = time.time()
+    only = set(args.only) if args.only else None
     img, ctx = cohorts(args.data, args.out)
     for q in args.questions:
         print(f"\n## Question {q}", flush=True)
@@ -507,9 +531,9 @@ def main(argv=None) -> None:
         elif q == 3:
             question_3(img, args.out, args.epochs, args.encoder)
         elif q == 4:
-            question_4(img, args.data, args.out, args.bootstrap, args.epochs)
+            question_4(img, args.data, args.out, args.bootstrap, args.epochs, only)
         else:
-            question_5(img, args.data, args.out, args.bootstrap, args.epochs, args.cv_folds)
+            question_5(img, args.data, args.out, args.bootstrap, args.epochs, args.cv_folds, only)
     if args.test_data:
         if not (args.test_data / "labels.csv").is_file():
             sys.exit(f"nih study: {args.test_data}/labels.csv not found (--test-data needs the layout of --data)")

@@ -93,3 +93,28 @@ def test_batch_augmentation_3d_shapes():
     x = torch.rand(3, 1, 8, 16, 16)
     y = BatchAugment(cfg)(x, torch.tensor([True, True, False]), [1, 2, 3])
     assert y.shape == x.shape and torch.equal(y[2], x[2])
+
+
+def test_batch_augmentation_flip_and_contrast_probabilities():
+    """data.flip mirrors the last axis with its probability; data.contrast=0 turns the random gamma off, so
+    with rotation, zoom and noise off too an unflipped image comes back unchanged."""
+    from clinfuse.data.augment import BatchAugment
+
+    def aug(**data):
+        cfg = config_from_dict({"data": {"image_size": [16, 16], "rotate_degrees": 0, "scale": 0,
+                                         "noise_std": 0, **data}})
+        return BatchAugment(cfg)
+
+    x = torch.rand(64, 1, 16, 16)
+    present, seeds = torch.ones(64, dtype=torch.bool), list(range(64))
+    plain = aug(contrast=0.0)(x, present, seeds)
+    torch.testing.assert_close(plain, x)
+    flipped = aug(contrast=0.0, flip=1.0)(x, present, seeds)
+    torch.testing.assert_close(flipped, x.flip(-1))
+    half = aug(contrast=0.0, flip=0.5)(x, present, seeds)
+    mirrored = torch.tensor([torch.allclose(h, f, atol=1e-5) for h, f in zip(half, x.flip(-1))])
+    kept = torch.tensor([torch.allclose(h, o, atol=1e-5) for h, o in zip(half, x)])
+    assert (mirrored ^ kept).all() and 16 < int(mirrored.sum()) < 48
+    # the default keeps its random gamma (p=0.3): some images change, some do not
+    changed = torch.tensor([not torch.allclose(a, o, atol=1e-5) for a, o in zip(aug()(x, present, seeds), x)])
+    assert 5 < int(changed.sum()) < 40
