@@ -439,7 +439,10 @@ class TrainConfig(_Strict):
     lr_image: float = Field(3e-4, ge=0, description="Learning rate of the image encoder.")
     lr_text: float = Field(3e-5, ge=0, description="Learning rate of the text encoder.")
     weight_decay: float = Field(0.01, ge=0)
-    warmup: float = Field(0.05, ge=0, lt=1, description="Linear warm-up, as a fraction of all steps; cosine after.")
+    warmup: float = Field(0.05, ge=0, lt=1, description="Linear warm-up, as a fraction of all steps.")
+    schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="The learning rate after the warm-up: cosine decay to 0, or constant (MONAI's "
+        "tutorial recipe: plain Adam = weight_decay 0, warmup 0, constant).")
     grad_clip: float = Field(1.0, ge=0, description="Gradient-norm clipping (0: off).")
     accumulate: int = Field(1, ge=1, description="Gradient accumulation steps.")
     early_stop_metric: Literal["auroc", "loss"] = Field("auroc", description="Validation metric for best model.")

@@ -350,6 +350,9 @@ def test_nih_candidates_are_valid_configs_and_only_selects_them():
     assert (flip.data.flip, flip.data.contrast, flip.train.epochs, flip.loss.name) == (0.5, 0.3, 20, "bce")
     aug = cfgs["DenseNet121, BCE, recipe schedule + the recipe's augmentation only"]
     assert (aug.data.flip, aug.data.contrast, aug.data.noise_std, aug.data.rotate_degrees) == (0.5, 0, 0, 15)
+    adam = cfgs["DenseNet121, BCE, the recipe's schedule, augmentation and optimizer"]
+    assert (adam.train.weight_decay, adam.train.warmup, adam.train.schedule, adam.train.grad_clip,
+            adam.data.flip, adam.data.contrast) == (0, 0, "constant", 0, 0.5, 0)
     assert cfgs["DenseNet121, study config"].data.flip == 0 and cfgs["ResNet18, study config"].train.epochs == 12
     with pytest.raises(SystemExit):
         study.main(["--only", "densenet999", "--questions", "5"])

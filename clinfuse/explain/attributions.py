@@ -168,7 +168,7 @@ def modality_shapley(model, x: StudyInput, target: int, task: str, temperature: 
     g = len(names)
     subsets = list(itertools.product((1, 0), repeat=g))  # (1, 1[, 1]) first: all shown
     n = len(subsets)
-    flags = torch.tensor(subsets, dtype=torch.bool)  # [n, G]
+    flags = torch.tensor(subsets, dtype=torch.bool, device=x.image.device)  # [n, G]
     ip = x.image_present.expand(n, *x.image_present.shape[1:])
     ip = ip & (flags[:, 0].view(-1, *([1] * (ip.ndim - 1))))
     over = {}
@@ -217,6 +217,7 @@ def merge_wordpieces(tokenizer, ids: torch.Tensor, mask: torch.Tensor, scores: t
         (list of (word, score), list of the (chunk, position) pairs of each word)
     """
     special = {tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id}
+    ids, mask, scores = ids.cpu(), mask.cpu(), scores.cpu()  # one copy, not one device sync per token
     words, positions = [], []
     for k in range(ids.shape[0]):
         for j in range(ids.shape[1]):
@@ -364,7 +365,7 @@ def explain_study(model, x: StudyInput, *, task: str, tokenizer=None, target: in
         got = dict(zip(names, attrs))
         if "image" in got:
             a = got["image"][0]  # [C, *S] or [N, C, *S]
-            res.image_maps = {j: (a[j] if x.multi else a).sum(0).detach().numpy() for j in x.image_slots}
+            res.image_maps = {j: (a[j] if x.multi else a).sum(0).detach().cpu().numpy() for j in x.image_slots}
             res.image_method = "integrated_gradients"
         if "text" in got:
             scores = got["text"][0].sum(-1).detach()  # [K, L]
@@ -394,7 +395,7 @@ def explain_study(model, x: StudyInput, *, task: str, tokenizer=None, target: in
             a = a[x.image_slots.index(j)][None] if a.shape[0] > 1 else a
             spatial = tuple(x.slot_image(j).shape[2:])
             up = LayerAttribution.interpolate(a, spatial, interpolate_mode="bilinear" if len(spatial) == 2 else "trilinear")
-            res.image_maps[j] = up[0].sum(0).detach().numpy()
+            res.image_maps[j] = up[0].sum(0).detach().cpu().numpy()
         res.image_method = "gradcam"
     elif has_img and image_method == "occlusion":
         for j in x.image_slots:
@@ -409,7 +410,7 @@ def explain_study(model, x: StudyInput, *, task: str, tokenizer=None, target: in
                               strides=(img.shape[1], *([max(1, w // 2)] * len(size))),
                               baselines=occlusion_baseline_image(img, w, occlusion_baseline),
                               perturbations_per_eval=16)
-            res.image_maps[j] = a[0].sum(0).detach().numpy()
+            res.image_maps[j] = a[0].sum(0).detach().cpu().numpy()
         res.image_method = "occlusion"
     if res.image_maps:
         res.image_map = res.image_maps[min(res.image_maps)]

@@ -125,7 +125,7 @@ def build_explanation(network, batch: dict, *, task: str, tokenizer, output_name
                           "attention": a.token_weights[j] if a.token_weights else None,
                           "method": a.image_method, "file": f"image_attribution_{j}.npy",
                           "overlay": f"overlay_{j}.png", "faithfulness": faith_img[j]} for j in slots]
-        images = {j: x.image[0, j, 0].numpy() for j in range(n_img) if bool(x.image_present[0, j])}
+        images = {j: x.image[0, j, 0].cpu().numpy() for j in range(n_img) if bool(x.image_present[0, j])}
         maps = dict(a.image_maps)
     if a.variable_scores:
         spec = network.variables_encoder.spec
@@ -133,7 +133,7 @@ def build_explanation(network, batch: dict, *, task: str, tokenizer, output_name
         exp["variables"] = {"method": "integrated_gradients",
                             "items": [{"name": n, "value": values[n], "score": a.variable_scores[n]}
                                       for n in spec.names]}
-    img = x.slot_image(slots[0])[0, 0].numpy() if slots else None
+    img = x.slot_image(slots[0])[0, 0].cpu().numpy() if slots else None
     return Explanation(exp, img, a.image_map, images, maps)
 
 

@@ -143,7 +143,7 @@ def image_deletion(model, x: StudyInput, attr: Attribution, task: str, temperatu
             keep = keep.reshape(grid)
             imgs.append((inpainter.fill(keep) if inpainter else image * _pixel_mask(keep, p, image))[0])
         out = x.run(model, x.with_slot(slot, torch.stack(imgs)))
-        curves.append(_probs(out["logits"], task, temperature)[:, attr.target].numpy())
+        curves.append(_probs(out["logits"], task, temperature)[:, attr.target].cpu().numpy())
     res = _summary(curves[0], np.stack(curves[1:]))
     res["patch"], res["fill"] = p, fill
     return res
@@ -170,5 +170,5 @@ def text_deletion(model, x: StudyInput, attr: Attribution, task: str, tokenizer,
             ids.append(i)
             masks.append(m)
         out = x.run(model, input_ids=torch.stack(ids), attention_mask=torch.stack(masks))
-        curves.append(_probs(out["logits"], task, temperature)[:, attr.target].numpy())
+        curves.append(_probs(out["logits"], task, temperature)[:, attr.target].cpu().numpy())
     return _summary(curves[0], np.stack(curves[1:]))

@@ -514,8 +514,10 @@ class Model:
         """Explain a study already in the batch contract (a batch of 1, e.g. from :meth:`preprocess`)."""
         from ..explain import build_explanation
 
+        from .run import to_device
+
         ecfg = self.config.explain
-        return build_explanation(self.network, batch, task=self.task, tokenizer=self.tokenizer,
+        return build_explanation(self.network, to_device(batch, self.device), task=self.task, tokenizer=self.tokenizer,
                                  output_names=self.output_names, thresholds=self.thresholds,
                                  temperature=self.temperature, method=method or ecfg.image_method,
                                  steps=steps or ecfg.steps, target=self._target_index(target), model_ref=self.ref,

@@ -209,12 +209,16 @@ def _param_groups(model: FusionModel, cfg: Config) -> list[dict]:
     return [{"params": ps, "lr": lrs[k], "name": k} for k, ps in groups.items() if ps and lrs[k] > 0]
 
 
-def _schedule(total_steps: int, warmup: float):
+def _schedule(total_steps: int, warmup: float, kind: str = "cosine"):
+    """The learning-rate factor of each step: linear warm-up over `warmup` of the steps, then cosine decay
+    to 0 or constant (`kind`)."""
     warm = max(1, int(round(total_steps * warmup))) if warmup > 0 else 0
 
     def f(step: int) -> float:
         if warm and step < warm:
             return (step + 1) / warm
+        if kind == "constant":
+            return 1.0
         progress = (step - warm) / max(1, total_steps - warm)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
@@ -341,7 +345,7 @@ def train(cohort_dir: str | Path, cfg: Config, out_dir: str | Path, *, resume: b
     steps_per_epoch = math.ceil(batches_per_epoch / t.accumulate)
     total_steps = steps_per_epoch * t.epochs
     optimizer = torch.optim.AdamW(_param_groups(model, cfg), weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total_steps, t.warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total_steps, t.warmup, t.schedule))
     amp_dtype, use_scaler = _amp(cfg, device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
 

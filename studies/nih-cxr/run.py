@@ -318,6 +318,8 @@ RECIPE_SETTINGS = ["model.image.name=densenet121", "train.epochs=20", "train.lr_
 BCE = ["loss.name=bce", "loss.class_weights=none"]  # the package's default loss since 2026-12-06 (docs/model.md)
 RECIPE_AUGMENT = ["data.rotate_degrees=15", "data.scale=0.1"]  # the recipe's rotation and zoom ranges
 FLIP = ["data.flip=0.5"]  # the recipe's RandFlip(prob=0.5): left-right on its PNG arrays (PILReader gives W first)
+PLAIN_AUGMENT = ["data.contrast=0", "data.noise_std=0"]  # the recipe has no gamma and no noise
+ADAM = ["train.weight_decay=0", "train.warmup=0", "train.schedule=constant", "train.grad_clip=0"]  # its plain Adam
 RECIPE = "MONAI recipe (plain MONAI, PNG)"
 RECIPE_RUN = "monai-recipe"  # its run name for --only
 # question 5's candidates: name -> (run name, config overrides for --epochs); the recipe is the named baseline
@@ -334,10 +336,12 @@ CANDIDATES = {
         "densenet121-bce-recipe-flip", lambda ep: RECIPE_SETTINGS + BCE + RECIPE_AUGMENT + FLIP),
     "DenseNet121, BCE, recipe schedule + the recipe's augmentation only": (
         "densenet121-bce-recipe-aug",
-        lambda ep: RECIPE_SETTINGS + BCE + RECIPE_AUGMENT + FLIP + ["data.contrast=0", "data.noise_std=0"]),
+        lambda ep: RECIPE_SETTINGS + BCE + RECIPE_AUGMENT + FLIP + PLAIN_AUGMENT),
+    "DenseNet121, BCE, the recipe's schedule, augmentation and optimizer": (
+        "densenet121-bce-recipe-all", lambda ep: RECIPE_SETTINGS + BCE + RECIPE_AUGMENT + FLIP + PLAIN_AUGMENT + ADAM),
     RECIPE: (RECIPE_RUN, None),
 }
-CHOSEN = "DenseNet121, BCE, recipe schedule + rotation/zoom"  # question 5's choice (README); question 4 scores it
+CHOSEN = "DenseNet121, BCE, recipe schedule + the recipe's augmentation only"  # question 5's choice; question 4 scores it
 
 
 def question_4(img: Path, data: Path, out: Path, n_boot: int, epochs: int, only: set[str] | None = None) -> None:

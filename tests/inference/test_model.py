@@ -176,3 +176,21 @@ def test_predict_and_explain_reads_once_and_agrees_with_predict_then_explain(tra
     p3, e3 = model.predict_and_explain(Study([b"not a dicom file at all" * 10], None, "junk"))
     assert p3.status == "error" and p3.reason and e3 is None
     assert model.predict_and_explain(study, explain=False)[1] is None
+
+
+def test_explain_item_hands_the_batch_to_the_attributions_on_the_model_device(trained, monkeypatch):
+    """A batch from preprocess lies on the CPU; on a GPU model the attributions need it beside the network
+    (no GPU here: the wiring is checked with the meta device, where nothing is computed)."""
+    import clinfuse.explain as ex
+
+    d, model = trained
+    rows, _ = read_cohort(d / "c")
+    r = next(r for r in rows if r["image_present"])
+    batch = model.preprocess(Study(r["image_paths"], "FINDINGS: opacity.", "s1"))
+    seen = {}
+    monkeypatch.setattr(ex, "build_explanation", lambda net, b, **kw: seen.update(b))
+    monkeypatch.setattr(model, "device", torch.device("meta"))
+    model.explain_item(batch)
+    tensors = {k: v for k, v in seen.items() if torch.is_tensor(v)}
+    assert {"image", "input_ids", "attention_mask"} <= set(tensors)
+    assert all(v.device.type == "meta" for v in tensors.values())

@@ -168,6 +168,23 @@ def test_early_stopping_and_accumulation(cohort, tmp_path, monkeypatch):
     assert r.global_step == 2 * math.ceil(math.ceil(n_train / 8) / 2)  # two batches per optimizer step
 
 
+def test_constant_schedule_keeps_the_learning_rate_after_warmup(cohort, tmp_path):
+    """train.schedule=constant (MONAI's recipe) keeps each group's rate; the default cosine decays it."""
+    from clinfuse.training.trainer import _schedule
+
+    cos, const = _schedule(100, 0.1), _schedule(100, 0.1, "constant")
+    assert [cos(s) for s in range(10)] == [const(s) for s in range(10)] == [(s + 1) / 10 for s in range(10)]
+    assert all(const(s) == 1.0 for s in range(10, 100)) and cos(99) < 0.01 < cos(50) < cos(11) <= 1.0
+
+    def lrs(schedule):
+        train(cohort, _cfg(epochs=3, warmup=0.0, schedule=schedule), tmp_path / schedule, progress=False)
+        lines = [json.loads(x) for x in (tmp_path / schedule / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        return [x["lr_image"] for x in lines if "lr_image" in x]
+
+    assert lrs("constant") == [_cfg().train.lr_image] * 3
+    assert lrs("cosine")[-1] < 0.5 * _cfg().train.lr_image
+
+
 def test_inference_with_a_modality_hidden(cohort, tmp_path):
     from clinfuse.data.cohort import read_cohort
     from clinfuse.data.dataset import StudyDataset
