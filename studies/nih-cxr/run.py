@@ -504,8 +504,9 @@ def main(argv=None) -> None:
                     help="working folder: export, cohorts, runs, mlflow.db; models already trained there are reused "
                     "(default: %(default)s)")
     ap.add_argument("--questions", nargs="+", type=int, default=[1, 2, 3], choices=[1, 2, 3, 4, 5],
-                    help="questions to run (default 1-3; 4: the plain MONAI recipe, 21 min on 2 CPU cores; 5: model "
-                    "choice by cross-validation, about 2 h from scratch)")
+                    help="questions to run (default 1-3; 4: the plain MONAI recipe against three clinfuse configs, about "
+                    "30 min on 2 CPU cores; 5: model choice by cross-validation, nine candidates and the recipe "
+                    "in four folds, about 3.5 h from scratch; --only runs a subset)")
     ap.add_argument("--test-data", type=Path, help="a second folder of the same layout to score the trained models on")
     ap.add_argument("--epochs", type=int, default=12,
                     help="epochs of the study-config models (questions 1, 2, 4, 5; the recipe schedule keeps 20)")
