@@ -92,7 +92,8 @@ class BatchAugment:
         shape = (-1,) + (1,) * (image.ndim - 1)
         gamma = torch.where(p["gamma_on"], p["gamma"], torch.ones_like(p["gamma"])).view(shape)
         out = out.clamp(0, 1) ** gamma
-        out = torch.where(p["flip"].view(shape), out.flip(-1), out)
+        if self.flip > 0:
+            out = torch.where(p["flip"].view(shape), out.flip(-1), out)
         if self.noise > 0:
             noise = torch.stack([torch.randn(image.shape[1:], generator=torch.Generator().manual_seed(s + 1))
                                  for s in seeds]).to(image.device)

@@ -33,6 +33,7 @@ from ..data.dataset import GREY_PHOTOMETRICS, StudyDataset, image_item
 from ..data.reports import prepare_report
 from ..errors import ClinfuseError, ModelLoadError, StudyInputError
 from ..models.model import FusionModel, load_model, probabilities, recover_folder, save_model, study_kwargs
+from .run import hide_modality, to_device
 
 __all__ = ["Model", "Study", "Prediction", "Predictions", "InputSpec", "MAX_REPORT_CHARS"]
 
@@ -430,10 +431,8 @@ class Model:
         """Network outputs on a collated batch, with one group ('image', 'report', 'variables') hidden
         on purpose if asked; also ``logits_without_<group>`` for each group (features encoded once)
         and ``present`` per group."""
-        from .run import hide_modality
-
         net = self.network
-        b = hide_modality({k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}, hide)
+        b = hide_modality(to_device(batch, self.device), hide)
         feats, present = net.encode(b["image"], b["image_present"], b["input_ids"], b["attention_mask"],
                                     b["text_present"], **study_kwargs(b))
         lex = net.lexical_logits(b["input_ids"], b["attention_mask"])
@@ -513,8 +512,6 @@ class Model:
                      target: str | int | None = None):
         """Explain a study already in the batch contract (a batch of 1, e.g. from :meth:`preprocess`)."""
         from ..explain import build_explanation
-
-        from .run import to_device
 
         ecfg = self.config.explain
         return build_explanation(self.network, to_device(batch, self.device), task=self.task, tokenizer=self.tokenizer,

@@ -360,14 +360,13 @@ def question_4(img: Path, data: Path, out: Path, n_boot: int, epochs: int, only:
         rec = cached_recipe(tr, va, te, out / "monai-recipe.json", save=out / "monai-recipe.pt")
         results[RECIPE] = (y, np.array(rec["p_test"])[:, None], g)
         facts.append([RECIPE, "20", str(rec["best_epoch"]), f"{rec['val_auroc']:.3f}", f"{rec['seconds']:.0f}"])
-    models = [("clinfuse DenseNet121, study config", "densenet121", study_config("densenet121", epochs), epochs),
-              ("clinfuse DenseNet121, recipe schedule", "densenet121-recipe", RECIPE_SETTINGS, 20)]
-    run, extra = CANDIDATES[CHOSEN]
-    models.append((f"clinfuse {CHOSEN} (question 5's choice)", run, extra(epochs), 20))
-    for name, run, extra, n_ep in models:
+    for cand in ("DenseNet121, study config", "DenseNet121, recipe schedule", CHOSEN):
+        run, extra = CANDIDATES[cand]
         if only is not None and run not in only:
             continue
-        best = train_model(img, run, extra, out)
+        name = f"clinfuse {cand}" + (" (question 5's choice)" if cand == CHOSEN else "")
+        n_ep = load_config(HERE / "config.yaml", extra(epochs)).train.epochs
+        best = train_model(img, run, extra(epochs), out)
         yy, p, gg, _ = model_predictions(best, img)
         _, pv, _, _ = model_predictions(best, img, "val")
         results[name] = (yy, p, gg)
@@ -439,11 +438,15 @@ def question_5(img: Path, data: Path, out: Path, n_boot: int, epochs: int, k: in
     ref = next((n for n in ("DenseNet121, study config", RECIPE) if n in candidates), None)
     rows = []
     for name in candidates:
-        a, d = np.array(per_fold[name]), np.array(per_fold[name]) - np.array(per_fold[ref])
-        rows.append([name, " ".join(f"{x:.3f}" for x in a), f"{a.mean():.3f} ± {a.std(ddof=1):.3f}",
-                     "-" if name == ref or ref is None else f"{d.mean():+.3f}, ahead {int((d > 0).sum())}/{k}",
+        a = np.array(per_fold[name])
+        vs = "-"
+        if ref is not None and name != ref:
+            d = a - np.array(per_fold[ref])
+            vs = f"{d.mean():+.3f}, ahead {int((d > 0).sum())}/{k}"
+        rows.append([name, " ".join(f"{x:.3f}" for x in a), f"{a.mean():.3f} ± {a.std(ddof=1):.3f}", vs,
                      f"{np.mean(secs[name]):.0f}"])
-    print(table(["candidate", "val AUROC per fold", "mean ± sd", f"vs {ref}", "train s (mean)"], rows))
+    print(table(["candidate", "val AUROC per fold", "mean ± sd", f"vs {ref or 'nothing'}", "train s (mean)"],
+                rows))
     mine = [n for n in candidates if n != RECIPE]
     if mine:
         chosen = max(mine, key=lambda n: np.mean(per_fold[n]))
