@@ -12,19 +12,20 @@ Questions (see README.md):
      patches black and in-painted (explain.deletion_fill), and a figure of 6 overlays.
   4. The plain MONAI recipe (monai_recipe.py: MONAI alone, on the PNGs) against clinfuse's DenseNet121
      on the same split, with its settings and with the recipe's schedule (Adam-like 1e-4, 20 epochs).
-  5. Model choice by cross-validation (issue #14): ResNet18 and DenseNet121 with the study config,
-     DenseNet121 with the recipe's schedule, and DenseNet121 with unweighted BCE (the package default loss;
-     alone, and with the recipe's schedule, rotation and zoom ranges, the latter also with the recipe's
-     min-max intensity scaling), each trained on k folds of the development patients
+  5. Model choice by cross-validation (issue #14): the candidates of `CANDIDATES` (ResNet18 and DenseNet121
+     with the study config; DenseNet121 with unweighted BCE, the recipe's schedule, augmentation, intensity
+     scaling and optimizer, step by step), each trained on k folds of the development patients
      (train + val; the test split is left out), chosen by validation AUROC over the folds; the plain
      MONAI recipe of question 4 in the same folds as a named baseline.
+  6. Training seeds: the recipe and question 5's choice each trained with --seeds seeds on the same split,
+     scored on the test split (mean, sd, and the paired difference with a t-interval over seeds).
 
 ``--test-data DIR`` scores the models this command trained on --data (question 1's ResNet18 and
 DenseNet121, question 4's DenseNet121 with the recipe schedule, the MONAI recipe's saved weights) and the
 pixel baseline on a second folder of the same layout (labels.csv + images/), every image a test image.
 
-Usage: python studies/nih-cxr/run.py [--data ../shared/data/nih-cxr] [--out runs/nih] [--questions 1 2 3 4 5]
-           [--encoder resnet18] [--cv-folds 4] [--test-data DIR]
+Usage: python studies/nih-cxr/run.py [--data ../shared/data/nih-cxr] [--out runs/nih] [--questions 1 2 3 4 5 6]
+           [--encoder resnet18] [--cv-folds 4] [--seeds 5] [--only RUN ...] [--test-data DIR]
 """
 
 from __future__ import annotations
@@ -297,9 +298,9 @@ def png_items(coh: Path, split: str, data: Path) -> tuple[list[dict], list[tuple
     return rows, items
 
 
-def cached_recipe(train: list, val: list, test: list, cache: Path, save: Path | None = None) -> dict:
-    """The plain MONAI recipe (`monai_recipe.train_recipe`, seed 0) on (png, label) lists: its results with
-    arrays as lists, trained once and kept in `cache`; `save` keeps its best weights."""
+def cached_recipe(train: list, val: list, test: list, cache: Path, save: Path | None = None, seed: int = 0) -> dict:
+    """The plain MONAI recipe (`monai_recipe.train_recipe`) on (png, label) lists: its results with arrays as
+    lists, trained once and kept in `cache`; `save` keeps its best weights."""
     import json
 
     if not cache.is_file():
@@ -307,8 +308,9 @@ def cached_recipe(train: list, val: list, test: list, cache: Path, save: Path | 
 
         from monai_recipe import train_recipe
 
-        torch.manual_seed(0)
-        r = train_recipe(train, val, test, log=lambda s: print(s, flush=True), save=str(save) if save else None)
+        torch.manual_seed(seed)
+        r = train_recipe(train, val, test, seed=seed, log=lambda s: print(s, flush=True),
+                         save=str(save) if save else None)
         cache.write_text(json.dumps({k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()}))
     return json.loads(cache.read_text())
 
@@ -377,6 +379,53 @@ def question_4(img: Path, data: Path, out: Path, n_boot: int, epochs: int, only:
     print(f"test split: {len(te)} images; image size 128; 95% bootstrap CIs over patients")
     print(table(["model", "AUROC", "AUPRC", "AUROC within AP", "AUROC within PA"], strat_rows(results, v, n_boot)))
     print(table(["model", "epochs", "best epoch", "val AUROC (chooses)", "train s"], facts), flush=True)
+
+
+def seeded(name: str, seed: int) -> str:
+    """The run (or cache) name of `name` trained with `seed`: seed 0 is the name itself (questions 4 and 5's runs)."""
+    return name if seed == 0 else f"{name}-seed{seed}"
+
+
+def question_6(img: Path, data: Path, out: Path, epochs: int, seeds: int) -> None:
+    """Training seeds on the test split: the recipe and question 5's choice (`CHOSEN`), each trained with seeds
+    0..seeds-1 on the same split (the split's seed stays 0), scored on the same test images. The test split
+    chooses nothing here: it measures how far one training's score moves with the seed alone."""
+    (_, tr), (_, va), (te_rows, te) = (png_items(img, s, data) for s in ("train", "val", "test"))
+    y = np.array([t for _, t in te])
+    v = views(te_rows)
+    run, extra = CANDIDATES[CHOSEN]
+    metrics = {"AUROC": lambda yy, pp: auroc(yy, pp), "AUPRC": lambda yy, pp: auprc(yy, pp),
+               "AUROC within AP": lambda yy, pp: auroc(yy[v == "AP"], pp[v == "AP"]),
+               "AUROC within PA": lambda yy, pp: auroc(yy[v == "PA"], pp[v == "PA"])}
+    score = {RECIPE: [], CHOSEN: []}
+    rows = []
+    for s in range(seeds):
+        rec = cached_recipe(tr, va, te, out / f"{seeded(RECIPE_RUN, s)}.json",
+                            save=out / f"{seeded(RECIPE_RUN, s)}.pt", seed=s)
+        best = train_model(img, seeded(run, s), extra(epochs) + [f"train.seed={s}"], out)
+        yy, p, _, rows_p = model_predictions(best, img)
+        if [r["patient_id"] for r in rows_p] != [r["patient_id"] for r in te_rows] or not np.array_equal(yy[:, 0], y):
+            sys.exit("nih study: the clinfuse test rows are not the recipe's (question 6 pairs them by position)")
+        for name, prob in ((RECIPE, np.array(rec["p_test"])), (CHOSEN, p[:, 0])):
+            score[name].append([f(y, prob) for f in metrics.values()])
+            rows.append([str(s), name] + [f"{x:.3f}" for x in score[name][-1]])
+        print(f"  seed {s}: recipe within PA {score[RECIPE][-1][3]:.3f}, clinfuse {score[CHOSEN][-1][3]:.3f}",
+              flush=True)
+    print(f"test split: {len(te)} images (AP {int((v == 'AP').sum())}, PA {int((v == 'PA').sum())}); "
+          f"{seeds} training seeds each; the split's seed 0")
+    print(table(["seed", "model"] + list(metrics), rows), flush=True)
+    if seeds < 2:
+        return
+    from scipy import stats
+
+    a, b = np.array(score[CHOSEN]), np.array(score[RECIPE])
+    d = a - b
+    half = stats.t.ppf(0.975, seeds - 1) * d.std(0, ddof=1) / np.sqrt(seeds)
+    summary = [[m, f"{b[:, i].mean():.3f} ± {b[:, i].std(ddof=1):.3f}", f"{a[:, i].mean():.3f} ± {a[:, i].std(ddof=1):.3f}",
+                f"{d[:, i].mean():+.3f} [{d[:, i].mean() - half[i]:+.3f}, {d[:, i].mean() + half[i]:+.3f}]",
+                f"{int((d[:, i] > 0).sum())}/{seeds}"] for i, m in enumerate(metrics)]
+    print(table(["metric", "recipe mean ± sd", "clinfuse mean ± sd", "clinfuse - recipe (95% t-interval over seeds)",
+                 "clinfuse ahead"], summary), flush=True)
 
 
 def cv_cohort(img: Path, out: Path, fold: int, k: int, seed: int = 0) -> Path:
@@ -506,10 +555,11 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/nih"),
                     help="working folder: export, cohorts, runs, mlflow.db; models already trained there are reused "
                     "(default: %(default)s)")
-    ap.add_argument("--questions", nargs="+", type=int, default=[1, 2, 3], choices=[1, 2, 3, 4, 5],
+    ap.add_argument("--questions", nargs="+", type=int, default=[1, 2, 3], choices=[1, 2, 3, 4, 5, 6],
                     help="questions to run (default 1-3; 4: the plain MONAI recipe against three clinfuse configs, about "
                     "30 min on 2 CPU cores; 5: model choice by cross-validation, nine candidates and the recipe "
-                    "in four folds, about 3.5 h from scratch; --only runs a subset)")
+                    "in four folds, about 3.5 h from scratch; --only runs a subset; 6: the recipe and question 5's choice "
+                    "with --seeds training seeds on the test split, about 15 min a seed)")
     ap.add_argument("--test-data", type=Path, help="a second folder of the same layout to score the trained models on")
     ap.add_argument("--epochs", type=int, default=12,
                     help="epochs of the study-config models (questions 1, 2, 4, 5; the recipe schedule keeps 20)")
@@ -518,10 +568,15 @@ def main(argv=None) -> None:
                     help="image encoder of questions 2 and 3 (default resnet18, as their printed tables; question 5 "
                     "chooses densenet121)")
     ap.add_argument("--cv-folds", type=int, default=4, help="question 5: folds of the development patients (default 4)")
+    ap.add_argument("--seeds", type=int, default=5,
+                    help="question 6: training seeds 0..N-1 of the recipe and question 5's choice (default 5; seed 0 "
+                    "is question 4's training, reused)")
     ap.add_argument("--only", nargs="+", metavar="RUN", choices=sorted({c[0] for c in CANDIDATES.values()}),
                     help="questions 4 and 5: train and report only these models, by run name (default all): "
                     + "; ".join(f"{c[0]} = {n}" for n, c in CANDIDATES.items()))
     args = ap.parse_args(argv)
+    if args.seeds < 1:
+        ap.error("--seeds must be at least 1 (question 6's mean and interval need 2)")
     if not (args.data / "labels.csv").is_file():
         sys.exit(f"nih study: {args.data}/labels.csv not found; pass --data (the NIH chest X-ray folder)")
     import torch
@@ -540,8 +595,10 @@ def main(argv=None) -> None:
             question_3(img, args.out, args.epochs, args.encoder)
         elif q == 4:
             question_4(img, args.data, args.out, args.bootstrap, args.epochs, only)
-        else:
+        elif q == 5:
             question_5(img, args.data, args.out, args.bootstrap, args.epochs, args.cv_folds, only)
+        else:
+            question_6(img, args.data, args.out, args.epochs, args.seeds)
     if args.test_data:
         if not (args.test_data / "labels.csv").is_file():
             sys.exit(f"nih study: {args.test_data}/labels.csv not found (--test-data needs the layout of --data)")
