@@ -277,6 +277,11 @@ class ImageEncoderConfig(_Strict):
         "never downloaded. MONAI's layout and torchvision's DenseNet/ResNet (ImageNet, most chest X-ray "
         "checkpoints) are mapped; a file matching under 90% of the backbone is refused (docs/model.md).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout inside the network where it has one.")
+    project: bool = Field(
+        True, description="true: the network's classification layer projects its pooled features to model.fusion.dim. "
+        "false: that layer is dropped and the pooled features themselves are the image token (as a MONAI "
+        "classifier's head sees them); model.fusion.dim must then equal their width (densenet121 1024, "
+        "resnet18 512).")
     max_images: int = Field(
         1, ge=1, le=16, description="Image tokens per study, one per image the cohort chose (2D: its views, "
         "cohort.dicom.view_policy 'frontal' or 'all', frontal views first; 3D: its series as volumes, largest "

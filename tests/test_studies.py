@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from .conftest import REPO, SHARED
 
@@ -354,5 +355,12 @@ def test_nih_candidates_are_valid_configs_and_only_selects_them():
     assert (adam.train.weight_decay, adam.train.warmup, adam.train.schedule, adam.train.grad_clip,
             adam.data.flip, adam.data.contrast) == (0, 0, "constant", 0, 0.5, 0)
     assert cfgs["DenseNet121, study config"].data.flip == 0 and cfgs["ResNet18, study config"].train.epochs == 12
+    head = cfgs["DenseNet121, BCE, the recipe's schedule, augmentation, optimizer and head"]
+    from clinfuse.models.model import build_model
+    from clinfuse.models.text import tiny_bert_config
+
+    net = build_model(head, 1, tiny_bert_config(64))  # the recipe's head: one linear layer on the 1024 pooled features
+    assert not any(isinstance(m, torch.nn.Linear) for m in net.image_encoder.modules())
+    assert net.heads[0][-1].in_features == 1024 and net.heads[0][0].p == 0
     with pytest.raises(SystemExit):
         study.main(["--only", "densenet999", "--questions", "5"])

@@ -111,6 +111,21 @@ class ImageEncoder(nn.Module):
                                 f"{', '.join(list_image_encoders())} (add one with clinfuse.models.register_image_encoder)")
         self.net = _REGISTRY[cfg.name](cfg, out_dim, tuple(image_size))
         self.out_dim = out_dim
+        if not cfg.project:
+            self._drop_projection(cfg.name, out_dim)
+
+    def _drop_projection(self, name: str, out_dim: int) -> None:
+        """Replace the network's last linear layer (its classification layer) by the identity: the pooled
+        features become the output, whose width must be the fusion width."""
+        last = _last_linear(self.net)
+        if last is None:
+            raise ClinfuseError(f"model.image.project false: image encoder {name!r} has no linear classification "
+                                "layer to drop; set model.image.project true")
+        width = self.net.get_submodule(last).in_features
+        if width != out_dim:
+            raise ClinfuseError(f"model.image.project false: {name!r} gives {width} pooled features but "
+                                f"model.fusion.dim is {out_dim}; set model.fusion.dim={width}")
+        self.net.set_submodule(last, nn.Identity())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, *spatial] -> [B, d]
         return self.net(x)
@@ -205,12 +220,18 @@ def _torchvision_densenet(key: str) -> str:
 _LAYOUTS = {"MONAI / as saved": lambda k: k, "torchvision DenseNet": _torchvision_densenet}
 
 
-def _head_keys(net: nn.Module) -> set[str]:
-    """State keys of the network's last linear layer: the classification layer that projects to d."""
+def _last_linear(net: nn.Module) -> str | None:
+    """The name of the network's last linear layer (its classification layer), or None."""
     last = None
     for name, mod in net.named_modules():
         if isinstance(mod, nn.Linear):
             last = name
+    return last
+
+
+def _head_keys(net: nn.Module) -> set[str]:
+    """State keys of the network's last linear layer: the classification layer that projects to d."""
+    last = _last_linear(net)
     return {f"{last}.{p}" for p, _ in net.get_submodule(last).named_parameters()} if last is not None else set()
 
 

@@ -322,6 +322,9 @@ RECIPE_AUGMENT = ["data.rotate_degrees=15", "data.scale=0.1"]  # the recipe's ro
 FLIP = ["data.flip=0.5"]  # the recipe's RandFlip(prob=0.5): left-right on its PNG arrays (PILReader gives W first)
 PLAIN_AUGMENT = ["data.contrast=0", "data.noise_std=0"]  # the recipe has no gamma and no noise
 ADAM = ["train.weight_decay=0", "train.warmup=0", "train.schedule=constant", "train.grad_clip=0"]  # its plain Adam
+# its head: one linear layer on DenseNet121's 1024 pooled features, no dropout (clinfuse's default projects
+# them to model.fusion.dim and puts a dropout and a linear head on that)
+HEAD = ["model.image.project=false", "model.fusion.dim=1024", "model.fusion.dropout=0"]
 RECIPE = "MONAI recipe (plain MONAI, PNG)"
 RECIPE_RUN = "monai-recipe"  # its run name for --only
 # question 5's candidates: name -> (run name, config overrides for --epochs); the recipe is the named baseline
@@ -341,6 +344,9 @@ CANDIDATES = {
         lambda ep: RECIPE_SETTINGS + BCE + RECIPE_AUGMENT + FLIP + PLAIN_AUGMENT),
     "DenseNet121, BCE, the recipe's schedule, augmentation and optimizer": (
         "densenet121-bce-recipe-all", lambda ep: RECIPE_SETTINGS + BCE + RECIPE_AUGMENT + FLIP + PLAIN_AUGMENT + ADAM),
+    "DenseNet121, BCE, the recipe's schedule, augmentation, optimizer and head": (
+        "densenet121-bce-recipe-head",
+        lambda ep: RECIPE_SETTINGS + BCE + RECIPE_AUGMENT + FLIP + PLAIN_AUGMENT + ADAM + HEAD),
     RECIPE: (RECIPE_RUN, None),
 }
 CHOSEN = "DenseNet121, BCE, the recipe's schedule, augmentation and optimizer"  # question 5's choice; question 4 scores it

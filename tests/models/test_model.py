@@ -171,6 +171,39 @@ def test_image_encoders_3d(name):
     assert enc(torch.randn(2, 1, 16, 32, 32)).shape == (2, 16)
 
 
+def test_unprojected_encoder_gives_the_pooled_features(tmp_path):
+    """model.image.project false: the classification layer is dropped, so the token is what that layer
+    read; a fusion width other than the pooled width is refused with the width to set; the model saves and
+    loads with it."""
+    from clinfuse.errors import ClinfuseError
+
+    torch.manual_seed(0)
+    proj = ImageEncoder(ImageEncoderConfig(name="densenet_tiny"), 16, (32, 32)).eval()
+    width = proj.net.class_layers.out.in_features
+    raw = ImageEncoder(ImageEncoderConfig(name="densenet_tiny", project=False), width, (32, 32)).eval()
+    head = {"class_layers.out.weight", "class_layers.out.bias"}
+    raw.net.load_state_dict({k: v for k, v in proj.net.state_dict().items() if k not in head})
+    x = torch.randn(2, 1, 32, 32)
+    assert raw(x).shape == (2, width)
+    torch.testing.assert_close(proj.net.class_layers.out(raw(x)), proj(x))
+    with pytest.raises(ClinfuseError, match=f"model.fusion.dim={width}"):
+        ImageEncoder(ImageEncoderConfig(name="densenet_tiny", project=False), 16, (32, 32))
+
+    tok = build_tiny_tokenizer(CORPUS)
+    hf = tiny_bert_config(len(tok))
+    cfg = config_from_dict({"data": {"image_size": [32, 32]},
+                            "model": {"image": {"name": "densenet_tiny", "project": False},
+                                      "text": {"name_or_path": "tiny", "max_length": 16},
+                                      "fusion": {"dim": width, "heads": 1, "kind": "image_only"}}})
+    m = build_model(cfg, 1, hf).eval()
+    save_model(m, tmp_path / "m", {"config": cfg.model_dump(mode="json"), "output_names": ["a"], "task": "binary"},
+               tok, hf)
+    m2, _, _ = load_model(tmp_path / "m")
+    _, b = _batch(4, [(1, 1)])
+    torch.testing.assert_close(m(*b)["logits"], m2(*b)["logits"])
+    assert not any(isinstance(mod, torch.nn.Linear) for mod in m2.image_encoder.net.modules())
+
+
 def test_local_image_weights_round_trip(tmp_path):
     from safetensors.torch import save_file
 
