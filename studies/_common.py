@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from clinfuse.data.cohort import read_cohort  # noqa: E402
+from clinfuse.data.cohort import read_cohort, recount  # noqa: E402
 from clinfuse.evaluation.metrics import auprc, auprc_ties_random, auroc, bootstrap_ci, recall_at_specificity  # noqa: E402
 from clinfuse.inference import Model  # noqa: E402
 
@@ -141,36 +141,10 @@ def _derived_digest(base: Path, base_digest: str, mode: str, rows: list[dict]) -
     return h.hexdigest()
 
 
-def _recount(info: dict, rows: list[dict]) -> None:
-    """cohort.json's counts, per-split counts, prevalence and missingness, recomputed from derived rows
-    (as the cohort build counts them), so that the summary and the MLflow dataset of a derived cohort
-    describe it and not its base."""
-    from collections import Counter
-
-    def missing(part):
-        c = Counter((r["image_present"], r["report_present"]) for r in part)
-        return {"both": c[("1", "1")], "image_only": c[("1", "0")], "report_only": c[("0", "1")]}
-
-    cols, classes = info["label_columns"], info["classes"]
-    for split in info["splits"]:
-        part = [r for r in rows if r["split"] == split]
-        n = len(part)
-        if info["task"] == "multilabel":
-            prev = {c: (sum(int(r[c]) for r in part) / n if n else None) for c in cols}
-        else:
-            count = Counter(int(r[cols[0]]) for r in part)
-            prev = {name: (count[i] / n if n else None) for i, name in enumerate(classes)}
-        info["splits"][split] = {"studies": n, "patients": len({r["patient_id"] for r in part}), "prevalence": prev,
-                                 "missingness": missing(part)}
-    info["counts"].update(studies=len(rows), patients=len({r["patient_id"] for r in rows}),
-                          images=sum(int(r["n_images"]) for r in rows))
-    info["missingness"] = missing(rows)
-
-
 def derived_cohort(base: Path, dst: Path, edit, mode: str) -> Path:
     """A copy of cohort `base` at `dst` whose ``cohort.csv`` rows pass through ``edit(rows)`` (it changes
     them in place, and may drop rows) and whose ``cohort.json`` is recounted from the new rows
-    (:func:`_recount`) and records the derivation `mode` in a new fingerprint (:func:`_derived_digest`:
+    (:func:`clinfuse.data.cohort.recount`) and records the derivation `mode` in a new fingerprint (:func:`_derived_digest`:
     the same on every rerun) and the new table's hash, so that ``read_cohort`` accepts it.
     An existing `dst` is left as it is."""
     import csv
@@ -194,7 +168,7 @@ def derived_cohort(base: Path, dst: Path, edit, mode: str) -> Path:
         w.writeheader()
         w.writerows(rows)
     info = json.loads((base / "cohort.json").read_text())
-    _recount(info, rows)
+    recount(info, rows)
     info["fingerprint"] = {"sha256": _derived_digest(base, info["fingerprint"]["sha256"], mode, rows),
                            "mode": f"derived: {mode}"}
     info["files"] = {"cohort.csv": hashlib.sha256((dst / "cohort.csv").read_bytes()).hexdigest()}  # read_cohort checks it

@@ -363,7 +363,8 @@ def _build(store: BuildStore, quarantine: QuarantineFile, dicom_dir, reports, la
     (out / "cohort.json").unlink(missing_ok=True)
     columns = COHORT_COLUMNS + _label_header(cfg)
     tmp_csv = out / f".cohort.csv.{os.getpid()}.tmp"
-    tally = _Tally(cfg, vars_by_key if var_table is not None else None)
+    tally = _Tally(cfg.labels.task, _label_header(cfg), vars_by_key if var_table is not None else None,
+                   [*cfg.variables.numeric, *cfg.variables.categorical])
     n_redacted = 0
     with open(tmp_csv, "w", newline="", encoding="utf-8") as f, \
             open(private / "key_map.csv", "w", newline="", encoding="utf-8") as km:
@@ -411,8 +412,8 @@ def _build(store: BuildStore, quarantine: QuarantineFile, dicom_dir, reports, la
 class _Tally:
     """What cohort.json counts, gathered row by row as cohort.csv is written."""
 
-    def __init__(self, cfg: CohortConfig, vars_by_key: dict | None):
-        self.cfg, self.cols, self.vars_by_key = cfg, _label_header(cfg), vars_by_key
+    def __init__(self, task: str, cols: list[str], vars_by_key: dict | None = None, variables: list[str] = ()):
+        self.task, self.cols, self.vars_by_key, self.variables = task, cols, vars_by_key, list(variables)
         self.n = self.images = self.var_any = 0
         self.patients = 0  # counted in the build store at the end (a set of every patient would grow)
         self.missing: Counter = Counter()
@@ -427,7 +428,7 @@ class _Tally:
         self.missing[m] += 1
         s["n"] += 1
         s["missing"][m] += 1
-        if self.cfg.labels.task == "multilabel":
+        if self.task == "multilabel":
             for c in self.cols:
                 s["positive"][c] += int(row[c])
         else:
@@ -435,28 +436,45 @@ class _Tally:
         if self.vars_by_key is not None:
             v = self.vars_by_key.get(key) or {}
             self.var_any += bool(v)
-            for name in [*self.cfg.variables.numeric, *self.cfg.variables.categorical]:
+            for name in self.variables:
                 self.var_missing[name] += name not in v
+
+    def by_split(self, classes: list[str]) -> dict[str, dict]:
+        """cohort.json's ``splits``: studies, patients, prevalence and missingness of each split."""
+        out = {}
+        for split in SPLITS:
+            s = self.split[split]
+            n = s["n"]
+            if self.task == "multilabel":
+                prev = {c: (s["positive"][c] / n if n else None) for c in self.cols}
+            else:
+                prev = {classes[i]: (s["positive"].get(i, 0) / n if n else None) for i in range(len(classes))}
+            out[split] = {"studies": n, "patients": s["patients"], "prevalence": prev,
+                          "missingness": _missing(s["missing"])}
+        return out
+
+
+def recount(info: dict, rows: list[dict]) -> None:
+    """Recount cohort.json's studies, patients, images, per-split counts, prevalence and missingness (`info`,
+    in place) from `rows` of cohort.csv, as the build counts them: for a cohort derived from another by
+    editing its rows (a study's folds), so that its summary and MLflow dataset describe it, not its base."""
+    tally = _Tally(info["task"], info["label_columns"])
+    patients: dict[str, set] = {s: set() for s in SPLITS}
+    for r in rows:
+        tally.add(r.get("study_id", ""), r)
+        patients[r["split"]].add(r["patient_id"])
+    for split, ids in patients.items():
+        tally.split[split]["patients"] = len(ids)
+    info["splits"] = tally.by_split(info["classes"])
+    info["counts"].update(studies=tally.n, patients=len(set().union(*patients.values())), images=tally.images)
+    info["missingness"] = _missing(tally.missing)
 
 
 def _summary(tally: _Tally, quarantine: QuarantineFile, cfg: CohortConfig, fingerprint: str, n_files: int,
              n_reports: int, n_labels: int, n_unknown_patient: int, warnings: list[str]) -> dict:
     classes = cfg.labels.class_names
     cols = _label_header(cfg)
-    by_split: dict[str, dict] = {}
-    for split in SPLITS:
-        s = tally.split[split]
-        n = s["n"]
-        if cfg.labels.task == "multilabel":
-            prev = {c: (s["positive"][c] / n if n else None) for c in cols}
-        else:
-            prev = {classes[i]: (s["positive"].get(i, 0) / n if n else None) for i in range(len(classes))}
-        by_split[split] = {
-            "studies": n,
-            "patients": s["patients"],
-            "prevalence": prev,
-            "missingness": _missing(s["missing"]),
-        }
+    by_split = tally.by_split(classes)
     return {
         "format": "clinfuse-cohort/1",
         "clinfuse_version": __version__,

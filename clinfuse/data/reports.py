@@ -35,20 +35,35 @@ class ReportTable:
     n_records: int
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
+def _fallback(encoding: str, fallback: str, first_bad: int, decodes) -> tuple[str, str]:
+    """The policy shared by :func:`decode_bytes` and :func:`open_text` once `encoding` failed at byte
+    `first_bad`: `fallback` if ``decodes(fallback)``, else latin-1 (decodes every byte string); returns
+    (the encoding chosen, the warning that names it)."""
+    chosen = fallback if decodes(fallback) else "latin-1"
+    return chosen, f"not valid {encoding} (first bad byte at offset {first_bad}); decoded as {chosen}"
+
+
 def decode_bytes(data: bytes, encoding: str = "utf-8", fallback: str = "cp1252") -> tuple[str, str | None]:
     """Decode text; on failure try `fallback`, then latin-1 (never fails). Returns (text, warning)."""
-    if data.startswith(b"\xef\xbb\xbf"):
+    if data.startswith(_BOM):
         data = data[3:]
     try:
         return data.decode(encoding), None
     except UnicodeDecodeError as e:
         first_bad = e.start
-    for enc in (fallback, "latin-1"):
+
+    def decodes(enc: str) -> bool:
         try:
-            return data.decode(enc), f"not valid {encoding} (first bad byte at offset {first_bad}); decoded as {enc}"
+            data.decode(enc)
+            return True
         except UnicodeDecodeError:
-            continue
-    raise AssertionError("latin-1 decodes every byte string")  # pragma: no cover
+            return False
+
+    chosen, warning = _fallback(encoding, fallback, first_bad, decodes)
+    return data.decode(chosen), warning
 
 
 _CHUNK = 1 << 20
@@ -97,13 +112,11 @@ def open_text(path: Path, tag: str, digest=None, encoding: str = "utf-8", fallba
     is never held whole): ``(text stream, warning or None)``. The encoding is found by a first pass; the
     second, the one parsed, feeds `digest` the file's bytes tagged `tag` (as ``_feed`` does)."""
     with open(path, "rb") as f:
-        skip = 3 if f.read(3) == b"\xef\xbb\xbf" else 0
+        skip = 3 if f.read(3) == _BOM else 0
     warning = None
     bad = _decodes(path, encoding, skip)
     if bad is not None:
-        chosen = next(enc for enc in (fallback, "latin-1") if enc == "latin-1" or _decodes(path, enc, skip) is None)
-        warning = f"not valid {encoding} (first bad byte at offset {bad - skip}); decoded as {chosen}"
-        encoding = chosen
+        encoding, warning = _fallback(encoding, fallback, bad - skip, lambda enc: _decodes(path, enc, skip) is None)
     if digest is not None:
         digest.update(tag.encode() + b"\0")
     raw = _Hashing(open(path, "rb"), digest)

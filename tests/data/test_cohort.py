@@ -119,6 +119,24 @@ def test_build_from_synthetic_export(small_export, tmp_path):
     key_map = {k: v for k, v in (line.split(",") for line in (tmp_path / "c/private/key_map.csv").read_text().split()[1:])}
     y = {t["StudyInstanceUID"]: int(t["y_pneumonia"]) for t in truth}
     assert all(r["label"] == y[key_map[r["study_id"]]] for r in rows)
+    _assert_recount_matches_build(rows, info)
+
+
+def _assert_recount_matches_build(rows: list[dict], info: dict) -> None:
+    """`recount` (derived cohorts) on the build's own rows gives the build's counts; a dropped row changes them."""
+    import copy
+
+    from clinfuse.data.cohort import recount
+
+    again = copy.deepcopy(info)
+    again["splits"] = again["missingness"] = None
+    recount(again, rows)
+    for k in ("splits", "missingness", "counts"):
+        assert again[k] == info[k], k
+    fewer = copy.deepcopy(info)
+    recount(fewer, rows[1:])
+    assert fewer["counts"]["studies"] == info["counts"]["studies"] - 1
+    assert fewer["splits"][rows[0]["split"]]["studies"] == info["splits"][rows[0]["split"]]["studies"] - 1
 
 
 def test_no_identifier_in_cohort_json_or_csv_fields(small_export, tmp_path):
@@ -218,6 +236,7 @@ def test_accession_key_multilabel_and_image_only(tmp_path):
     assert all(r["report_present"] is False for r in rows)
     n_img = sum(1 for line in _rows(exp / "truth.csv") if line["has_image"] == "1")
     assert s.n_studies == n_img  # labelled studies with no image and no report are set aside
+    _assert_recount_matches_build(rows, info)
 
 
 def test_wholly_unusable_inputs_stop_at_once(small_export, tmp_path):
