@@ -349,7 +349,7 @@ CANDIDATES = {
         lambda ep: RECIPE_SETTINGS + BCE + RECIPE_AUGMENT + FLIP + PLAIN_AUGMENT + ADAM + HEAD),
     RECIPE: (RECIPE_RUN, None),
 }
-CHOSEN = "DenseNet121, BCE, the recipe's schedule, augmentation and optimizer"  # question 5's choice; question 4 scores it
+CHOSEN = "DenseNet121, BCE, the recipe's schedule, augmentation, optimizer and head"  # question 5's choice; question 4 scores it
 
 
 def question_4(img: Path, data: Path, out: Path, n_boot: int, epochs: int, only: set[str] | None = None) -> None:
