@@ -565,7 +565,7 @@ def main(argv=None) -> None:
                     help="questions to run (default 1-3; 4: the plain MONAI recipe against three clinfuse configs, about "
                     "30 min on 2 CPU cores; 5: model choice by cross-validation, nine candidates and the recipe "
                     "in four folds, about 3.5 h from scratch; --only runs a subset; 6: the recipe and question 5's choice "
-                    "with --seeds training seeds on the test split, about 15 min a seed)")
+                    "with --seeds training seeds on the test split, about 13.5 min a seed)")
     ap.add_argument("--test-data", type=Path, help="a second folder of the same layout to score the trained models on")
     ap.add_argument("--epochs", type=int, default=12,
                     help="epochs of the study-config models (questions 1, 2, 4, 5; the recipe schedule keeps 20)")
