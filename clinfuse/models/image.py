@@ -111,6 +111,7 @@ class ImageEncoder(nn.Module):
                                 f"{', '.join(list_image_encoders())} (add one with clinfuse.models.register_image_encoder)")
         self.net = _REGISTRY[cfg.name](cfg, out_dim, tuple(image_size))
         self.out_dim = out_dim
+        self.projected = cfg.project  # false: the classification layer is dropped (_drop_projection)
         if not cfg.project:
             self._drop_projection(cfg.name, out_dim)
 
@@ -162,7 +163,7 @@ class ImageEncoder(nn.Module):
         state = _unwrap_state(state)
         if not state:
             raise ClinfuseError(f"{path}: holds no tensors (model.image.weights wants a state dict)")
-        report = match_weights(self.net, state)
+        report = match_weights(self.net, state, has_head=self.projected)
         if report.fraction < min_fraction:
             raise ClinfuseError(
                 f"{path}: only {report.fraction:.0%} of the '{type(self.net).__name__}' encoder's backbone "
@@ -235,11 +236,13 @@ def _head_keys(net: nn.Module) -> set[str]:
     return {f"{last}.{p}" for p, _ in net.get_submodule(last).named_parameters()} if last is not None else set()
 
 
-def match_weights(net: nn.Module, state: dict[str, torch.Tensor]) -> WeightsReport:
+def match_weights(net: nn.Module, state: dict[str, torch.Tensor], has_head: bool = True) -> WeightsReport:
     """The best fit of `state` to `net` over the known key layouts and wrapper prefixes (see
-    `ImageEncoder.load_local_weights`)."""
+    `ImageEncoder.load_local_weights`). `has_head`: the net's last linear layer is its classification layer
+    (left out of the coverage); false for an encoder whose classification layer was dropped
+    (``model.image.project: false``), where a last linear layer is part of the backbone (ViT's MLP)."""
     own = net.state_dict()
-    head = _head_keys(net)
+    head = _head_keys(net) if has_head else set()
     counted = [k for k, v in own.items() if k not in head and v.is_floating_point()]
     total = sum(own[k].numel() for k in counted)
     stem = next((k for k, v in own.items() if v.ndim >= 3), None)

@@ -204,6 +204,20 @@ def test_unprojected_encoder_gives_the_pooled_features(tmp_path):
     assert not any(isinstance(mod, torch.nn.Linear) for mod in m2.image_encoder.net.modules())
 
 
+def test_unprojected_vit_counts_its_last_mlp_layer_as_backbone(tmp_path):
+    """Without a classification layer, a weights file's coverage counts every backbone layer: ViT's last
+    linear layer (in its last block) missing from the file is reported missing (it is not the head any more)."""
+    from safetensors.torch import save_file
+
+    enc = ImageEncoder(ImageEncoderConfig(name="vit", project=False), 192, (32, 32))
+    last = [n for n, m in enc.net.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+    state = {k: v.contiguous() for k, v in enc.net.state_dict().items() if not k.startswith(last + ".")}
+    save_file(state, str(tmp_path / "w.safetensors"))
+    rep = enc.load_local_weights(tmp_path / "w.safetensors")
+    gone = sorted(f"{last}.{p}" for p, _ in enc.net.get_submodule(last).named_parameters())
+    assert gone and rep.missing == gone and rep.fraction < 1.0
+
+
 def test_local_image_weights_round_trip(tmp_path):
     from safetensors.torch import save_file
 
