@@ -55,15 +55,17 @@ def decode_bytes(data: bytes, encoding: str = "utf-8", fallback: str = "cp1252")
     except UnicodeDecodeError as e:
         first_bad = e.start
 
+    text = {}  # what the test decoded, returned as it is (not decoded a second time)
+
     def decodes(enc: str) -> bool:
         try:
-            data.decode(enc)
+            text[enc] = data.decode(enc)
             return True
         except UnicodeDecodeError:
             return False
 
     chosen, warning = _fallback(encoding, fallback, first_bad, decodes)
-    return data.decode(chosen), warning
+    return (text[chosen] if chosen in text else data.decode(chosen)), warning
 
 
 _CHUNK = 1 << 20
