@@ -400,7 +400,7 @@ def question_6(img: Path, data: Path, out: Path, epochs: int, seeds: int) -> Non
     y = np.array([t for _, t in te])
     v = views(te_rows)
     run, extra = CANDIDATES[CHOSEN]
-    metrics = {"AUROC": lambda yy, pp: auroc(yy, pp), "AUPRC": lambda yy, pp: auprc(yy, pp),
+    metrics = {"AUROC": auroc, "AUPRC": auprc,
                "AUROC within AP": lambda yy, pp: auroc(yy[v == "AP"], pp[v == "AP"]),
                "AUROC within PA": lambda yy, pp: auroc(yy[v == "PA"], pp[v == "PA"])}
     score = {RECIPE: [], CHOSEN: []}
