@@ -405,6 +405,13 @@ class DataConfig(_Strict):
     flip: float = Field(0.0, ge=0, le=1, description="Probability of a left-right flip (augment). Off by "
                         "default: a chest film's two sides differ (heart, stomach bubble); MONAI's tutorial "
                         "recipe flips with 0.5 (studies/nih-cxr question 5 measures it).")
+    affine: Literal["joint", "independent"] = Field(
+        "joint", description="How rotation and zoom are drawn (augment): 'joint' (default), one rotation and zoom "
+        "together with probability 0.8; 'independent', a rotation with probability 0.5 and a zoom with probability "
+        "0.5, each on its own, as MONAI's RandRotate and RandZoom in its tutorial recipe.")
+    padding: Literal["zeros", "border"] = Field(
+        "zeros", description="What fills the image where a rotation or a zoom out leaves no pixel (augment): "
+        "'zeros' (default) or 'border', the nearest edge pixel (MONAI RandRotate's default).")
     cache: Literal["memory", "disk", "none"] = Field(
         "memory", description="Cache decoded, resized images: in memory (CacheDataset), on disk "
         "(PersistentDataset under the run folder), or not at all.")

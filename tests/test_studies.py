@@ -362,5 +362,8 @@ def test_nih_candidates_are_valid_configs_and_only_selects_them():
     net = build_model(head, 1, tiny_bert_config(64))  # the recipe's head: one linear layer on the 1024 pooled features
     assert not any(isinstance(m, torch.nn.Linear) for m in net.image_encoder.modules())
     assert net.heads[0][-1].in_features == 1024 and net.heads[0][0].p == 0
+    draws = cfgs["DenseNet121, BCE, the recipe's schedule, augmentation as it draws it, optimizer and head"]
+    assert (draws.data.affine, draws.data.padding, draws.model.image.project, draws.data.flip) == (
+        "independent", "border", False, 0.5)
     with pytest.raises(SystemExit):
         study.main(["--only", "densenet999", "--questions", "5"])

@@ -2,8 +2,9 @@
 
 Per-item MONAI augmentation costs about 1 ms per 64 px image on a CPU core (mostly per-call
 overhead), as much as a tiny model's training step, and makes data loading the bottleneck. Here the
-batch is augmented in one call on the device that trains: a random rotation and zoom resampled by
-MONAI's batched ``AffineTransform`` layer, a random gamma (contrast), Gaussian noise and, where
+batch is augmented in one call on the device that trains: a random rotation and zoom (drawn together,
+or each on its own as MONAI's tutorial recipe draws them) resampled once by MONAI's batched
+``AffineTransform`` layer, a random gamma (contrast), Gaussian noise and, where
 configured, a left-right flip. Each
 sample's parameters come from its own generator seeded by (seed, epoch, dataset index), so the
 augmentation of a study is the same whatever the batch, the worker count or an interruption.
@@ -41,12 +42,12 @@ def _rotation(angles: torch.Tensor, nd: int) -> torch.Tensor:
 
 
 class BatchAugment:
-    """Random affine (p=0.8), gamma (p=``data.contrast``, 0.3 by default), Gaussian noise (p=0.3) and a
+    """Random affine (p=0.8; with ``data.affine=independent`` a rotation and a zoom, p=0.5 each), gamma (p=``data.contrast``, 0.3 by default), Gaussian noise (p=0.3) and a
     left-right flip of the last axis (p=``data.flip``, 0 by default) on ``[B, C, *spatial]`` in [0, 1].
 
     Args:
-        cfg: ``data.rotate_degrees``, ``data.scale``, ``data.noise_std``, ``data.contrast``, ``data.flip``
-            and the spatial dims.
+        cfg: ``data.rotate_degrees``, ``data.scale``, ``data.affine``, ``data.padding``, ``data.noise_std``,
+            ``data.contrast``, ``data.flip`` and the spatial dims.
     """
 
     def __init__(self, cfg: Config):
@@ -57,7 +58,8 @@ class BatchAugment:
         self.scale = cfg.data.scale
         self.noise = cfg.data.noise_std
         self.contrast, self.flip = cfg.data.contrast, cfg.data.flip
-        self.resample = AffineTransform(normalized=True, padding_mode="zeros", align_corners=False)
+        self.independent = cfg.data.affine == "independent"
+        self.resample = AffineTransform(normalized=True, padding_mode=cfg.data.padding, align_corners=False)
 
     def params(self, seeds: list[int]) -> dict[str, torch.Tensor]:
         nd = self.nd
@@ -67,13 +69,18 @@ class BatchAugment:
             u = torch.rand(4 + nd, generator=g)
             angles = (u[4 : 4 + (1 if nd == 2 else 3)] * 2 - 1) * self.rot
             zoom = 1.0 + (u[3] * 2 - 1) * self.scale
-            m = _rotation(angles, nd) / zoom
-            thetas.append(torch.cat([m, torch.zeros(nd, 1)], dim=1))
-            affine_on.append(u[0] < 0.8)
             gamma_on.append(u[1] < self.contrast)
             noise_on.append(u[2] < 0.3)
             gammas.append(0.8 + torch.rand(1, generator=g)[0] * 0.45)
             flip_on.append(torch.rand(1, generator=g)[0] < self.flip)  # drawn last: earlier draws stay as they were
+            if self.independent:  # two more draws, after the others, so the joint default's draws are unchanged
+                rotate, scale = torch.rand(2, generator=g) < 0.5
+                m = (_rotation(angles, nd) if rotate else torch.eye(nd)) / (zoom if scale else 1.0)
+                affine_on.append(rotate | scale)
+            else:
+                m = _rotation(angles, nd) / zoom
+                affine_on.append(u[0] < 0.8)
+            thetas.append(torch.cat([m, torch.zeros(nd, 1)], dim=1))
         return {"theta": torch.stack(thetas), "affine": torch.stack(affine_on), "gamma_on": torch.stack(gamma_on),
                 "gamma": torch.stack(gammas), "noise_on": torch.stack(noise_on), "flip": torch.stack(flip_on)}
 

@@ -325,6 +325,8 @@ ADAM = ["train.weight_decay=0", "train.warmup=0", "train.schedule=constant", "tr
 # its head: one linear layer on DenseNet121's 1024 pooled features, no dropout (clinfuse's default projects
 # them to model.fusion.dim and puts a dropout and a linear head on that)
 HEAD = ["model.image.project=false", "model.fusion.dim=1024", "model.fusion.dropout=0"]
+# how it draws rotation and zoom: RandRotate and RandZoom, p 0.5 each on its own, uncovered pixels from the edge
+DRAWS = ["data.affine=independent", "data.padding=border"]
 RECIPE = "MONAI recipe (plain MONAI, PNG)"
 RECIPE_RUN = "monai-recipe"  # its run name for --only
 # question 5's candidates: name -> (run name, config overrides for --epochs); the recipe is the named baseline
@@ -347,6 +349,9 @@ CANDIDATES = {
     "DenseNet121, BCE, the recipe's schedule, augmentation, optimizer and head": (
         "densenet121-bce-recipe-head",
         lambda ep: RECIPE_SETTINGS + BCE + RECIPE_AUGMENT + FLIP + PLAIN_AUGMENT + ADAM + HEAD),
+    "DenseNet121, BCE, the recipe's schedule, augmentation as it draws it, optimizer and head": (
+        "densenet121-bce-recipe-draws",
+        lambda ep: RECIPE_SETTINGS + BCE + RECIPE_AUGMENT + FLIP + PLAIN_AUGMENT + ADAM + HEAD + DRAWS),
     RECIPE: (RECIPE_RUN, None),
 }
 CHOSEN = "DenseNet121, BCE, the recipe's schedule, augmentation, optimizer and head"  # question 5's choice; question 4 scores it

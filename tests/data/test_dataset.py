@@ -118,3 +118,38 @@ def test_batch_augmentation_flip_and_contrast_probabilities():
     # the default keeps its random gamma (p=0.3): some images change, some do not
     changed = torch.tensor([not torch.allclose(a, o, atol=1e-5) for a, o in zip(aug()(x, present, seeds), x)])
     assert 5 < int(changed.sum()) < 40
+
+
+def test_batch_augmentation_independent_rotation_and_zoom_with_border():
+    """data.affine=independent draws a rotation (p 0.5) and a zoom (p 0.5) on their own, from the same angle
+    and zoom the joint default draws, which keeps its draws; data.padding=border fills with edge pixels."""
+    from clinfuse.data.augment import BatchAugment
+
+    def aug(**data):
+        return BatchAugment(config_from_dict({"data": {"image_size": [16, 16], "rotate_degrees": 15, "scale": 0.1,
+                                                       **data}}))
+
+    seeds = list(range(400))
+    joint, indep = aug().params(seeds), aug(affine="independent").params(seeds)
+    for k in ("gamma_on", "gamma", "noise_on", "flip"):  # the other draws are the joint default's
+        assert torch.equal(joint[k], indep[k]), k
+    kinds = []
+    for jt, it in zip(joint["theta"], indep["theta"]):
+        m, r = jt[:, :2], it[:, :2]
+        zoom = 1 / float(torch.linalg.det(m)) ** 0.5
+        rot = m * zoom
+        options = {"none": torch.eye(2), "rotate": rot, "zoom": torch.eye(2) / zoom, "both": m}
+        kinds.append(next(k for k, v in options.items() if torch.allclose(r, v, atol=1e-6)))
+    counts = {k: kinds.count(k) for k in ("none", "rotate", "zoom", "both")}
+    assert all(60 < c < 140 for c in counts.values()), counts  # about 100 each of 400
+    assert torch.equal(indep["affine"], torch.tensor([k != "none" for k in kinds]))
+    assert 0.75 < float(joint["affine"].float().mean()) < 0.85  # the joint default's p 0.8, unchanged
+
+    flat = torch.full((400, 1, 16, 16), 0.7)
+    present = torch.ones(400, dtype=torch.bool)
+    plain = dict(noise_std=0, contrast=0.0, affine="independent")
+    zeros, border = aug(**plain)(flat, present, seeds), aug(padding="border", **plain)(flat, present, seeds)
+    turned = torch.tensor([k != "none" for k in kinds])
+    darker = zeros.amin(dim=(1, 2, 3)) < 0.69  # a rotation or a zoom out blackens corners or rims
+    assert int(darker.sum()) > 200 and not darker[~turned].any()
+    torch.testing.assert_close(border, flat)  # edge pixels fill them: a flat image stays flat
