@@ -42,8 +42,10 @@ def _rotation(angles: torch.Tensor, nd: int) -> torch.Tensor:
 
 
 class BatchAugment:
-    """Random affine (p=0.8; with ``data.affine=independent`` a rotation and a zoom, p=0.5 each), gamma (p=``data.contrast``, 0.3 by default), Gaussian noise (p=0.3) and a
-    left-right flip of the last axis (p=``data.flip``, 0 by default) on ``[B, C, *spatial]`` in [0, 1].
+    """Random affine (p=0.8; with ``data.affine=independent`` a rotation and a zoom, p=0.5 each), gamma
+    (p=``data.contrast``, 0.3 by default), Gaussian noise (p=0.3) and a left-right flip of the last axis
+    (p=``data.flip``, 0 by default) on ``[B, C, *spatial]`` in [0, 1]; ``data.padding`` fills what the
+    affine uncovers (zeros or the edge).
 
     Args:
         cfg: ``data.rotate_degrees``, ``data.scale``, ``data.affine``, ``data.padding``, ``data.noise_std``,
