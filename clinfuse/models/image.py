@@ -94,7 +94,8 @@ def _vit(cfg, d, size):
 
 
 class ImageEncoder(nn.Module):
-    """A MONAI backbone whose classification layer outputs the common width d.
+    """A MONAI backbone whose classification layer outputs the common width d (with ``project: false`` that
+    layer is dropped and the pooled features, of width d, are the output).
 
     Args:
         cfg: encoder settings (name, spatial dims, channels, local weights).

@@ -568,8 +568,8 @@ def main(argv=None) -> None:
                     "(default: %(default)s)")
     ap.add_argument("--questions", nargs="+", type=int, default=[1, 2, 3], choices=[1, 2, 3, 4, 5, 6],
                     help="questions to run (default 1-3; 4: the plain MONAI recipe against three clinfuse configs, about "
-                    "30 min on 2 CPU cores; 5: model choice by cross-validation, nine candidates and the recipe "
-                    "in four folds, about 3.5 h from scratch; --only runs a subset; 6: the recipe and question 5's choice "
+                    "30 min on 2 CPU cores; 5: model choice by cross-validation, "
+                    f"{len(CANDIDATES) - 1} candidates and the recipe in four folds, about 4 h from scratch; --only runs a subset; 6: the recipe and question 5's choice "
                     "with --seeds training seeds on the test split, about 13.5 min a seed)")
     ap.add_argument("--test-data", type=Path, help="a second folder of the same layout to score the trained models on")
     ap.add_argument("--epochs", type=int, default=12,
